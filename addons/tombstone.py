@@ -1,0 +1,10 @@
+"""Entry script for a stock mitmproxy: `mitmdump -s addons/tombstone.py`.
+
+Options are the sidecar's, prefixed: `--set tombstone_deny=old.example.org`. Run mitmdump
+with `--set connection_strategy=lazy` so that a gone SNI is refused before anything is
+dialled (the `tombstone-sidecar run` command sets this for you).
+"""
+
+from sidecar.addon import TombstoneAddon
+
+addons = [TombstoneAddon()]

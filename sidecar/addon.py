@@ -1,0 +1,270 @@
+"""The mitmproxy addon: decision points at CONNECT, TLS ClientHello and server connect.
+
+Pass-through mode (the default): the CONNECT target is judged first; a gone target is
+answered at once and nothing is dialled. Otherwise the sidecar resolves the target itself,
+refuses blocked address ranges, and remembers the address it checked for this tunnel. The
+ClientHello's SNI is judged next (it names the server behind an SRV delegation); the tunnel
+then passes through untouched, and `server_connect` dials the remembered address, or
+refuses to dial at all when the SNI turned out to be gone. This needs mitmproxy's
+`connection_strategy=lazy`, so that nothing is dialled before the SNI has been seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from collections.abc import MutableMapping, Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from mitmproxy import connection, ctx, exceptions, http, tls
+from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy import server_hooks
+
+from sidecar import answers
+from sidecar.addresses import AddressPolicy
+from sidecar.dns_client import DnsClient
+from sidecar.metrics import Metrics
+from sidecar.names import InvalidName, normalize_host
+from sidecar.ops_server import OpsServer
+from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
+from sidecar.policy import Policy, TtlBounds
+from sidecar.verdicts import Entry, State, Verdict
+
+log = logging.getLogger("sidecar.addon")
+
+
+@dataclass(slots=True)
+class Tunnel:
+    """What the sidecar decided for one client connection's CONNECT."""
+
+    host: str
+    port: int
+    address: str | None = None  # the checked address to dial (DNS-rebinding safe)
+    doomed: Verdict | None = None  # set when the SNI names a gone server: never dial
+
+
+def _mitm_type(option: Option) -> type:
+    if option.flag:
+        return bool
+    if option.repeatable:
+        return Sequence[str]  # type: ignore[return-value,unused-ignore]
+    return str
+
+
+class TombstoneAddon:
+    """Suppresses traffic to decommissioned Matrix servers; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.metrics = Metrics()
+        self.settings: Settings | None = None
+        self.policy: Policy | None = None
+        self.addresses = AddressPolicy.default()
+        self.tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        self.ops: OpsServer | None = None
+        self.is_running = False
+        self.fatal: str | None = None  # why the sidecar had to stop, for the CLI's exit message
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def load(self, loader: Loader) -> None:
+        for option in ADDON_OPTIONS:
+            default = list(option.default) if option.repeatable else option.default
+            loader.add_option(option.mitm, _mitm_type(option), default, option.help)
+
+    def configure(self, updated: set[str]) -> None:
+        if self.settings is not None and not any(o.mitm in updated for o in ADDON_OPTIONS):
+            return
+        raw = {o.name: getattr(ctx.options, o.mitm) for o in ADDON_OPTIONS}
+        try:
+            settings = Settings.from_raw(raw)
+        except ConfigError as e:
+            raise exceptions.OptionsError(e.for_mitmproxy()) from None
+        self.apply(settings)
+
+    def apply(self, settings: Settings) -> None:
+        """Build or rebuild the decision machinery; the verdict cache survives list changes."""
+        previous = self.settings
+        dns = DnsClient(settings.nameservers, settings.dns_timeout, self.metrics)
+        ttl = TtlBounds(settings.min_ttl, settings.max_ttl)
+        if self.policy is None or previous is None or previous.cache_size != settings.cache_size:
+            self.policy = Policy(
+                dns,
+                metrics=self.metrics,
+                ttl=ttl,
+                cache_size=settings.cache_size,
+                deny=settings.deny,
+                allow=settings.allow,
+            )
+        else:
+            self.policy.dns, self.policy.ttl, self.policy.allow = dns, ttl, settings.allow
+            self.policy.set_deny(settings.deny)
+        self.addresses = AddressPolicy.default(settings.allow_addresses)
+        self.settings = settings
+        if not settings.enforce and (previous is None or previous.enforce):
+            log.warning("shadow mode (--no-enforce): verdicts are counted, nothing is suppressed")
+
+    async def running(self) -> None:
+        assert self.settings is not None
+        if self.settings.ops_listen is not None:
+            self.ops = OpsServer(self)
+            try:
+                await self.ops.start(self.settings.ops_listen)
+            except OSError as e:
+                # Without its ops listener the sidecar would be unobservable and never ready.
+                self.fatal = str(e)
+                log.error("%s; stopping", e)
+                ctx.master.shutdown()
+                return
+        self.is_running = True
+
+    async def done(self) -> None:
+        self.is_running = False
+        if self.ops is not None:
+            await self.ops.stop()
+            self.ops = None
+
+    # -- decision points -----------------------------------------------------------------
+
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return  # already answered by another addon (proxy auth, ...)
+        started = time.perf_counter()
+        try:
+            host = normalize_host(flow.request.host)
+        except InvalidName as e:
+            self.metrics.invalid_input.labels("connect").inc()
+            flow.response = answers.bad_target(str(e))
+            return
+        tunnel = Tunnel(host, flow.request.port)
+        self.tunnels[flow.client_conn] = tunnel
+        entry = await self._decide(host)
+        try:
+            if self._suppress(entry, "connect"):
+                flow.response = answers.suppressed(entry.verdict, self._settings.suppress_status)
+                return
+            flow.response = self._pin_address(tunnel, entry.verdict)
+            if flow.response is None:
+                self._forward(entry, "connect")
+        finally:
+            self.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
+
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        data.ignore_connection = True  # pass-through: TLS stays end-to-end, always
+        sni = data.client_hello.sni
+        if not sni:
+            return
+        tunnel = self.tunnels.get(data.context.client)
+        started = time.perf_counter()
+        try:
+            name = normalize_host(sni)
+        except InvalidName as e:
+            self.metrics.invalid_input.labels("sni").inc()
+            log.debug("ignoring malformed SNI %r: %s", sni[:100], e)
+            return
+        if tunnel is not None and name == tunnel.host:
+            return  # judged at CONNECT already
+        entry = await self._decide(name)
+        if self._suppress(entry, "tls"):
+            if tunnel is None:
+                tunnel = self.tunnels[data.context.client] = Tunnel(name, 0)
+            tunnel.doomed = entry.verdict
+        else:
+            self._forward(entry, "tls")
+        self.metrics.decision_by_stage["tls"].observe(time.perf_counter() - started)
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """Plain-HTTP proxy requests (`GET http://...`): the same judgement by Host."""
+        if flow.response is not None or flow.request.method == "CONNECT":
+            return
+        started = time.perf_counter()
+        try:
+            host = normalize_host(flow.request.host)
+        except InvalidName as e:
+            self.metrics.invalid_input.labels("request").inc()
+            flow.response = answers.bad_target(str(e))
+            return
+        entry = await self._decide(host)
+        if self._suppress(entry, "request"):
+            flow.response = answers.suppressed(entry.verdict, self._settings.suppress_status)
+        else:
+            self._forward(entry, "request")
+        self.metrics.decision_by_stage["request"].observe(time.perf_counter() - started)
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        """Last gate before dialling: never a gone SNI, never an unchecked address."""
+        if data.server.address is None:
+            return
+        tunnel = self.tunnels.get(data.client)
+        if tunnel is not None and tunnel.doomed is not None:
+            data.server.error = answers.gone_message(tunnel.doomed)
+            return
+        raw_host, port = data.server.address
+        try:
+            host = normalize_host(raw_host)
+        except InvalidName as e:
+            data.server.error = f"invalid upstream host: {e}"
+            return
+        if tunnel is not None and tunnel.address and (host, port) == (tunnel.host, tunnel.port):
+            data.server.address = (tunnel.address, port)
+            return
+        entry = await self._decide(host)
+        address, refused = self.addresses.choose(entry.verdict.addresses)
+        if address is None:
+            if refused:
+                self.metrics.blocked_address.inc()
+            data.server.error = self._no_address_reason(host, entry.verdict, refused)
+            return
+        data.server.address = (address, port)
+
+    # -- helpers --------------------------------------------------------------------------
+
+    @property
+    def _settings(self) -> Settings:
+        # No assertion: mitmproxy's command collector reads every attribute at load time.
+        return cast(Settings, self.settings)
+
+    async def _decide(self, name: str) -> Entry:
+        assert self.policy is not None
+        entry = self.policy.cached(name)
+        return entry if entry is not None else await self.policy.decide(name)
+
+    def _suppress(self, entry: Entry, stage: str) -> bool:
+        """Count a gone verdict; True when it must be enforced (not in shadow mode)."""
+        verdict = entry.verdict
+        if not verdict.suppresses:
+            return False
+        signal = str(verdict.signal)
+        if not self._settings.enforce:
+            self.metrics.would_suppress.labels(signal, stage).inc()
+            return False
+        entry.suppressed_count += 1
+        self.metrics.suppressed.labels(signal, stage).inc()
+        return True
+
+    def _forward(self, entry: Entry, stage: str) -> None:
+        self.metrics.forwarded_by_stage[stage].inc()
+        if entry.verdict.state is State.UNDECIDED:
+            self.metrics.undecided.labels(stage).inc()
+
+    def _pin_address(self, tunnel: Tunnel, verdict: Verdict) -> http.Response | None:
+        """Choose the address to dial for this tunnel, or the answer that refuses it."""
+        address, refused = self.addresses.choose(verdict.addresses)
+        if address is not None:
+            tunnel.address = address
+            return None
+        if refused:
+            self.metrics.blocked_address.inc()
+            return answers.blocked_address(tunnel.host, refused)
+        self.metrics.upstream_errors.labels("resolve").inc()
+        return answers.unresolvable(
+            tunnel.host, self._no_address_reason(tunnel.host, verdict, refused)
+        )
+
+    def _no_address_reason(self, host: str, verdict: Verdict, refused: list[str]) -> str:
+        if refused:
+            return f"{host} resolves only to blocked addresses: {', '.join(refused[:4])}"
+        if verdict.state is State.UNDECIDED:
+            return f"DNS did not answer for {host}: {verdict.evidence}"
+        return f"{host} has no A or AAAA records"

@@ -1,0 +1,55 @@
+"""The answers the sidecar gives instead of forwarding (DESIGN.md §7).
+
+Every local answer carries a Matrix-style JSON error body, `Connection: close` (a CONNECT
+answer left open would keep the client's socket waiting), and for a tombstone the header
+`X-Tombstone-Signal` so a person reading a proxy log or a packet capture sees why.
+"""
+
+from __future__ import annotations
+
+import json
+
+from mitmproxy import http
+
+from sidecar.verdicts import Verdict
+
+ERRCODE_GONE = "M_SERVER_DECOMMISSIONED"  # not in the spec: names the reason for people and logs
+ERRCODE_FORBIDDEN = "M_FORBIDDEN"
+ERRCODE_BAD_REQUEST = "M_BAD_JSON"
+ERRCODE_UNAVAILABLE = "M_UNKNOWN"
+SIGNAL_HEADER = "X-Tombstone-Signal"
+
+
+def _make(status: int, body: dict[str, str], extra: dict[str, str] | None = None) -> http.Response:
+    headers = {"Content-Type": "application/json", "Connection": "close", **(extra or {})}
+    return http.Response.make(status, json.dumps(body).encode(), headers)
+
+
+def gone_message(verdict: Verdict) -> str:
+    return f"{verdict.destination} is decommissioned ({verdict.signal}: {verdict.evidence})"
+
+
+def suppressed(verdict: Verdict, status: int) -> http.Response:
+    """Answer for a connection or request to a destination judged gone."""
+    signal = str(verdict.signal)
+    body = {"errcode": ERRCODE_GONE, "error": gone_message(verdict), "signal": signal}
+    return _make(status, body, {SIGNAL_HEADER: signal})
+
+
+def blocked_address(host: str, refused: list[str]) -> http.Response:
+    """403 for a target whose every address is in a blocked range: not a tombstone."""
+    shown = ", ".join(refused[:4])
+    error = (
+        f"{host} resolves only to blocked addresses ({shown}); "
+        "allow a range with --allow-address if this is intended"
+    )
+    return _make(403, {"errcode": ERRCODE_FORBIDDEN, "error": error})
+
+
+def bad_target(reason: str) -> http.Response:
+    return _make(400, {"errcode": ERRCODE_BAD_REQUEST, "error": f"invalid proxy target: {reason}"})
+
+
+def unresolvable(host: str, detail: str) -> http.Response:
+    """502 when the sidecar cannot learn an address to connect to (it never guesses one)."""
+    return _make(502, {"errcode": ERRCODE_UNAVAILABLE, "error": f"cannot resolve {host}: {detail}"})

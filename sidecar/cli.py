@@ -1,0 +1,215 @@
+"""`tombstone-sidecar`: run the proxy, or check one server name's tombstone signals."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from sidecar import __version__
+from sidecar.options import OPTIONS, ConfigError, Option, Settings, gather_raw
+
+log = logging.getLogger("sidecar")
+
+EXIT_ALIVE, EXIT_GONE, EXIT_USAGE, EXIT_LOOKUP_FAILED = 0, 1, 2, 3
+
+DESCRIPTION = """\
+An egress proxy for a Matrix homeserver. Point the homeserver's HTTPS_PROXY at it; it
+answers connections to decommissioned ("tombstoned") servers locally, so they receive
+nothing and the homeserver gets a fast answer, and passes everything else through.
+"""
+
+RUN_EPILOG = """\
+signals (any one marks a server gone):
+  dns_txt_gone  TXT "v=matrix;gone" at the server name
+  dns_srv_dot   _matrix-fed._tcp (or _matrix._tcp) SRV whose only target is "."
+  invalid_tld   the name, or every SRV target of it, is under .invalid
+  nxdomain      the name does not exist (NXDOMAIN; not SERVFAIL, not a timeout)
+  operator      listed with --deny / --deny-file
+A resolver timeout or SERVFAIL is never a tombstone: the connection passes (fail open).
+
+every option can also come from the environment (TOMBSTONE_MIN_TTL=10m, lists comma-
+separated) or a YAML file (--config); precedence is flag > env > file > default.
+
+examples:
+  tombstone-sidecar run
+  HTTPS_PROXY=http://127.0.0.1:3128 python -m synapse.app.homeserver -c homeserver.yaml
+  tombstone-sidecar run --deny old.example.org --no-enforce     # shadow mode first
+  curl -s http://127.0.0.1:9480/metrics | grep tombstone_suppressed_total
+"""
+
+CHECK_EPILOG = """\
+exit status: 0 alive, 1 gone, 2 usage error, 3 DNS could not answer (no verdict).
+
+examples:
+  tombstone-sidecar check example.org
+  tombstone-sidecar check example.org --nameserver 1.1.1.1 --json
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line naming the problem, and where help is; exit status 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
+    env = f"env {option.env}"
+    if option.flag:
+        default = "on" if option.default else "off"
+        parser.add_argument(
+            option.cli,
+            dest=option.name,
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"{option.help} (default: {default}; {env})",
+        )
+        return
+    shown = ", ".join(option.default) if option.repeatable else option.default
+    default = f"default: {shown}; " if shown else ""
+    parser.add_argument(
+        option.cli,
+        dest=option.name,
+        metavar=option.metavar,
+        default=None,
+        action="append" if option.repeatable else "store",
+        help=f"{option.help} ({default}{env})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tombstone-sidecar",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
+    run = commands.add_parser(
+        "run",
+        help="run the proxy (pass-through mode)",
+        description=DESCRIPTION,
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check = commands.add_parser(
+        "check",
+        help="show every tombstone signal for one server name",
+        description="Run every DNS tombstone signal for one server name "
+        "live and print the evidence and the verdict.",
+        epilog=CHECK_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument(
+        "name", metavar="NAME", help="server name, e.g. example.org or example.org:8448"
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    for option in OPTIONS:
+        _add_option(run, option)
+        if option.scope != "run":
+            _add_option(check, option)
+    run.set_defaults(func=_cmd_run)
+    check.set_defaults(func=_cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    flags = {o.name: getattr(args, o.name, None) for o in OPTIONS}
+    try:
+        raw = gather_raw(flags)
+        settings = Settings.from_raw(raw)
+    except ConfigError as e:
+        print(f"tombstone-sidecar: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    result: int = args.func(args, settings, raw)
+    return result
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)  # mitmproxy logs per connection at INFO: not for operators
+    log.setLevel(level.upper())
+
+
+def _mitm_value(option: Option, value: Any) -> Any:
+    """Raw values (flags, env strings, YAML scalars) in the type of the mitmproxy option."""
+    if option.flag:
+        return value if isinstance(value, bool) else str(value)
+    if option.repeatable:
+        if isinstance(value, str):
+            return [v for v in value.replace(",", " ").split() if v]
+        return [str(v) for v in value]
+    return "" if value is None else str(value)
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
+    listen_host = settings.listen.host
+    if listen_host != "localhost" and not ipaddress.ip_address(listen_host).is_loopback:
+        print(
+            f"tombstone-sidecar: error: --listen: {settings.listen} is not a loopback address; "
+            "without proxy authentication that would be an open proxy. Run the sidecar next to "
+            "the homeserver on 127.0.0.1.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    _setup_logging(settings.log_level)
+    return asyncio.run(_serve(settings, raw))
+
+
+async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
+    from mitmproxy.options import Options
+    from mitmproxy.tools.dump import DumpMaster
+
+    from sidecar.addon import TombstoneAddon
+    from sidecar.options import ADDON_OPTIONS
+
+    # Pass-through mode never intercepts, but mitmproxy insists on a CA in its confdir at
+    # start: give it a private throwaway directory rather than ~/.mitmproxy.
+    with tempfile.TemporaryDirectory(prefix="tombstone-sidecar-") as confdir:
+        opts = Options(confdir=confdir)
+        master = DumpMaster(opts, with_termlog=False, with_dumper=False)
+        addon = TombstoneAddon()
+        master.addons.add(addon)
+        # Options defined by addons exist only once the addons are loaded.
+        opts.update(
+            mode=[f"regular@{settings.listen.port}"],
+            listen_host=settings.listen.host,
+            connection_strategy="lazy",
+        )
+        opts.update(**{o.mitm: _mitm_value(o, raw[o.name]) for o in ADDON_OPTIONS if o.name in raw})
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, master.shutdown)
+        log.info(
+            "tombstone-sidecar %s: proxy on http://%s (pass-through), %s",
+            __version__,
+            settings.listen,
+            "enforcing" if settings.enforce else "shadow mode (--no-enforce)",
+        )
+        await master.run()
+    if addon.fatal:
+        print(f"tombstone-sidecar: error: {addon.fatal}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
+    from sidecar.check import run_check
+
+    return asyncio.run(run_check(args.name, settings, as_json=args.json))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

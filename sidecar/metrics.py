@@ -1,0 +1,150 @@
+"""Prometheus metrics (DESIGN.md §7): one registry per sidecar, names are contracts.
+
+Each sidecar owns its registry (not the process-global one) so that tests and a reloaded
+mitmdump script never collide. Label values are small fixed sets; nothing per destination.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sidecar import __version__
+
+STAGES = ("connect", "tls", "request")
+# Decisions are microseconds when cached and tens of milliseconds when DNS is asked.
+DECISION_BUCKETS = (
+    1e-5,
+    5e-5,
+    1e-4,
+    5e-4,
+    1e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+)
+# `*_created` series double the exposition size and no dashboard uses them.
+disable_created_metrics()
+
+DNS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """All metric objects of one sidecar, created against its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.suppressed = Counter(
+            "tombstone_suppressed_total",
+            "Requests and connections answered locally because the destination is gone.",
+            ["signal", "stage"],
+            registry=r,
+        )
+        self.would_suppress = Counter(
+            "tombstone_would_suppress_total",
+            "Shadow mode (--no-enforce): would have been suppressed, was forwarded.",
+            ["signal", "stage"],
+            registry=r,
+        )
+        self.forwarded = Counter(
+            "tombstone_forwarded_total",
+            "Connections and requests passed on to their destination.",
+            ["stage"],
+            registry=r,
+        )
+        self.undecided = Counter(
+            "tombstone_undecided_total",
+            "Forwarded without a verdict because DNS could not answer (fail open).",
+            ["stage"],
+            registry=r,
+        )
+        self.dns_queries = Counter(
+            "tombstone_dns_queries_total",
+            "DNS queries sent by the sidecar, by record type and outcome.",
+            ["rrtype", "result"],
+            registry=r,
+        )
+        self.dns_query_seconds = Histogram(
+            "tombstone_dns_query_seconds",
+            "Time to answer one DNS query, including retries.",
+            buckets=DNS_BUCKETS,
+            registry=r,
+        )
+        self.decision_seconds = Histogram(
+            "tombstone_decision_seconds",
+            "Time to decide on one connection or request (cache hit or DNS lookup).",
+            ["stage"],
+            buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "tombstone_upstream_errors_total",
+            "Connections the sidecar could not open, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.blocked_address = Counter(
+            "tombstone_blocked_address_total",
+            "Connections refused because every address of the target is in a blocked range.",
+            registry=r,
+        )
+        self.verdict_changes = Counter(
+            "tombstone_verdict_changes_total",
+            "Verdict transitions per destination (from 'none' for a new name).",
+            ["from", "to"],
+            registry=r,
+        )
+        self.invalid_input = Counter(
+            "tombstone_invalid_input_total",
+            "Malformed names from clients (CONNECT target, SNI, Host), rejected with a reason.",
+            ["where"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "tombstone_build_info",
+            "Build information; always 1.",
+            ["version"],
+            registry=r,
+        )
+        self.build_info.labels(__version__).set(1)
+        self._verdict_counts: Callable[[], Iterable[tuple[tuple[str, str], int]]] = list
+        self.registry.register(_VerdictGauge(self._current_verdict_counts))
+        # Hot-path children, resolved once: a label lookup costs a lock and a dict probe.
+        self.decision_by_stage = {s: self.decision_seconds.labels(s) for s in STAGES}
+        self.forwarded_by_stage = {s: self.forwarded.labels(s) for s in STAGES}
+
+    def _current_verdict_counts(self) -> Iterable[tuple[tuple[str, str], int]]:
+        return self._verdict_counts()
+
+    def watch_verdicts(self, counts: Callable[[], Iterable[tuple[tuple[str, str], int]]]) -> None:
+        """Export `tombstone_verdicts{state,signal}` from `counts`, computed at scrape time."""
+        self._verdict_counts = counts
+
+
+class _VerdictGauge(Collector):
+    def __init__(self, counts: Callable[[], Iterable[tuple[tuple[str, str], int]]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "tombstone_verdicts",
+            "Cached verdicts by state and signal (alive verdicts have signal 'none').",
+            labels=["state", "signal"],
+        )
+        for (state, signal), count in self._counts():
+            family.add_metric([state, signal], count)
+        yield family
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        yield GaugeMetricFamily("tombstone_verdicts", "", labels=["state", "signal"])

@@ -1,0 +1,375 @@
+"""Every option, declared once: CLI flags, `TOMBSTONE_*` env, YAML keys and mitmproxy options.
+
+The table below is the single source. `tombstone-sidecar run` reads flags > env > YAML file
+> default into raw strings; `mitmdump -s addons/tombstone.py` reads `--set tombstone_*`.
+Both paths end in `Settings.from_raw`, which validates each value and names the option in
+its error, so a bad value reads the same whichever way it came in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.addresses import IPNetwork, parse_network
+from sidecar.dns_client import Nameserver
+from sidecar.names import Authority, InvalidName, is_ip_literal, normalize_host, parse_authority
+
+ENV_PREFIX = "TOMBSTONE_"
+MITM_PREFIX = "tombstone_"
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DENY_FILE_BYTES = 16 * 1024 * 1024  # a deny list larger than this is a mistake
+
+
+class ConfigError(ValueError):
+    """A bad option value; `str()` is the one line an operator sees."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        super().__init__(f"--{option.replace('_', '-')}: {problem}")
+        self.option = option
+        self.problem = problem
+
+    def for_mitmproxy(self) -> str:
+        """The same error named as mitmdump users spell the option: `tombstone_min_ttl`."""
+        return f"{MITM_PREFIX}{self.option}: {self.problem}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its name (snake_case), how it reads, its default and its help."""
+
+    name: str
+    default: Any
+    help: str
+    metavar: str = ""
+    repeatable: bool = False
+    flag: bool = False  # true/false switch: --x / --no-x
+    scope: str = "all"  # "all": CLI and mitmproxy; "cli": `tombstone-sidecar` only; "run": run only
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+    @property
+    def mitm(self) -> str:
+        return MITM_PREFIX + self.name
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "config",
+        None,
+        "YAML file with any of these options as keys (e.g. `min_ttl: 10m`).",
+        "FILE",
+        scope="cli",
+    ),
+    Option(
+        "listen",
+        "127.0.0.1:3128",
+        "Proxy address; point HTTPS_PROXY at it. A non-loopback "
+        "address makes this an open proxy: keep it on loopback in a sidecar.",
+        "HOST:PORT",
+        scope="run",
+    ),
+    Option(
+        "ops_listen",
+        "127.0.0.1:9480",
+        "Ops HTTP address: /metrics, /healthz, /readyz, /v1/verdicts. Empty to disable.",
+        "HOST:PORT",
+    ),
+    Option(
+        "nameserver",
+        (),
+        "Resolver to ask (repeatable). Default: /etc/resolv.conf.",
+        "IP[:PORT]",
+        repeatable=True,
+    ),
+    Option(
+        "dns_timeout",
+        "5s",
+        "Give up on one DNS query after this long; the request then passes (fail open).",
+        "DURATION",
+    ),
+    Option("min_ttl", "5m", "Shortest time a DNS verdict is kept, whatever its TTL.", "DURATION"),
+    Option(
+        "max_ttl",
+        "24h",
+        "Longest time a DNS verdict is kept before it is checked again.",
+        "DURATION",
+    ),
+    Option(
+        "deny",
+        (),
+        "Treat this server name as gone (signal `operator`); repeatable.",
+        "NAME",
+        repeatable=True,
+    ),
+    Option(
+        "deny_file", "", "File of server names to treat as gone, one per line, # comments.", "FILE"
+    ),
+    Option(
+        "allow",
+        (),
+        "Never suppress this server name, whatever DNS says; repeatable.",
+        "NAME",
+        repeatable=True,
+    ),
+    Option(
+        "allow_address",
+        (),
+        "Allow upstream addresses in this otherwise blocked range "
+        "(loopback, RFC 1918, ...); repeatable.",
+        "CIDR",
+        repeatable=True,
+    ),
+    Option(
+        "enforce",
+        True,
+        "Suppress traffic to gone servers. --no-enforce is shadow mode: "
+        "count tombstone_would_suppress_total, forward everything.",
+        flag=True,
+    ),
+    Option(
+        "suppress_status",
+        "502",
+        "HTTP status for a refused CONNECT to a gone server (Synapse backs off on 5xx).",
+        "CODE",
+    ),
+    Option(
+        "cache_size", "100000", "Most verdicts kept in memory (least recently used go first).", "N"
+    ),
+    Option(
+        "log_level", "info", "Sidecar log level: debug, info, warning, error.", "LEVEL", scope="run"
+    ),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+ADDON_OPTIONS = tuple(o for o in OPTIONS if o.scope == "all")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_duration(text: str) -> float:
+    """`300`, `300s`, `5m`, `24h`, `30d` → seconds."""
+    value = text.strip().lower()
+    unit = 1
+    if value and value[-1] in DURATION_UNITS:
+        unit = DURATION_UNITS[value[-1]]
+        value = value[:-1]
+    try:
+        seconds = float(value) * unit
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 24h, 7d)") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"{text!r} must be a positive duration")
+    return seconds
+
+
+def parse_listen(text: str) -> Authority:
+    """`HOST:PORT` for a listener; the host must be an IP literal or `localhost`."""
+    if not text.strip():
+        raise ValueError("an address is required (HOST:PORT)")
+    try:
+        authority = parse_authority(text, default_port=0)
+    except InvalidName as e:
+        raise ValueError(str(e)) from None
+    if authority.port == 0:
+        raise ValueError(f"{text!r} has no port (HOST:PORT)")
+    if not is_ip_literal(authority.host) and authority.host != "localhost":
+        raise ValueError(f"{authority.host!r} is not an IP address to listen on")
+    return authority
+
+
+def parse_nameserver(text: str) -> Nameserver:
+    try:
+        authority = parse_authority(text, default_port=53)
+    except InvalidName as e:
+        raise ValueError(str(e)) from None
+    if not is_ip_literal(authority.host):
+        raise ValueError(f"{text!r}: a nameserver must be an IP address")
+    return Nameserver(authority.host, authority.port)
+
+
+def parse_name(text: str) -> str:
+    try:
+        return normalize_host(text)
+    except InvalidName as e:
+        raise ValueError(str(e)) from None
+
+
+def parse_int(text: str, low: int, high: int) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise ValueError(f"{value} is outside {low}-{high}")
+    return value
+
+
+def parse_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+def read_name_file(path: str) -> tuple[str, ...]:
+    """Read a deny/allow file; every bad line is reported with its number."""
+    file = Path(path)
+    try:
+        if file.stat().st_size > MAX_DENY_FILE_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_DENY_FILE_BYTES} bytes")
+        text = file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    names = []
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.split("#", 1)[0].strip()
+        if not entry:
+            continue
+        try:
+            names.append(normalize_host(entry))
+        except InvalidName as e:
+            raise ValueError(f"{path} line {number}: {e}") from None
+    return tuple(names)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated options, typed; built only by `from_raw`."""
+
+    listen: Authority
+    ops_listen: Authority | None
+    nameservers: tuple[Nameserver, ...]
+    dns_timeout: float
+    min_ttl: float
+    max_ttl: float
+    deny: frozenset[str]
+    allow: frozenset[str]
+    allow_addresses: tuple[IPNetwork, ...]
+    enforce: bool
+    suppress_status: int
+    cache_size: int
+    log_level: str
+    deny_file: str
+
+    @classmethod
+    def from_raw(cls, raw: Mapping[str, Any]) -> Settings:
+        """Validate raw values (strings, lists, bools) keyed by option name."""
+
+        def get(name: str) -> Any:
+            return raw.get(name, BY_NAME[name].default)
+
+        def check(name: str, parse: Callable[[Any], Any]) -> Any:
+            try:
+                return parse(get(name))
+            except ValueError as e:
+                raise ConfigError(name, str(e)) from None
+
+        def each(name: str, parse: Callable[[str], Any]) -> tuple[Any, ...]:
+            values = _as_list(get(name))
+            try:
+                return tuple(parse(str(v)) for v in values)
+            except ValueError as e:
+                raise ConfigError(name, str(e)) from None
+
+        min_ttl = check("min_ttl", parse_duration)
+        max_ttl = check("max_ttl", parse_duration)
+        if max_ttl < min_ttl:
+            raise ConfigError(
+                "max_ttl", f"{get('max_ttl')} is shorter than --min-ttl {get('min_ttl')}"
+            )
+        deny_file = str(get("deny_file") or "")
+        denied = set(each("deny", parse_name))
+        if deny_file:
+            denied.update(check("deny_file", read_name_file))
+        level = str(get("log_level")).strip().lower()
+        if level not in LOG_LEVELS:
+            raise ConfigError("log_level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
+        ops = str(get("ops_listen") or "").strip()
+        return cls(
+            listen=check("listen", parse_listen),
+            ops_listen=check("ops_listen", parse_listen) if ops else None,
+            nameservers=each("nameserver", parse_nameserver),
+            dns_timeout=check("dns_timeout", parse_duration),
+            min_ttl=min_ttl,
+            max_ttl=max_ttl,
+            deny=frozenset(denied),
+            allow=frozenset(each("allow", parse_name)),
+            allow_addresses=each("allow_address", parse_network),
+            enforce=check("enforce", parse_bool),
+            suppress_status=check("suppress_status", lambda v: parse_int(v, 400, 599)),
+            cache_size=check("cache_size", lambda v: parse_int(v, 1, 100_000_000)),
+            log_level=level,
+            deny_file=deny_file,
+        )
+
+
+def _as_list(values: object) -> list[object]:
+    """Repeatable values come as lists (flags, YAML, mitmproxy) or one string (env, commas)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        return [v for v in values.replace(",", " ").split() if v]
+    if isinstance(values, Sequence):
+        return list(values)
+    return [values]
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    """Read the YAML config; unknown keys are errors (a typo must not silently do nothing)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("config", f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(
+            "config", f"{path}{where} is not valid YAML: {getattr(e, 'problem', e)}"
+        ) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must be a mapping of option: value")
+    result: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in BY_NAME or name == "config":
+            raise ConfigError("config", f"{path}: unknown option {key!r}")
+        result[name] = value
+    return result
+
+
+def gather_raw(
+    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Merge one command's sources: flag > env > config file > default."""
+    env = os.environ if environ is None else environ
+    config_path = flags.get("config") or env.get(BY_NAME["config"].env)
+    from_file = load_config_file(config_path) if config_path else {}
+    raw: dict[str, Any] = {}
+    for option in OPTIONS:
+        if flags.get(option.name) is not None:
+            raw[option.name] = flags[option.name]
+        elif option.env in env:
+            raw[option.name] = env[option.env]
+        elif option.name in from_file:
+            raw[option.name] = from_file[option.name]
+    return raw

@@ -1,0 +1,238 @@
+"""The decision: is this destination gone? Operator lists, cached verdicts, then DNS.
+
+`cached()` is the hot path (no I/O, a few dictionary probes); `decide()` adds the DNS
+lookup for a name not seen yet, shared by every concurrent caller (single flight). Expired
+verdicts keep answering while one background re-check runs. Verdict changes are logged
+here, once each, never per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sidecar import signals
+from sidecar.dns_client import DnsClient
+from sidecar.metrics import Metrics
+from sidecar.signals import DnsReport, Finding, Signal
+from sidecar.verdicts import Entry, State, Verdict, VerdictCache
+
+log = logging.getLogger("sidecar.policy")
+
+UNDECIDED_RETRY_SECONDS = 30.0  # ask a failing resolver again after this, not per request
+OPERATOR_TTL_SECONDS = 10 * 365 * 86400.0  # deny-list verdicts last as long as the list says so
+DNS_FAILURE_LOG_INTERVAL = 60.0  # one warning a minute while the resolver fails, not one per name
+
+
+@dataclass(frozen=True)
+class TtlBounds:
+    """`--min-ttl` and `--max-ttl`: every DNS-derived lifetime is clamped into this range."""
+
+    minimum: float
+    maximum: float
+
+    def clamp(self, ttl: float | None) -> float:
+        if ttl is None:
+            return self.maximum
+        return max(self.minimum, min(self.maximum, float(ttl)))
+
+
+class Policy:
+    """Verdicts for destinations, from operator lists, the cache and DNS signals."""
+
+    def __init__(
+        self,
+        dns: DnsClient,
+        *,
+        metrics: Metrics,
+        ttl: TtlBounds,
+        cache_size: int,
+        deny: frozenset[str] = frozenset(),
+        allow: frozenset[str] = frozenset(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.dns = dns
+        self.ttl = ttl
+        self.cache = VerdictCache(cache_size, clock)
+        self._clock = clock
+        self._metrics = metrics
+        self._inflight: dict[str, asyncio.Future[Entry]] = {}
+        self._last_dns_warning = -DNS_FAILURE_LOG_INTERVAL
+        self.allow = allow
+        self._operator: dict[str, Entry] = {}
+        self.set_deny(deny)
+        metrics.watch_verdicts(self.counts)
+
+    def set_deny(self, names: frozenset[str]) -> None:
+        """Replace the operator deny list; each newly listed name is one verdict change."""
+        now = self._clock()
+        previous = self._operator
+        self._operator = {}
+        for name in sorted(names):
+            if name in previous:
+                self._operator[name] = previous[name]
+                continue
+            verdict = Verdict(
+                name,
+                State.GONE,
+                Signal.OPERATOR,
+                "on the operator deny list",
+                now,
+                now + OPERATOR_TTL_SECONDS,
+            )
+            self._operator[name] = Entry(verdict)
+            self._changed(None, verdict)
+
+    def counts(self) -> list[tuple[tuple[str, str], int]]:
+        tally = dict(self.cache.counts())
+        if self._operator:
+            key = (State.GONE.value, Signal.OPERATOR.value)
+            tally[key] = tally.get(key, 0) + len(self._operator)
+        return sorted(tally.items())
+
+    def entries(self) -> list[Entry]:
+        """Every current verdict: operator deny list first, then the cache."""
+        return [*self._operator.values(), *self.cache]
+
+    def cached(self, name: str) -> Entry | None:
+        """The verdict if one is known now (no I/O); starts a re-check if it has expired."""
+        operator = self._operator.get(name)
+        if operator is not None and name not in self.allow:
+            return operator
+        entry = self.cache.get(name)
+        if entry is None:
+            return None
+        now = self._clock()
+        if (
+            now >= entry.verdict.expires_at
+            and now >= entry.next_refresh
+            and name not in self._inflight
+        ):
+            entry.next_refresh = now + UNDECIDED_RETRY_SECONDS
+            self._lookup(name)
+        return entry
+
+    async def decide(self, name: str) -> Entry:
+        """The verdict for `name`, asking DNS if nothing is cached (one lookup per name)."""
+        entry = self.cached(name)
+        if entry is not None:
+            return entry
+        return await asyncio.shield(self._lookup(name))
+
+    def forget(self, name: str) -> None:
+        self.cache.forget(name)
+
+    def _lookup(self, name: str) -> asyncio.Future[Entry]:
+        future = self._inflight.get(name)
+        if future is None:
+            future = asyncio.ensure_future(self._evaluate(name))
+            self._inflight[name] = future
+            future.add_done_callback(lambda _: self._inflight.pop(name, None))
+        return future
+
+    async def _evaluate(self, name: str) -> Entry:
+        try:
+            report = await signals.evaluate(self.dns, name)
+            verdict = self.judge(report)
+        except Exception as e:  # a bug here must not become a tombstone: fail open
+            log.exception("checking %s failed; forwarding it without a verdict", name)
+            now = self._clock()
+            verdict = Verdict(
+                name,
+                State.UNDECIDED,
+                None,
+                f"internal error: {e}",
+                now,
+                now + UNDECIDED_RETRY_SECONDS,
+            )
+        return self._store(verdict)
+
+    def judge(self, report: DnsReport) -> Verdict:
+        """Turn a DNS report into a verdict: any positive evidence is gone; all clear is alive."""
+        now = self._clock()
+        name = report.name
+        gone = report.gone
+        if name in self.allow:
+            why = (
+                f"on the operator allow list; DNS says {gone.signal}"
+                if gone
+                else "on the operator allow list"
+            )
+            return Verdict(
+                name, State.ALIVE, None, why, now, now + self.ttl.minimum, report.addresses
+            )
+        if gone is not None:
+            return Verdict(
+                name,
+                State.GONE,
+                gone.signal,
+                gone.detail,
+                now,
+                now + self.ttl.clamp(gone.ttl),
+                report.addresses,
+            )
+        if report.complete and report.address_check.finding is not Finding.UNKNOWN:
+            return Verdict(
+                name,
+                State.ALIVE,
+                None,
+                "no tombstone in DNS",
+                now,
+                now + self.ttl.clamp(report.alive_ttl or self.ttl.minimum),
+                report.addresses,
+            )
+        failed = [c for c in (*report.checks, report.address_check) if c.finding is Finding.UNKNOWN]
+        self._warn_dns_failure(name, failed[0].detail if failed else "unknown")
+        return Verdict(
+            name,
+            State.UNDECIDED,
+            None,
+            "; ".join(c.detail for c in failed),
+            now,
+            now + UNDECIDED_RETRY_SECONDS,
+            report.addresses,
+        )
+
+    def _store(self, verdict: Verdict) -> Entry:
+        previous = self.cache.get(verdict.destination)
+        if (
+            previous is not None
+            and verdict.state is State.UNDECIDED
+            and previous.verdict.state is not State.UNDECIDED
+        ):
+            # A failed re-check keeps the last real verdict until its stale grace runs out.
+            previous.next_refresh = self._clock() + UNDECIDED_RETRY_SECONDS
+            return previous
+        entry = self.cache.put(verdict)
+        old = previous.verdict if previous is not None else None
+        self._changed(old, verdict)
+        return entry
+
+    def _changed(self, old: Verdict | None, new: Verdict) -> None:
+        old_state = old.state if old is not None else None
+        if new.state is State.UNDECIDED or old_state == new.state:
+            return
+        if old_state is State.UNDECIDED:
+            old_state = None
+        self._metrics.verdict_changes.labels(old_state or "none", new.state).inc()
+        if new.state is State.ALIVE and old_state is None:
+            log.debug("%s", new.describe())
+        elif new.state is State.ALIVE:
+            log.info("%s (was %s: %s)", new.describe(), old_state, old.signal if old else "")
+        else:
+            log.info("%s", new.describe())
+
+    def _warn_dns_failure(self, name: str, detail: str) -> None:
+        now = time.monotonic()
+        if now - self._last_dns_warning >= DNS_FAILURE_LOG_INTERVAL:
+            self._last_dns_warning = now
+            log.warning(
+                "DNS could not answer for %s (%s) via %s; forwarding such names without a "
+                "verdict (fail open). Check the resolver; this repeats at most once a minute.",
+                name,
+                detail,
+                ", ".join(self.dns.nameservers) or "the system resolver",
+            )
