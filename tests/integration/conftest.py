@@ -1,0 +1,132 @@
+"""Real parts for integration tests: a DNS server, TLS upstreams and sidecar processes.
+
+Address plan (all loopback): 127.0.0.2 is the live remote homeserver, 127.0.0.3 the dead
+one; both listen on the same port, so a name's A record alone decides which one a
+connection would reach. The dead one must never see a connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.harness import Sidecar
+from tests.support.dns_server import DnsServer, Zone
+from tests.support.tls_upstream import TestCA, Upstream
+
+LIVE_IP = "127.0.0.2"
+DEAD_IP = "127.0.0.3"
+BASE_ARGS = ("--allow-address", "127.0.0.0/8")
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def dns_server() -> Iterator[DnsServer]:
+    server = DnsServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def zone(dns_server: DnsServer) -> Zone:
+    return dns_server.zone
+
+
+@pytest.fixture(scope="session")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCA]:
+    authority = TestCA(tmp_path_factory.mktemp("ca"))
+    yield authority
+    authority.cleanup()
+
+
+@pytest.fixture(scope="session")
+def live_upstream(ca: TestCA) -> Iterator[Upstream]:
+    upstream = Upstream(ca, ["*.hs.test"], host=LIVE_IP).start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="session")
+def _dead_upstream(ca: TestCA, live_upstream: Upstream) -> Iterator[Upstream]:
+    upstream = Upstream(
+        ca, ["*.hs.test"], host=DEAD_IP, port=live_upstream.port, status=410
+    ).start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def dead_upstream(_dead_upstream: Upstream) -> Iterator[Upstream]:
+    """The decommissioned server: every test starts it at zero and it must stay there."""
+    _dead_upstream.reset()
+    yield _dead_upstream
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """A fresh server name per call, so cached verdicts never leak between tests."""
+
+    def make(prefix: str) -> str:
+        return f"{prefix}-{next(_counter)}.hs.test"
+
+    return make
+
+
+@pytest.fixture
+def sidecar_factory(
+    dns_server: DnsServer, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Sidecar]]:
+    """Start sidecars with extra arguments; stopped (and logs shown on failure) after the test."""
+    started: list[Sidecar] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Sidecar:
+        sidecar = Sidecar(dns_server.port, [*BASE_ARGS, *args], env=env, log_dir=tmp_path)
+        started.append(sidecar)
+        return sidecar.start()
+
+    yield start
+    for sidecar in started:
+        sidecar.stop()
+    _attach_logs(request, started)
+
+
+@pytest.fixture(scope="module")
+def shared_sidecar(
+    dns_server: DnsServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Sidecar]:
+    sidecar = Sidecar(
+        dns_server.port,
+        [*BASE_ARGS, "--deny", "denied.test"],
+        log_dir=tmp_path_factory.mktemp("sidecar"),
+    ).start()
+    yield sidecar
+    sidecar.stop()
+
+
+@pytest.fixture
+def sidecar(shared_sidecar: Sidecar, request: pytest.FixtureRequest) -> Iterator[Sidecar]:
+    """The module's sidecar process (default options, `denied.test` on the deny list)."""
+    yield shared_sidecar
+    _attach_logs(request, [shared_sidecar])
+
+
+def _attach_logs(request: pytest.FixtureRequest, sidecars: list[Sidecar]) -> None:
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for sidecar in sidecars:
+            report.sections.append((f"sidecar {sidecar.proxy_port} log", sidecar.log()[-20000:]))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep the call-phase report on the item, so fixtures can attach logs to a failure."""
+    report = yield
+    if report.when == "call":
+        item.rep_call = report  # type: ignore[attr-defined]
+    return report

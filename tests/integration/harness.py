@@ -1,0 +1,179 @@
+"""Drive a real `tombstone-sidecar run` process: start it, talk through it, read its metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.procs import ManagedProcess, free_port, wait_for_port, wait_until
+
+
+def sidecar_command() -> list[str]:
+    """The installed console script next to this interpreter, as a user would run it."""
+    script = Path(sys.executable).parent / "tombstone-sidecar"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("tombstone-sidecar")
+    return [found] if found else [sys.executable, "-m", "sidecar.cli"]
+
+
+@dataclass
+class ConnectReply:
+    """What the proxy answered to a CONNECT, and the socket if the tunnel is open."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes
+    sock: socket.socket | None = field(default=None, repr=False)
+
+    def json(self) -> dict[str, object]:
+        data = json.loads(self.body)
+        assert isinstance(data, dict)
+        return data
+
+
+def read_head(sock: socket.socket) -> tuple[int, str, dict[str, str], bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    _, status, reason = ([*lines[0].split(" ", 2), ""])[:3]
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    return int(status), reason, headers, rest
+
+
+class Sidecar:
+    """One sidecar process on free loopback ports, asking the test DNS server."""
+
+    def __init__(
+        self,
+        dns_port: int,
+        args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        self.proxy_port = free_port()
+        self.ops_port = free_port()
+        argv = [
+            *sidecar_command(),
+            "run",
+            "--listen",
+            f"127.0.0.1:{self.proxy_port}",
+            "--ops-listen",
+            f"127.0.0.1:{self.ops_port}",
+            "--nameserver",
+            f"127.0.0.1:{dns_port}",
+            "--dns-timeout",
+            "2s",
+            "--log-level",
+            "debug",
+            *args,
+        ]
+        log_path = (log_dir / f"sidecar-{self.proxy_port}.log") if log_dir else None
+        self.process = ManagedProcess(argv, env=env, log_path=log_path)
+
+    def start(self) -> Sidecar:
+        self.process.start()
+        assert self.process.proc is not None
+        wait_for_port(self.proxy_port, proc=self.process.proc, log_path=self.process.log_path)
+        wait_for_port(self.ops_port, proc=self.process.proc, log_path=self.process.log_path)
+        assert wait_until(lambda: self.ops("/readyz")[0] == 200, timeout=10), self.log()
+        return self
+
+    def stop(self) -> int | None:
+        return self.process.stop()
+
+    def log(self) -> str:
+        return self.process.log_path.read_text(errors="replace")
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    # -- ops API -------------------------------------------------------------------------
+
+    def ops(self, path: str) -> tuple[int, bytes]:
+        url = f"http://127.0.0.1:{self.ops_port}{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return 0, b""
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        status, body = self.ops("/metrics")
+        assert status == 200, body
+        samples = {}
+        for family in text_string_to_metric_families(body.decode()):
+            for sample in family.samples:
+                samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        return samples
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics().get((name, frozenset(labels.items())), 0.0)
+
+    # -- clients -------------------------------------------------------------------------
+
+    def connect(self, target: str, timeout: float = 10.0) -> ConnectReply:
+        """Send `CONNECT target` as Synapse does (no headers but Host) and read the answer."""
+        sock = socket.create_connection(("127.0.0.1", self.proxy_port), timeout=timeout)
+        sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        status, reason, headers, rest = read_head(sock)
+        if status == 200:
+            return ConnectReply(status, reason, headers, rest, sock)
+        body = rest
+        length = int(headers.get("content-length", "-1"))
+        while length < 0 or len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        sock.close()
+        return ConnectReply(status, reason, headers, body)
+
+    def https_get(
+        self,
+        target: str,
+        sni: str,
+        context: ssl.SSLContext,
+        path: str = "/",
+        body: bytes | None = None,
+    ) -> tuple[int, dict[str, str], bytes]:
+        """A GET (or POST with `body`) over a tunnel to `target` with TLS SNI `sni`."""
+        reply = self.connect(target)
+        assert reply.status == 200 and reply.sock is not None, reply
+        with context.wrap_socket(reply.sock, server_hostname=sni) as tls:
+            method = "POST" if body is not None else "GET"
+            payload = body or b""
+            tls.sendall(
+                f"{method} {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n"
+                f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            status, _, headers, rest = read_head(tls)
+            while True:
+                chunk = tls.recv(65536)
+                if not chunk:
+                    break
+                rest += chunk
+        return status, headers, rest

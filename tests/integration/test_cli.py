@@ -1,0 +1,258 @@
+"""The command line as operators use it: `check`, errors, `--help`, and the mitmdump script."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import DEAD_IP, LIVE_IP
+from tests.integration.harness import Sidecar, sidecar_command
+from tests.support.dns_server import DnsServer, Zone
+from tests.support.procs import ManagedProcess, free_port
+from tests.support.tls_upstream import Upstream
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*sidecar_command(), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        check=False,
+    )
+
+
+def check(
+    dns_server: DnsServer, name: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return run_cli("check", name, "--nameserver", f"127.0.0.1:{dns_server.port}", *args, env=env)
+
+
+def test_check_alive_name_exits_0_and_shows_every_signal(
+    dns_server: DnsServer,
+    zone: Zone,
+    unique: Callable[[str], str],
+) -> None:
+    name = unique("check-live")
+    zone.add(name, "A", LIVE_IP)
+    result = check(dns_server, name)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{name}: ALIVE (no tombstone in DNS)")
+    for signal in ("dns_txt_gone", "dns_srv_dot", "invalid_tld", "nxdomain", "addresses"):
+        assert f"  {signal}" in result.stdout
+    assert LIVE_IP in result.stdout
+
+
+def test_check_gone_name_exits_1_with_evidence_and_json(
+    dns_server: DnsServer,
+    zone: Zone,
+    unique: Callable[[str], str],
+) -> None:
+    name = unique("check-gone")
+    zone.add(name, "TXT", "v=matrix;gone", ttl=7200)
+    zone.add(name, "A", DEAD_IP)
+    text = check(dns_server, f"{name}:8448")
+    assert text.returncode == 1
+    assert text.stdout.startswith(
+        f"{name}: GONE (dns_txt_gone: TXT {name} 'v=matrix;gone'), for 7200s"
+    )
+    assert "dns_txt_gone  GONE" in text.stdout
+    report = json.loads(check(dns_server, name, "--json").stdout)
+    assert report["verdict"] == {
+        "state": "gone",
+        "signal": "dns_txt_gone",
+        "evidence": f"TXT {name} 'v=matrix;gone'",
+        "ttl": 7200,
+    }
+    findings = {s["signal"]: s["finding"] for s in report["signals"]}
+    assert findings == {
+        "dns_txt_gone": "gone",
+        "dns_srv_dot": "clear",
+        "invalid_tld": "clear",
+        "nxdomain": "clear",
+    }
+
+
+def test_check_clamps_ttl_and_honours_env_deny(
+    dns_server: DnsServer,
+    zone: Zone,
+    unique: Callable[[str], str],
+) -> None:
+    name = unique("check-nx")
+    zone.nxdomain(name, soa_minimum=30)
+    result = check(dns_server, name, "--min-ttl", "10m")
+    assert result.returncode == 1
+    assert "for 600s" in result.stdout  # SOA minimum 30 s, clamped up to --min-ttl
+    denied = unique("check-denied")
+    zone.add(denied, "A", LIVE_IP)
+    result = check(dns_server, denied, env={"TOMBSTONE_DENY": f"other.example, {denied}"})
+    assert result.returncode == 1
+    assert "GONE (operator: on the operator deny list)" in result.stdout
+
+
+def test_check_dns_failure_exits_3_never_gone(
+    dns_server: DnsServer,
+    zone: Zone,
+    unique: Callable[[str], str],
+) -> None:
+    name = unique("check-fail")
+    zone.servfail(name)
+    result = check(dns_server, name, "--dns-timeout", "1s")
+    assert result.returncode == 3, result.stdout
+    assert "NO VERDICT" in result.stdout
+    assert "servfail" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["check", "bad..name"], "NAME: 'bad..name' has an empty label"),
+        (["run", "--dns-timeout", "soon"], "--dns-timeout: 'soon' is not a duration"),
+        (
+            ["run", "--nameserver", "dns.example"],
+            "--nameserver: 'dns.example': a nameserver must be",
+        ),
+        (
+            ["run", "--allow-address", "10.0.0.0/33"],
+            "--allow-address: '10.0.0.0/33' is not an IP network",
+        ),
+        (["run", "--suppress-status", "200"], "--suppress-status: 200 is outside 400-599"),
+        (
+            ["run", "--deny-file", "/nonexistent/deny.txt"],
+            "--deny-file: cannot read /nonexistent/deny.txt",
+        ),
+        (["run", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_option_exit_2(args: list[str], message: str) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_env_and_config_values_name_their_option(tmp_path: Path) -> None:
+    result = run_cli("run", env={"TOMBSTONE_MAX_TTL": "forever"})
+    assert result.returncode == 2 and "--max-ttl: 'forever' is not a duration" in result.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text("min_tll: 5m\n")
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2 and "unknown option 'min_tll'" in result.stderr
+    config.write_text("deny: [a.example\n")
+    result = run_cli("run", "--config", str(config))
+    assert result.returncode == 2 and "is not valid YAML" in result.stderr
+
+
+def test_help_teaches_signals_env_and_examples() -> None:
+    result = run_cli("run", "--help")
+    assert result.returncode == 0
+    for text in (
+        "dns_txt_gone",
+        "nxdomain",
+        "TOMBSTONE_MIN_TTL",
+        "HTTPS_PROXY",
+        "--no-enforce",
+        "fail open",
+        "env TOMBSTONE_NAMESERVER",
+    ):
+        assert text in result.stdout, text
+
+
+def test_ops_port_in_use_is_a_clear_error(dns_server: DnsServer) -> None:
+    busy = Sidecar(dns_server.port)
+    busy.start()
+    try:
+        result = run_cli(
+            "run",
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+            "--ops-listen",
+            f"127.0.0.1:{busy.ops_port}",
+        )
+    finally:
+        busy.stop()
+    assert result.returncode == 1
+    assert f"cannot listen for ops HTTP on 127.0.0.1:{busy.ops_port}" in result.stderr
+
+
+def test_mitmdump_script_loads_the_same_addon(
+    dns_server: DnsServer,
+    zone: Zone,
+    dead_upstream: Upstream,
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    mitmdump = Path(sys.executable).parent / "mitmdump"
+    command = str(mitmdump) if mitmdump.exists() else shutil.which("mitmdump")
+    assert command, "mitmdump is installed with mitmproxy"
+    name = unique("mitmdump")
+    zone.add(name, "TXT", "v=matrix;gone")
+    port, ops = free_port(), free_port()
+    process = ManagedProcess(
+        [
+            command,
+            "-q",
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--set",
+            f"confdir={tmp_path}",
+            "-s",
+            str(REPO / "addons" / "tombstone.py"),
+            "--set",
+            "connection_strategy=lazy",
+            "--set",
+            f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
+            "--set",
+            f"tombstone_ops_listen=127.0.0.1:{ops}",
+            "--set",
+            "tombstone_deny=old.example",
+        ],
+        env={"PYTHONPATH": str(REPO)},
+    ).start()
+    try:
+        process.wait_for_port(port)
+        process.wait_for_port(ops)
+        proxy = Sidecar.__new__(Sidecar)
+        proxy.proxy_port, proxy.ops_port = port, ops
+        reply = proxy.connect(f"{name}:{dead_upstream.port}")
+        assert reply.status == 502 and reply.headers["x-tombstone-signal"] == "dns_txt_gone"
+        assert proxy.connect("old.example:443").headers["x-tombstone-signal"] == "operator"
+        assert proxy.metric("tombstone_suppressed_total", signal="operator", stage="connect") == 1
+    finally:
+        process.stop()
+    assert dead_upstream.connections == 0
+
+    bad = subprocess.run(
+        [
+            command,
+            "-q",
+            "-p",
+            str(free_port()),
+            "--set",
+            f"confdir={tmp_path}",
+            "-s",
+            str(REPO / "addons" / "tombstone.py"),
+            "--set",
+            "tombstone_min_ttl=abc",
+        ],
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert bad.returncode != 0
+    assert "tombstone_min_ttl: 'abc' is not a duration" in bad.stdout + bad.stderr
