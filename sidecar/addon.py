@@ -86,7 +86,10 @@ class TombstoneAddon:
     def apply(self, settings: Settings) -> None:
         """Build or rebuild the decision machinery; the verdict cache survives list changes."""
         previous = self.settings
-        dns = DnsClient(settings.nameservers, settings.dns_timeout, self.metrics)
+        try:
+            dns = DnsClient(settings.nameservers, settings.dns_timeout, self.metrics)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"tombstone_nameserver: {e}") from None
         ttl = TtlBounds(settings.min_ttl, settings.max_ttl)
         if self.policy is None or previous is None or previous.cache_size != settings.cache_size:
             self.policy = Policy(

@@ -28,7 +28,11 @@ async def run_check(raw_name: str, settings: Settings, as_json: bool = False) ->
     except InvalidName as e:
         print(f"tombstone-sidecar: error: NAME: {e}", file=sys.stderr)
         return 2
-    dns = DnsClient(settings.nameservers, settings.dns_timeout, Metrics())
+    try:
+        dns = DnsClient(settings.nameservers, settings.dns_timeout, Metrics())
+    except ValueError as e:
+        print(f"tombstone-sidecar: error: --nameserver: {e}", file=sys.stderr)
+        return 2
     policy = Policy(
         dns,
         metrics=Metrics(),

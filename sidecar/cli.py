@@ -169,6 +169,7 @@ def _cmd_run(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) 
 
 
 async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
+    from mitmproxy.exceptions import OptionsError
     from mitmproxy.options import Options
     from mitmproxy.tools.dump import DumpMaster
 
@@ -181,14 +182,18 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
         opts = Options(confdir=confdir)
         master = DumpMaster(opts, with_termlog=False, with_dumper=False)
         addon = TombstoneAddon()
-        master.addons.add(addon)
-        # Options defined by addons exist only once the addons are loaded.
-        opts.update(
-            mode=[f"regular@{settings.listen.port}"],
-            listen_host=settings.listen.host,
-            connection_strategy="lazy",
-        )
-        opts.update(**{o.mitm: _mitm_value(o, raw[o.name]) for o in ADDON_OPTIONS if o.name in raw})
+        try:
+            master.addons.add(addon)
+            # Options defined by addons exist only once the addons are loaded.
+            opts.update(
+                mode=[f"regular@{settings.listen.port}"],
+                listen_host=settings.listen.host,
+                connection_strategy="lazy",
+                **{o.mitm: _mitm_value(o, raw[o.name]) for o in ADDON_OPTIONS if o.name in raw},
+            )
+        except OptionsError as e:
+            print(f"tombstone-sidecar: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, master.shutdown)

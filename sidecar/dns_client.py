@@ -63,7 +63,10 @@ class DnsClient:
     def __init__(
         self, nameservers: tuple[Nameserver, ...], timeout: float, metrics: Metrics
     ) -> None:
-        self._resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+        try:
+            self._resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+        except dns.resolver.NoResolverConfiguration as e:
+            raise ValueError(f"no usable /etc/resolv.conf ({e}); give --nameserver") from None
         if nameservers:
             self._resolver.nameservers = [
                 dns.nameserver.Do53Nameserver(ns.address, ns.port) for ns in nameservers

@@ -67,7 +67,7 @@ class Policy:
         metrics.watch_verdicts(self.counts)
 
     def set_deny(self, names: frozenset[str]) -> None:
-        """Replace the operator deny list; each newly listed name is one verdict change."""
+        """Replace the operator deny list, logging each name added or removed once."""
         now = self._clock()
         previous = self._operator
         self._operator = {}
@@ -75,16 +75,14 @@ class Policy:
             if name in previous:
                 self._operator[name] = previous[name]
                 continue
-            verdict = Verdict(
-                name,
-                State.GONE,
-                Signal.OPERATOR,
-                "on the operator deny list",
-                now,
-                now + OPERATOR_TTL_SECONDS,
-            )
+            verdict = Verdict(name, State.GONE, Signal.OPERATOR, "on the operator deny list",
+                              now, now + OPERATOR_TTL_SECONDS)  # fmt: skip
             self._operator[name] = Entry(verdict)
-            self._changed(None, verdict)
+            self._metrics.verdict_changes.labels("none", State.GONE).inc()
+            log.info("%s gone (operator: on the deny list)", name)
+        for name in sorted(previous.keys() - names):
+            self._metrics.verdict_changes.labels(State.GONE, "none").inc()
+            log.info("%s removed from the deny list; DNS decides again", name)
 
     def counts(self) -> list[tuple[tuple[str, str], int]]:
         tally = dict(self.cache.counts())
@@ -151,50 +149,33 @@ class Policy:
         return self._store(verdict)
 
     def judge(self, report: DnsReport) -> Verdict:
-        """Turn a DNS report into a verdict: any positive evidence is gone; all clear is alive."""
+        """Any positive evidence is gone; all clear is alive; anything else is undecided.
+
+        The allow list overrides only a gone finding: an allowed name still needs its
+        addresses, so a DNS failure leaves it undecided like any other.
+        """
         now = self._clock()
         name = report.name
         gone = report.gone
-        if name in self.allow:
-            why = (
-                f"on the operator allow list; DNS says {gone.signal}"
-                if gone
-                else "on the operator allow list"
-            )
-            return Verdict(
-                name, State.ALIVE, None, why, now, now + self.ttl.minimum, report.addresses
-            )
-        if gone is not None:
-            return Verdict(
-                name,
-                State.GONE,
-                gone.signal,
-                gone.detail,
-                now,
-                now + self.ttl.clamp(gone.ttl),
-                report.addresses,
-            )
-        if report.complete and report.address_check.finding is not Finding.UNKNOWN:
-            return Verdict(
-                name,
-                State.ALIVE,
-                None,
-                "no tombstone in DNS",
-                now,
-                now + self.ttl.clamp(report.alive_ttl or self.ttl.minimum),
-                report.addresses,
-            )
+        allowed = name in self.allow
+        if gone is not None and not allowed:
+            expires = now + self.ttl.clamp(gone.ttl)
+            return Verdict(name, State.GONE, gone.signal, gone.detail, now, expires,
+                           report.addresses)  # fmt: skip
+        addresses_known = report.address_check.finding is not Finding.UNKNOWN
+        if addresses_known and (allowed or report.complete):
+            evidence = "no tombstone in DNS"
+            if allowed:
+                evidence = "on the operator allow list" + (
+                    f"; DNS says {gone.signal}" if gone else ""
+                )
+            expires = now + self.ttl.clamp(report.alive_ttl or self.ttl.minimum)
+            return Verdict(name, State.ALIVE, None, evidence, now, expires, report.addresses)
         failed = [c for c in (*report.checks, report.address_check) if c.finding is Finding.UNKNOWN]
         self._warn_dns_failure(name, failed[0].detail if failed else "unknown")
-        return Verdict(
-            name,
-            State.UNDECIDED,
-            None,
-            "; ".join(c.detail for c in failed),
-            now,
-            now + UNDECIDED_RETRY_SECONDS,
-            report.addresses,
-        )
+        why = "; ".join(c.detail for c in failed)
+        return Verdict(name, State.UNDECIDED, None, why, now, now + UNDECIDED_RETRY_SECONDS,
+                       report.addresses)  # fmt: skip
 
     def _store(self, verdict: Verdict) -> Entry:
         previous = self.cache.get(verdict.destination)
