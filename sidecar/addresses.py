@@ -49,6 +49,24 @@ def parse_network(text: str) -> IPNetwork:
         raise ValueError(f"{text!r} is not an IP network in CIDR form: {e}") from None
 
 
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def _forms(ip: IPAddress) -> tuple[IPAddress, ...]:
+    """The address and any IPv4 address it carries, as Synapse's `generate_ip_set` checks:
+    IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d) and 6to4 (2002:aabb:ccdd::)."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return (ip,)
+    forms: list[IPAddress] = [ip]
+    if ip.ipv4_mapped is not None:
+        forms.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        forms.append(ip.sixtofour)
+    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # not :: or ::1, which are v6 themselves
+        forms.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return tuple(forms)
+
+
 @dataclass(frozen=True)
 class AddressPolicy:
     """Blocked ranges minus the operator's `--allow-address` exceptions."""
@@ -61,15 +79,14 @@ class AddressPolicy:
         return cls(tuple(parse_network(r) for r in DEFAULT_BLOCKED_RANGES), tuple(allowed))
 
     def blocked_by(self, address: str) -> IPNetwork | None:
-        """The blocked range containing `address`, or None if it may be used."""
-        ip: IPAddress = ipaddress.ip_address(address)
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback too
-        if any(ip in net for net in self.allowed):
+        """The blocked range containing `address` (or the IPv4 inside it), or None."""
+        forms = _forms(ipaddress.ip_address(address))
+        if any(ip in net for ip in forms for net in self.allowed):
             return None
-        for net in self.blocked:
-            if ip in net:
-                return net
+        for ip in forms:
+            for net in self.blocked:
+                if ip in net:
+                    return net
         return None
 
     def choose(self, addresses: Iterable[str]) -> tuple[str | None, list[str]]:

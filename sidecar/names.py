@@ -55,13 +55,18 @@ def normalize_host(raw: str) -> str:
     host = raw.strip()
     if not host:
         raise InvalidName("empty name")
-    if host.startswith("[") and host.endswith("]"):
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
         host = host[1:-1]
+    if "%" in host:
+        raise InvalidName(f"{_shorten(raw)}: an IPv6 zone ID names a local interface, not a server")
     if ":" in host:
         try:
             return str(ipaddress.IPv6Address(host))
         except ValueError as e:
             raise InvalidName(f"{raw!r} is not a valid IPv6 literal: {e}") from None
+    if bracketed:
+        raise InvalidName(f"{_shorten(raw)}: only IPv6 literals go in brackets")
     if host.endswith("."):
         host = host[:-1]
     if not host:
@@ -127,8 +132,8 @@ def parse_authority(raw: str, default_port: int = DEFAULT_PORT) -> Authority:
 
 
 def _parse_port(text: str, raw: str) -> int:
-    if not text.isdigit():
-        raise InvalidName(f"{_shorten(raw)}: port {text!r} is not a number")
+    if not (text.isascii() and text.isdigit()) or len(text) > 5:
+        raise InvalidName(f"{_shorten(raw)}: port {_shorten(text)} is not a number from 1 to 65535")
     port = int(text)
     if not 0 < port < 65536:
         raise InvalidName(f"{_shorten(raw)}: port {port} is outside 1-65535")

@@ -272,7 +272,10 @@ class Settings:
         """Validate raw values (strings, lists, bools) keyed by option name."""
 
         def get(name: str) -> Any:
-            return raw.get(name, BY_NAME[name].default)
+            value = raw.get(name, BY_NAME[name].default)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return str(value)  # YAML `max_ttl: 3600` means the same as "3600"
+            return value
 
         def check(name: str, parse: Callable[[Any], Any]) -> Any:
             try:
@@ -336,6 +339,8 @@ def load_config_file(path: str) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError("config", f"cannot read {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError("config", f"{path} is not UTF-8 text: {e}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -353,6 +358,8 @@ def load_config_file(path: str) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name not in BY_NAME or name == "config":
             raise ConfigError("config", f"{path}: unknown option {key!r}")
+        if name in result:
+            raise ConfigError("config", f"{path}: {key!r} is given twice (as - and _ spellings)")
         result[name] = value
     return result
 

@@ -54,8 +54,8 @@ class Verdict:
 
     def describe(self) -> str:
         """The log form: `example.org gone (dns_txt_gone: TXT ...), ttl 3600s`."""
-        if self.state is State.ALIVE:
-            return f"{self.destination} alive ({self.evidence}), ttl {self.ttl:.0f}s"
+        if self.state in (State.ALIVE, State.UNDECIDED):
+            return f"{self.destination} {self.state} ({self.evidence}), ttl {self.ttl:.0f}s"
         return (
             f"{self.destination} {self.state} ({self.signal}: {self.evidence}), ttl {self.ttl:.0f}s"
         )

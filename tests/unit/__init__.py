@@ -1,0 +1,1 @@
+"""Unit tests: pure parsers and small pieces, no network, no processes."""

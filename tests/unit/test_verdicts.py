@@ -1,0 +1,261 @@
+"""sidecar.verdicts: the verdict log form and the bounded, expiring verdict cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.verdicts import STALE_GRACE_SECONDS, State, Verdict, VerdictCache
+
+GRACE = 100.0
+
+
+class FakeClock:
+    """A settable time source for the cache; `advance` moves time forward."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def verdict(
+    destination: str = "example.org",
+    state: State = State.GONE,
+    signal: str | None = "dns_txt_gone",
+    *,
+    observed_at: float = 1000.0,
+    ttl: float = 60.0,
+    evidence: str = 'TXT "v=matrix;gone"',
+) -> Verdict:
+    return Verdict(destination, state, signal, evidence, observed_at, observed_at + ttl)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def cache(clock: FakeClock) -> VerdictCache:
+    return VerdictCache(maxsize=10, clock=clock, stale_grace=GRACE)
+
+
+# --- Verdict ----------------------------------------------------------------------------------
+
+
+def test_describe_gone() -> None:
+    v = verdict(ttl=3600.0)
+    assert v.describe() == 'example.org gone (dns_txt_gone: TXT "v=matrix;gone"), ttl 3600s'
+
+
+def test_describe_unreachable() -> None:
+    v = verdict(state=State.UNREACHABLE, signal="unreachable", evidence="5 connect failures")
+    assert v.describe() == "example.org unreachable (unreachable: 5 connect failures), ttl 60s"
+
+
+def test_describe_alive_has_no_signal() -> None:
+    v = verdict(state=State.ALIVE, signal=None, evidence="A 1.1.1.1", ttl=299.6)
+    assert v.describe() == "example.org alive (A 1.1.1.1), ttl 300s"
+
+
+@pytest.mark.parametrize(
+    ("state", "suppresses"),
+    [
+        (State.GONE, True),
+        (State.UNREACHABLE, True),
+        (State.ALIVE, False),
+        (State.UNDECIDED, False),
+    ],
+)
+def test_suppresses(state: State, suppresses: bool) -> None:
+    assert verdict(state=state).suppresses is suppresses
+
+
+def test_ttl_and_states_are_strings() -> None:
+    v = verdict(observed_at=10.0, ttl=90.0)
+    assert v.ttl == 90.0
+    assert [s.value for s in State] == ["gone", "unreachable", "alive", "undecided"]
+    assert f"{State.GONE}" == "gone"
+
+
+def test_verdict_is_frozen() -> None:
+    v = verdict()
+    with pytest.raises(AttributeError):
+        v.state = State.ALIVE  # type: ignore[misc]
+
+
+def test_default_stale_grace() -> None:
+    assert STALE_GRACE_SECONDS == 3600.0
+
+
+# --- VerdictCache -----------------------------------------------------------------------------
+
+
+def test_put_and_get(cache: VerdictCache) -> None:
+    v = verdict()
+    entry = cache.put(v)
+    assert entry.verdict is v
+    assert entry.suppressed_count == 0
+    assert entry.next_refresh == 0.0
+    assert cache.get("example.org") is entry
+    assert cache.get("other.example") is None
+    assert len(cache) == 1
+
+
+def test_verdict_is_served_through_the_stale_grace(cache: VerdictCache, clock: FakeClock) -> None:
+    v = verdict(ttl=60.0)
+    cache.put(v)
+    clock.now = v.expires_at
+    assert cache.get("example.org") is not None  # expired, but stale-while-revalidate
+    clock.now = v.expires_at + GRACE - 0.001
+    entry = cache.get("example.org")
+    assert entry is not None
+    assert entry.verdict is v
+    clock.now = v.expires_at + GRACE
+    assert cache.get("example.org") is None
+    assert len(cache) == 0
+
+
+@pytest.mark.parametrize("state", [State.GONE, State.UNREACHABLE, State.ALIVE])
+def test_every_real_verdict_gets_the_grace(
+    cache: VerdictCache, clock: FakeClock, state: State
+) -> None:
+    v = verdict(state=state)
+    cache.put(v)
+    clock.now = v.expires_at + GRACE / 2
+    assert cache.get("example.org") is not None
+
+
+def test_undecided_is_dropped_at_expiry(cache: VerdictCache, clock: FakeClock) -> None:
+    v = verdict(state=State.UNDECIDED, signal=None, evidence="timeout", ttl=30.0)
+    cache.put(v)
+    clock.now = v.expires_at - 0.001
+    assert cache.get("example.org") is not None
+    clock.now = v.expires_at
+    assert cache.get("example.org") is None
+
+
+def test_uses_the_injected_clock_not_wall_time(clock: FakeClock) -> None:
+    cache = VerdictCache(maxsize=10, clock=clock)  # default grace
+    v = verdict(observed_at=0.0, ttl=10.0)
+    clock.now = 0.0
+    cache.put(v)
+    clock.now = 10.0 + STALE_GRACE_SECONDS - 1
+    assert cache.get("example.org") is not None
+    clock.now = 10.0 + STALE_GRACE_SECONDS
+    assert cache.get("example.org") is None
+
+
+def test_maxsize_evicts_least_recently_used(clock: FakeClock) -> None:
+    cache = VerdictCache(maxsize=2, clock=clock, stale_grace=GRACE)
+    cache.put(verdict("a.example"))
+    cache.put(verdict("b.example"))
+    assert cache.get("a.example") is not None  # a is now more recent than b
+    cache.put(verdict("c.example"))
+    assert len(cache) == 2
+    assert cache.get("b.example") is None
+    assert cache.get("a.example") is not None
+    assert cache.get("c.example") is not None
+
+
+def test_maxsize_bound_holds(clock: FakeClock) -> None:
+    cache = VerdictCache(maxsize=3, clock=clock, stale_grace=GRACE)
+    for i in range(20):
+        cache.put(verdict(f"n{i}.example"))
+    assert len(cache) == 3
+    assert sorted(e.verdict.destination for e in cache) == [
+        "n17.example",
+        "n18.example",
+        "n19.example",
+    ]
+
+
+def test_put_keeps_suppressed_count(cache: VerdictCache, clock: FakeClock) -> None:
+    first = cache.put(verdict(ttl=60.0))
+    first.suppressed_count = 7
+    clock.advance(30.0)
+    refreshed = verdict(observed_at=clock.now, ttl=120.0, evidence="TXT again")
+    second = cache.put(refreshed)
+    assert second is not first
+    assert second.suppressed_count == 7
+    assert second.verdict is refreshed
+    assert cache.get("example.org") is second
+
+
+def test_put_keeps_suppressed_count_from_a_stale_entry(
+    cache: VerdictCache, clock: FakeClock
+) -> None:
+    v = verdict(ttl=60.0)
+    cache.put(v).suppressed_count = 3
+    clock.now = v.expires_at + GRACE / 2
+    assert cache.put(verdict(observed_at=clock.now)).suppressed_count == 3
+
+
+def test_put_after_drop_starts_counting_again(cache: VerdictCache, clock: FakeClock) -> None:
+    v = verdict(ttl=60.0)
+    cache.put(v).suppressed_count = 3
+    clock.now = v.expires_at + GRACE
+    assert cache.put(verdict(observed_at=clock.now)).suppressed_count == 0
+
+
+def test_put_replacement_uses_the_new_deadline(cache: VerdictCache, clock: FakeClock) -> None:
+    cache.put(verdict(ttl=1000.0))
+    short = verdict(state=State.UNDECIDED, signal=None, evidence="timeout", ttl=5.0)
+    cache.put(short)
+    clock.now = short.expires_at
+    assert cache.get("example.org") is None
+
+
+def test_forget(cache: VerdictCache) -> None:
+    entry = cache.put(verdict())
+    assert cache.forget("example.org") is entry
+    assert cache.get("example.org") is None
+    assert cache.forget("example.org") is None
+    assert len(cache) == 0
+
+
+def test_iteration_skips_dropped_entries(cache: VerdictCache, clock: FakeClock) -> None:
+    cache.put(verdict("short.example", ttl=10.0))
+    cache.put(verdict("long.example", ttl=10_000.0))
+    cache.put(verdict("undecided.example", State.UNDECIDED, None, ttl=5.0))
+    assert {e.verdict.destination for e in cache} == {
+        "short.example",
+        "long.example",
+        "undecided.example",
+    }
+    clock.advance(10.0 + GRACE)
+    assert [e.verdict.destination for e in cache] == ["long.example"]
+    assert len(cache) == 1
+
+
+def test_counts_excludes_undecided(cache: VerdictCache) -> None:
+    cache.put(verdict("a.example", State.GONE, "dns_txt_gone"))
+    cache.put(verdict("b.example", State.GONE, "dns_txt_gone"))
+    cache.put(verdict("c.example", State.GONE, "nxdomain"))
+    cache.put(verdict("d.example", State.UNREACHABLE, "unreachable"))
+    cache.put(verdict("e.example", State.ALIVE, None))
+    cache.put(verdict("f.example", State.ALIVE, None))
+    cache.put(verdict("g.example", State.UNDECIDED, None))
+    cache.put(verdict("h.example", State.UNDECIDED, "dns_txt_gone"))
+    assert cache.counts() == [
+        (("alive", "none"), 2),
+        (("gone", "dns_txt_gone"), 2),
+        (("gone", "nxdomain"), 1),
+        (("unreachable", "unreachable"), 1),
+    ]
+
+
+def test_counts_follow_expiry(cache: VerdictCache, clock: FakeClock) -> None:
+    cache.put(verdict("a.example", ttl=10.0))
+    cache.put(verdict("b.example", ttl=10_000.0))
+    assert cache.counts() == [(("gone", "dns_txt_gone"), 2)]
+    clock.advance(10.0 + GRACE)
+    assert cache.counts() == [(("gone", "dns_txt_gone"), 1)]
+
+
+def test_counts_empty(cache: VerdictCache) -> None:
+    assert cache.counts() == []
