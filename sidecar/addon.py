@@ -11,7 +11,11 @@ refuses to dial at all when the SNI turned out to be gone. This needs mitmproxy'
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
+import signal
 import time
 import weakref
 from collections.abc import MutableMapping, Sequence
@@ -30,9 +34,12 @@ from sidecar.names import InvalidName, normalize_host
 from sidecar.ops_server import OpsServer
 from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
 from sidecar.policy import Policy, TtlBounds
+from sidecar.store import open_store
 from sidecar.verdicts import Entry, State, Verdict
 
 log = logging.getLogger("sidecar.addon")
+
+LIST_POLL_SECONDS = 2.0  # how soon an edited --deny-file/--allow-file takes effect
 
 
 @dataclass(slots=True)
@@ -65,6 +72,9 @@ class TombstoneAddon:
         self.ops: OpsServer | None = None
         self.is_running = False
         self.fatal: str | None = None  # why the sidecar had to stop, for the CLI's exit message
+        self.loaded = asyncio.Event()  # stored verdicts are in the cache: decisions may start
+        self._watcher: asyncio.Task[None] | None = None
+        self._list_stamp: tuple[float, ...] = ()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -99,6 +109,7 @@ class TombstoneAddon:
                 cache_size=settings.cache_size,
                 deny=settings.deny,
                 allow=settings.allow,
+                store=self.policy.store if self.policy is not None else None,
             )
         else:
             self.policy.dns, self.policy.ttl, self.policy.allow = dns, ttl, settings.allow
@@ -109,7 +120,16 @@ class TombstoneAddon:
             log.warning("shadow mode (--no-enforce): verdicts are counted, nothing is suppressed")
 
     async def running(self) -> None:
-        assert self.settings is not None
+        assert self.settings is not None and self.policy is not None
+        store = open_store(self.settings.store, self.settings.state_dir, self.metrics)
+        self.policy.store = store
+        for verdict in await store.start(self.policy.accept, self.policy.accept_forget):
+            self.policy.accept(verdict, quiet=True)
+        self.loaded.set()
+        self._list_stamp = self._list_files_stamp()
+        self._watcher = asyncio.create_task(self._watch_list_files())
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_lists)
         if self.settings.ops_listen is not None:
             self.ops = OpsServer(self)
             try:
@@ -124,9 +144,46 @@ class TombstoneAddon:
 
     async def done(self) -> None:
         self.is_running = False
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
         if self.ops is not None:
             await self.ops.stop()
             self.ops = None
+        if self.policy is not None:
+            await self.policy.store.close()
+
+    # -- operator lists ----------------------------------------------------------------------
+
+    def reload_lists(self) -> None:
+        """Re-read --deny-file/--allow-file (on change or SIGHUP); a bad file changes nothing."""
+        if self.settings is None or self.policy is None:
+            return
+        try:
+            deny, allow = self.settings.read_lists()
+        except ValueError as e:
+            log.error("not reloading the operator lists: %s; keeping the previous lists", e)
+            return
+        self.policy.allow = allow
+        self.policy.set_deny(deny)
+        log.info("operator lists reloaded: %d denied, %d allowed", len(deny), len(allow))
+
+    def _list_files_stamp(self) -> tuple[float, ...]:
+        stamps = []
+        for path in (self._settings.deny_file, self._settings.allow_file):
+            try:
+                stamps.append(os.stat(path).st_mtime if path else 0.0)
+            except OSError:
+                stamps.append(-1.0)
+        return tuple(stamps)
+
+    async def _watch_list_files(self) -> None:
+        while True:
+            await asyncio.sleep(LIST_POLL_SECONDS)
+            stamp = self._list_files_stamp()
+            if stamp != self._list_stamp:
+                self._list_stamp = stamp
+                self.reload_lists()
 
     # -- decision points -----------------------------------------------------------------
 
@@ -230,6 +287,8 @@ class TombstoneAddon:
 
     async def _decide(self, name: str) -> Entry:
         assert self.policy is not None
+        if not self.loaded.is_set():
+            await self.loaded.wait()  # never judge before the stored verdicts are back
         entry = self.policy.cached(name)
         return entry if entry is not None else await self.policy.decide(name)
 

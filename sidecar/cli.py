@@ -12,8 +12,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from sidecar import __version__
-from sidecar.options import OPTIONS, ConfigError, Option, Settings, gather_raw
+from sidecar import __version__, verdicts_cli
+from sidecar.options import BY_NAME, OPTIONS, ConfigError, Option, Settings, gather_raw
 
 log = logging.getLogger("sidecar")
 
@@ -51,6 +51,16 @@ examples:
   tombstone-sidecar check example.org
   tombstone-sidecar check example.org --nameserver 1.1.1.1 --json
 """
+
+
+VERDICTS_EPILOG = """\
+examples:
+  tombstone-sidecar verdicts list --state gone
+  tombstone-sidecar verdicts show old.example.org
+  tombstone-sidecar verdicts deny old.example.org --ttl 30d --comment "shut down 2026-11"
+  tombstone-sidecar verdicts forget old.example.org      # check it again now
+"""
+VERDICTS_OPTIONS = ("config", "ops_listen", "ops_token_file")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,8 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
         _add_option(run, option)
         if option.scope != "run":
             _add_option(check, option)
+    verdicts = commands.add_parser(
+        "verdicts",
+        help="list, show, forget or mark verdicts of a running sidecar",
+        description="Talk to a running sidecar's ops API (--ops-listen). Changes (forget, "
+        "deny) need the token from --ops-token-file.",
+        epilog=VERDICTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    for name in VERDICTS_OPTIONS:
+        _add_option(verdicts, BY_NAME[name])
+    verdicts_cli.add_commands(verdicts)
     run.set_defaults(func=_cmd_run)
     check.set_defaults(func=_cmd_check)
+    verdicts.set_defaults(func=_cmd_verdicts)
     return parser
 
 
@@ -208,6 +230,10 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
         print(f"tombstone-sidecar: error: {addon.fatal}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_verdicts(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
+    return verdicts_cli.run(args, settings)
 
 
 def _cmd_check(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:

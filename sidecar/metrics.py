@@ -111,6 +111,18 @@ class Metrics:
             ["where"],
             registry=r,
         )
+        self.store_up = Gauge(
+            "tombstone_store_up",
+            "1 while the verdict store (sqlite, redis) works; 0 while serving from memory only.",
+            ["store"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "tombstone_store_errors_total",
+            "Verdict store operations that failed (the sidecar kept serving from memory).",
+            ["store", "op"],
+            registry=r,
+        )
         self.build_info = Gauge(
             "tombstone_build_info",
             "Build information; always 1.",

@@ -1,13 +1,22 @@
-"""The ops HTTP listener: /metrics, /healthz, /readyz and read-only /v1/verdicts.
+"""The ops HTTP listener: /metrics, /healthz, /readyz and the /v1/verdicts API.
 
-It runs on mitmproxy's own event loop (one process, one loop), so a scrape sees the live
-cache without locks. It speaks just enough HTTP/1.1 for Prometheus, kubelet probes and
-curl: one request per connection, bounded header size, a deadline per request.
+It runs on mitmproxy's own event loop (one process, one loop), so it sees the live cache
+without locks. It speaks just enough HTTP/1.1 for Prometheus, kubelet probes, curl and
+`tombstone-sidecar verdicts`: one request per connection, bounded sizes, a deadline per
+request. Reading is open (scrapers and probes need no secret); changing a verdict (PUT,
+DELETE) needs the bearer token from `--ops-token-file`.
+
+API (JSON):
+  GET    /v1/verdicts?state=&signal=&limit=&offset=   list, filtered and paginated
+  GET    /v1/verdicts/{name}                            one verdict with its evidence
+  PUT    /v1/verdicts/{name}  {"ttl": "30d", "comment": "..."}   mark gone (operator)
+  DELETE /v1/verdicts/{name}                            forget and check again now
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 from typing import TYPE_CHECKING, Any
@@ -17,7 +26,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import __version__
 from sidecar.names import Authority, InvalidName, normalize_host
-from sidecar.verdicts import Entry, State
+from sidecar.options import parse_duration
+from sidecar.verdicts import Entry, State, to_record
 
 if TYPE_CHECKING:
     from sidecar.addon import TombstoneAddon
@@ -25,31 +35,25 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.ops")
 
 MAX_HEADER_BYTES = 16 * 1024  # a scrape or probe request is a few hundred bytes
+MAX_BODY_BYTES = 64 * 1024  # a PUT body is a TTL and a comment
 REQUEST_DEADLINE_SECONDS = 10.0  # a client that dribbles its request is dropped
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
-REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Request Header Fields Too Large",
-    503: "Service Unavailable",
-}
+DEFAULT_OPERATOR_TTL = "3650d"  # an operator's "gone" holds until they DELETE it
+MAX_COMMENT = 500
+REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+           404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
+           413: "Content Too Large", 503: "Service Unavailable"}  # fmt: skip
+
+Reply = tuple[int, dict[str, str], bytes]
 
 
 def verdict_json(entry: Entry) -> dict[str, Any]:
     """The API form of a verdict (DESIGN.md §3)."""
-    v = entry.verdict
-    return {
-        "destination": v.destination,
-        "state": v.state.value,
-        "signal": v.signal,
-        "evidence": v.evidence,
-        "observed_at": v.observed_at,
-        "expires_at": v.expires_at,
-        "suppressed_count": entry.suppressed_count,
-    }
+    record = to_record(entry.verdict)
+    record.pop("addresses")
+    record["suppressed_count"] = entry.suppressed_count
+    return record
 
 
 class OpsServer:
@@ -97,61 +101,94 @@ class OpsServer:
         finally:
             writer.close()
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    async def _respond(self, reader: asyncio.StreamReader) -> Reply:
         try:
             raw = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
             return _json(413, {"error": "request headers too large"})
         if len(raw) > MAX_HEADER_BYTES:
             return _json(413, {"error": "request headers too large"})
-        request_line = raw.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
+        lines = raw.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
         if len(parts) != 3:
-            return _json(400, {"error": f"malformed request line {request_line[:100]!r}"})
+            return _json(400, {"error": f"malformed request line {lines[0][:100]!r}"})
         method, target, _ = parts
+        headers = {}
+        for line in lines[1:]:
+            key, sep, value = line.partition(":")
+            if sep:
+                headers[key.strip().lower()] = value.strip()
+        body = b""
+        if method in ("PUT", "POST", "DELETE"):
+            try:
+                length = int(headers.get("content-length", "0"))
+            except ValueError:
+                return _json(400, {"error": "Content-Length is not a number"})
+            if not 0 <= length <= MAX_BODY_BYTES:
+                return _json(413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"})
+            body = await reader.readexactly(length)
         url = urlsplit(target)
-        if method not in ("GET", "HEAD"):
-            return _json(405, {"error": f"{method} is not supported here"})
-        return self.route(url.path, parse_qs(url.query))
+        return await self.route(method, url.path, parse_qs(url.query), headers, body)
 
-    def route(self, path: str, query: dict[str, list[str]]) -> tuple[int, dict[str, str], bytes]:
+    async def route(self, method: str, path: str, query: dict[str, list[str]],
+                    headers: dict[str, str], body: bytes) -> Reply:  # fmt: skip
+        if path.startswith("/v1/verdicts/"):
+            name = unquote(path.removeprefix("/v1/verdicts/"))
+            if method in ("GET", "HEAD"):
+                return self._show(name)
+            if method in ("PUT", "DELETE"):
+                denied = self._authorize(headers)
+                if denied is not None:
+                    return denied
+                return self._mark(name, body) if method == "PUT" else await self._recheck(name)
+            return _json(405, {"error": f"{method} is not supported on {path}"})
+        if method not in ("GET", "HEAD"):
+            return _json(405, {"error": f"{method} is not supported on {path[:100]}"})
         addon = self._addon
         if path == "/metrics":
-            return (
-                200,
-                {"Content-Type": CONTENT_TYPE_LATEST},
-                generate_latest(addon.metrics.registry),
-            )
+            payload = generate_latest(addon.metrics.registry)
+            return 200, {"Content-Type": CONTENT_TYPE_LATEST}, payload
         if path == "/healthz":
             return _json(200, {"status": "ok", "version": __version__})
         if path == "/readyz":
             return self._readyz()
         if path == "/v1/verdicts":
             return self._list(query)
-        if path.startswith("/v1/verdicts/"):
-            return self._show(unquote(path.removeprefix("/v1/verdicts/")))
-        return _json(
-            404,
-            {
-                "error": f"no such endpoint {path[:100]!r}",
-                "endpoints": ["/metrics", "/healthz", "/readyz", "/v1/verdicts"],
-            },
-        )
+        endpoints = ["/metrics", "/healthz", "/readyz", "/v1/verdicts"]
+        return _json(404, {"error": f"no such endpoint {path[:100]!r}", "endpoints": endpoints})
 
-    def _readyz(self) -> tuple[int, dict[str, str], bytes]:
+    def _authorize(self, headers: dict[str, str]) -> Reply | None:
+        token = self._addon.settings.ops_token if self._addon.settings else None
+        if token is None:
+            return _json(403, {"error": "the ops API is read-only: start the sidecar with "
+                                        "--ops-token-file to allow changes"})  # fmt: skip
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+            status, extra, payload = _json(401, {"error": "missing or wrong bearer token"})
+            return (
+                status,
+                {**extra, "WWW-Authenticate": 'Bearer realm="tombstone-sidecar"'},
+                payload,
+            )
+        return None
+
+    def _readyz(self) -> Reply:
         addon = self._addon
-        settings = addon.settings
+        policy = addon.policy
+        ready = addon.is_running and policy is not None and addon.loaded.is_set()
         detail: dict[str, Any] = {
+            "status": "ready" if ready else "starting",
             "proxy_running": addon.is_running,
-            "enforce": settings.enforce if settings else None,
-            "nameservers": addon.policy.dns.nameservers if addon.policy else [],
-            "verdicts_cached": len(addon.policy.cache) if addon.policy else 0,
+            "enforce": addon.settings.enforce if addon.settings else None,
+            "nameservers": policy.dns.nameservers if policy else [],
+            "verdicts_cached": len(policy.cache) if policy else 0,
         }
-        ready = addon.is_running and addon.policy is not None
-        detail["status"] = "ready" if ready else "starting"
+        if policy is not None:
+            health = policy.store.health()
+            detail["store"] = {"kind": health.store, "up": health.up, "detail": health.detail}
         return _json(200 if ready else 503, detail)
 
-    def _list(self, query: dict[str, list[str]]) -> tuple[int, dict[str, str], bytes]:
+    def _list(self, query: dict[str, list[str]]) -> Reply:
         policy = self._addon.policy
         if policy is None:
             return _json(503, {"error": "not configured yet"})
@@ -162,36 +199,67 @@ class OpsServer:
                 400, {"error": f"state must be one of {', '.join(s.value for s in State)}"}
             )
         try:
-            limit = min(int(query.get("limit", [DEFAULT_PAGE])[0]), MAX_PAGE)
+            limit = max(min(int(query.get("limit", [DEFAULT_PAGE])[0]), MAX_PAGE), 0)
             offset = max(int(query.get("offset", [0])[0]), 0)
         except ValueError:
             return _json(400, {"error": "limit and offset must be whole numbers"})
-        entries = sorted(policy.entries(), key=lambda e: e.verdict.destination)
         chosen = [
-            e
-            for e in entries
+            e for e in policy.entries()
             if (state is None or e.verdict.state == state)
             and (signal is None or e.verdict.signal == signal)
-        ]
-        page = chosen[offset : offset + max(limit, 0)]
-        return _json(
-            200,
-            {"total": len(chosen), "offset": offset, "verdicts": [verdict_json(e) for e in page]},
-        )
+        ]  # fmt: skip
+        chosen.sort(key=lambda e: e.verdict.destination)
+        page = chosen[offset : offset + limit]
+        return _json(200, {"total": len(chosen), "offset": offset, "limit": limit,
+                           "verdicts": [verdict_json(e) for e in page]})  # fmt: skip
 
-    def _show(self, raw_name: str) -> tuple[int, dict[str, str], bytes]:
-        policy = self._addon.policy
-        if policy is None:
-            return _json(503, {"error": "not configured yet"})
+    def _name(self, raw: str) -> str | Reply:
         try:
-            name = normalize_host(raw_name)
+            return normalize_host(raw)
         except InvalidName as e:
             return _json(400, {"error": str(e)})
+
+    def _show(self, raw_name: str) -> Reply:
+        policy = self._addon.policy
+        name = self._name(raw_name)
+        if policy is None or not isinstance(name, str):
+            return name if not isinstance(name, str) else _json(503, {"error": "starting"})
         entry = policy.cached(name)
         if entry is None:
             return _json(404, {"error": f"no verdict for {name}", "destination": name})
         return _json(200, verdict_json(entry))
 
+    def _mark(self, raw_name: str, body: bytes) -> Reply:
+        policy = self._addon.policy
+        name = self._name(raw_name)
+        if policy is None or not isinstance(name, str):
+            return name if not isinstance(name, str) else _json(503, {"error": "starting"})
+        try:
+            request = json.loads(body) if body.strip() else {}
+            if not isinstance(request, dict):
+                raise ValueError("the body must be a JSON object")
+            ttl = parse_duration(str(request.get("ttl", DEFAULT_OPERATOR_TTL)))
+            comment = request.get("comment", "")
+            if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
+                raise ValueError(f"comment must be a string of at most {MAX_COMMENT} characters")
+        except ValueError as e:
+            return _json(400, {"error": f"bad request body: {e}"})
+        entry = policy.mark_gone(name, ttl, comment.strip())
+        log.info("%s marked gone through the ops API", name)
+        return _json(200, verdict_json(entry))
 
-def _json(status: int, payload: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    async def _recheck(self, raw_name: str) -> Reply:
+        policy = self._addon.policy
+        name = self._name(raw_name)
+        if policy is None or not isinstance(name, str):
+            return name if not isinstance(name, str) else _json(503, {"error": "starting"})
+        if policy.is_listed(name):
+            return _json(409, {"error": f"{name} is on --deny/--deny-file; remove it there "
+                                        "(the file is reloaded on change)"})  # fmt: skip
+        entry = await policy.recheck(name)
+        log.info("%s forgotten through the ops API; now %s", name, entry.verdict.state)
+        return _json(200, verdict_json(entry))
+
+
+def _json(status: int, payload: dict[str, Any]) -> Reply:
     return status, {"Content-Type": "application/json"}, json.dumps(payload, indent=1).encode()

@@ -124,6 +124,12 @@ OPTIONS: tuple[Option, ...] = (
         repeatable=True,
     ),
     Option(
+        "allow_file",
+        "",
+        "File of server names never to suppress, one per line, # comments.",
+        "FILE",
+    ),
+    Option(
         "allow_address",
         (),
         "Allow upstream addresses in this otherwise blocked range "
@@ -146,6 +152,27 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "cache_size", "100000", "Most verdicts kept in memory (least recently used go first).", "N"
+    ),
+    Option(
+        "store",
+        "sqlite",
+        "Where verdicts outlive the process: `sqlite` (a file in --state-dir, survives "
+        "restarts), `redis://HOST:PORT/DB` (shared by every sidecar), or `memory`.",
+        "STORE",
+    ),
+    Option(
+        "state_dir",
+        "",
+        "Directory for the state file. Default: $XDG_STATE_HOME/tombstone-sidecar "
+        "(~/.local/state/tombstone-sidecar); mount a volume here in a container.",
+        "DIR",
+    ),
+    Option(
+        "ops_token_file",
+        "",
+        "File holding the bearer token that ops API changes (PUT, DELETE) require; "
+        "without it the API is read-only.",
+        "FILE",
     ),
     Option(
         "log_level", "info", "Sidecar log level: debug, info, warning, error.", "LEVEL", scope="run"
@@ -204,7 +231,7 @@ def parse_name(text: str) -> str:
         raise ValueError(str(e)) from None
 
 
-def parse_int(text: str, low: int, high: int) -> int:
+def parse_int(text: object, low: int, high: int) -> int:
     try:
         value = int(str(text).strip())
     except ValueError:
@@ -248,6 +275,35 @@ def read_name_file(path: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def parse_store(text: str) -> str:
+    value = str(text).strip()
+    if value in ("memory", "sqlite"):
+        return value
+    if value.startswith(("redis://", "rediss://", "unix://")):
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if value.startswith("unix://") or parts.hostname:
+            return value
+    raise ValueError(f"{text!r} is not memory, sqlite or a redis:// URL (redis://host:6379/0)")
+
+
+MIN_TOKEN_LENGTH = 16  # a guessable token protects nothing
+
+
+def read_token_file(path: str) -> str:
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
+        raise ValueError(
+            f"{path} must hold one token of at least {MIN_TOKEN_LENGTH} characters, no spaces "
+            "(e.g. `openssl rand -hex 32`)"
+        )
+    return token
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated options, typed; built only by `from_raw`."""
@@ -266,6 +322,22 @@ class Settings:
     cache_size: int
     log_level: str
     deny_file: str
+    allow_file: str
+    deny_flags: frozenset[str]
+    allow_flags: frozenset[str]
+    store: str
+    state_dir: str
+    ops_token: str | None
+
+    def read_lists(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Deny and allow lists: the flags plus the files as they are now (ValueError if bad)."""
+        deny = set(self.deny_flags)
+        allow = set(self.allow_flags)
+        if self.deny_file:
+            deny.update(read_name_file(self.deny_file))
+        if self.allow_file:
+            allow.update(read_name_file(self.allow_file))
+        return frozenset(deny), frozenset(allow)
 
     @classmethod
     def from_raw(cls, raw: Mapping[str, Any]) -> Settings:
@@ -297,9 +369,16 @@ class Settings:
                 "max_ttl", f"{get('max_ttl')} is shorter than --min-ttl {get('min_ttl')}"
             )
         deny_file = str(get("deny_file") or "")
-        denied = set(each("deny", parse_name))
+        allow_file = str(get("allow_file") or "")
+        deny_flags = frozenset(each("deny", parse_name))
+        allow_flags = frozenset(each("allow", parse_name))
+        denied = set(deny_flags)
+        allowed = set(allow_flags)
         if deny_file:
             denied.update(check("deny_file", read_name_file))
+        if allow_file:
+            allowed.update(check("allow_file", read_name_file))
+        token_file = str(get("ops_token_file") or "")
         level = str(get("log_level")).strip().lower()
         if level not in LOG_LEVELS:
             raise ConfigError("log_level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -312,13 +391,19 @@ class Settings:
             min_ttl=min_ttl,
             max_ttl=max_ttl,
             deny=frozenset(denied),
-            allow=frozenset(each("allow", parse_name)),
+            allow=frozenset(allowed),
             allow_addresses=each("allow_address", parse_network),
             enforce=check("enforce", parse_bool),
             suppress_status=check("suppress_status", lambda v: parse_int(v, 400, 599)),
             cache_size=check("cache_size", lambda v: parse_int(v, 1, 100_000_000)),
             log_level=level,
             deny_file=deny_file,
+            allow_file=allow_file,
+            deny_flags=deny_flags,
+            allow_flags=allow_flags,
+            store=check("store", parse_store),
+            state_dir=str(get("state_dir") or ""),
+            ops_token=check("ops_token_file", read_token_file) if token_file else None,
         )
 
 

@@ -1,9 +1,11 @@
 """The decision: is this destination gone? Operator lists, cached verdicts, then DNS.
 
-`cached()` is the hot path (no I/O, a few dictionary probes); `decide()` adds the DNS
-lookup for a name not seen yet, shared by every concurrent caller (single flight). Expired
-verdicts keep answering while one background re-check runs. Verdict changes are logged
-here, once each, never per request.
+`cached()` is the hot path (no I/O, a few dictionary probes); `decide()` adds the lookup
+for a name not seen yet — the shared store if there is one, then DNS — shared by every
+concurrent caller (single flight). Expired verdicts keep answering while one background
+re-check runs. Every new verdict is handed to the store behind the cache; verdicts from
+the store (at start, or from other sidecars) come in through `accept`. Verdict changes
+are logged here, once each, never per request.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from sidecar import signals
 from sidecar.dns_client import DnsClient
 from sidecar.metrics import Metrics
 from sidecar.signals import DnsReport, Finding, Signal
+from sidecar.store import VerdictStore
 from sidecar.verdicts import Entry, State, Verdict, VerdictCache
 
 log = logging.getLogger("sidecar.policy")
@@ -52,9 +55,11 @@ class Policy:
         cache_size: int,
         deny: frozenset[str] = frozenset(),
         allow: frozenset[str] = frozenset(),
+        store: VerdictStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.dns = dns
+        self.store = store if store is not None else VerdictStore(metrics)
         self.ttl = ttl
         self.cache = VerdictCache(cache_size, clock)
         self._clock = clock
@@ -62,7 +67,8 @@ class Policy:
         self._inflight: dict[str, asyncio.Future[Entry]] = {}
         self._last_dns_warning = -DNS_FAILURE_LOG_INTERVAL
         self.allow = allow
-        self._operator: dict[str, Entry] = {}
+        self._operator: dict[str, Entry] = {}  # the static deny lists (flags, files)
+        self._manual: dict[str, Entry] = {}  # marked gone through the ops API: stored, shared
         self.set_deny(deny)
         metrics.watch_verdicts(self.counts)
 
@@ -86,20 +92,28 @@ class Policy:
 
     def counts(self) -> list[tuple[tuple[str, str], int]]:
         tally = dict(self.cache.counts())
-        if self._operator:
+        operator = len(self._operator) + len(self._manual)
+        if operator:
             key = (State.GONE.value, Signal.OPERATOR.value)
-            tally[key] = tally.get(key, 0) + len(self._operator)
+            tally[key] = tally.get(key, 0) + operator
         return sorted(tally.items())
 
     def entries(self) -> list[Entry]:
-        """Every current verdict: operator deny list first, then the cache."""
-        return [*self._operator.values(), *self.cache]
+        """Every current verdict: operator lists first, then the cache."""
+        return [*self._operator.values(), *self._manual.values(), *self.cache]
+
+    def is_listed(self, name: str) -> bool:
+        """True when `name` is on a static deny list (only a config change lifts it)."""
+        return name in self._operator
 
     def cached(self, name: str) -> Entry | None:
         """The verdict if one is known now (no I/O); starts a re-check if it has expired."""
-        operator = self._operator.get(name)
-        if operator is not None and name not in self.allow:
-            return operator
+        if name not in self.allow:
+            operator = self._operator.get(name) or self._manual.get(name)
+            if operator is not None:
+                if operator.verdict.expires_at > self._clock():
+                    return operator
+                self._manual.pop(name, None)
         entry = self.cache.get(name)
         if entry is None:
             return None
@@ -120,8 +134,54 @@ class Policy:
             return entry
         return await asyncio.shield(self._lookup(name))
 
+    async def recheck(self, name: str) -> Entry:
+        """Forget what is known about `name` (here and in the store) and judge it afresh."""
+        self.forget(name)
+        self.store.forget(name)
+        return await self.decide(name)
+
     def forget(self, name: str) -> None:
         self.cache.forget(name)
+        self._manual.pop(name, None)
+
+    def mark_gone(self, name: str, ttl: float, comment: str) -> Entry:
+        """An operator's verdict through the ops API: stored and shared like any other."""
+        now = self._clock()
+        evidence = comment or "marked gone by an operator"
+        verdict = Verdict(name, State.GONE, Signal.OPERATOR, evidence, now, now + ttl)
+        previous = self._manual.get(name) or self.cache.get(name)
+        entry = self._manual[name] = Entry(verdict, previous.suppressed_count if previous else 0)
+        self.cache.forget(name)
+        self.store.save(verdict)
+        self._changed(previous.verdict if previous else None, verdict)
+        return entry
+
+    def accept(self, verdict: Verdict, quiet: bool = False) -> None:
+        """A verdict from the store (`quiet` at start: one summary line, not one per name)
+        or from another sidecar; never saved back."""
+        if (
+            verdict.expires_at + self.cache.grace <= self._clock()
+            or verdict.state is State.UNDECIDED
+        ):
+            return
+        name = verdict.destination
+        current = self._manual.get(name) or self.cache.get(name)
+        if current is not None and current.verdict.observed_at > verdict.observed_at:
+            return  # ours is newer
+        if verdict.signal == Signal.OPERATOR:
+            self.cache.forget(name)
+            self._manual[name] = Entry(verdict, current.suppressed_count if current else 0)
+        else:
+            self._manual.pop(name, None)
+            self.cache.put(verdict)
+        if not quiet:
+            self._changed(current.verdict if current else None, verdict)
+
+    def accept_forget(self, name: str) -> None:
+        """Another sidecar forgot `name` (an operator asked for a re-check)."""
+        if name in self._manual or name in self.cache:
+            self.forget(name)
+            log.info("%s forgotten by another sidecar; it will be checked again", name)
 
     def _lookup(self, name: str) -> asyncio.Future[Entry]:
         future = self._inflight.get(name)
@@ -132,6 +192,12 @@ class Policy:
         return future
 
     async def _evaluate(self, name: str) -> Entry:
+        shared = await self.store.fetch(name)
+        if shared is not None and shared.expires_at > self._clock():
+            self.accept(shared)
+            entry = self.cache.get(name) or self._manual.get(name)
+            if entry is not None:
+                return entry
         try:
             report = await signals.evaluate(self.dns, name)
             verdict = self.judge(report)
@@ -189,6 +255,8 @@ class Policy:
             return previous
         entry = self.cache.put(verdict)
         old = previous.verdict if previous is not None else None
+        if verdict.state is not State.UNDECIDED:
+            self.store.save(verdict)
         self._changed(old, verdict)
         return entry
 

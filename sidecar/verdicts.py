@@ -9,11 +9,13 @@ and live traffic never waits for DNS on a refresh.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from cachetools import TLRUCache
 
@@ -61,6 +63,48 @@ class Verdict:
         )
 
 
+def to_record(verdict: Verdict) -> dict[str, Any]:
+    """The JSON-ready form shared by the state file, Redis and the ops API."""
+    return {
+        "destination": verdict.destination,
+        "state": verdict.state.value,
+        "signal": verdict.signal,
+        "evidence": verdict.evidence,
+        "observed_at": verdict.observed_at,
+        "expires_at": verdict.expires_at,
+        "addresses": list(verdict.addresses),
+    }
+
+
+def from_record(record: Any) -> Verdict:
+    """Rebuild a verdict from `to_record` output; ValueError says what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected an object, got {type(record).__name__}")
+    try:
+        destination = record["destination"]
+        state = State(record["state"])
+        signal = record.get("signal")
+        evidence = record.get("evidence", "")
+        observed_at = float(record["observed_at"])
+        expires_at = float(record["expires_at"])
+        addresses = tuple(str(a) for a in record.get("addresses") or ())
+    except KeyError as e:
+        raise ValueError(f"missing field {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad field value: {e}") from None
+    if not isinstance(destination, str) or not destination:
+        raise ValueError("destination must be a non-empty string")
+    if signal is not None and not isinstance(signal, str):
+        raise ValueError("signal must be a string or null")
+    if not isinstance(evidence, str):
+        raise ValueError("evidence must be a string")
+    if state is State.UNDECIDED or (state in SUPPRESSING) != (signal is not None):
+        raise ValueError(f"state {state} does not go with signal {signal!r}")
+    if not math.isfinite(observed_at) or not math.isfinite(expires_at) or expires_at < observed_at:
+        raise ValueError("observed_at/expires_at must be finite and in order")
+    return Verdict(destination, state, signal, evidence, observed_at, expires_at, addresses)
+
+
 @dataclass(slots=True)
 class Entry:
     """A cached verdict plus the bookkeeping that changes on the hot path."""
@@ -80,13 +124,13 @@ class VerdictCache:
         stale_grace: float = STALE_GRACE_SECONDS,
     ) -> None:
         self._clock = clock
-        self._grace = stale_grace
+        self.grace = stale_grace
         self._entries: TLRUCache[str, Entry] = TLRUCache(
             maxsize=maxsize, ttu=self._drop_at, timer=clock
         )
 
     def _drop_at(self, _key: str, entry: Entry, _now: float) -> float:
-        grace = self._grace if entry.verdict.state is not State.UNDECIDED else 0.0
+        grace = self.grace if entry.verdict.state is not State.UNDECIDED else 0.0
         return entry.verdict.expires_at + grace
 
     def get(self, name: str) -> Entry | None:
@@ -101,6 +145,9 @@ class VerdictCache:
 
     def forget(self, name: str) -> Entry | None:
         return self._entries.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -7,6 +7,7 @@ import shutil
 import socket
 import ssl
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -72,6 +73,10 @@ class Sidecar:
     ) -> None:
         self.proxy_port = free_port()
         self.ops_port = free_port()
+        # Every sidecar gets its own state directory unless the test names one: a shared
+        # default would carry verdicts from one test (or run) into the next.
+        self.state_dir = Path(tempfile.mkdtemp(prefix="sidecar-state-", dir=log_dir))
+        state = [] if "--state-dir" in args else ["--state-dir", str(self.state_dir)]
         argv = [
             *sidecar_command(),
             "run",
@@ -85,10 +90,26 @@ class Sidecar:
             "2s",
             "--log-level",
             "debug",
+            *state,
             *args,
         ]
-        log_path = (log_dir / f"sidecar-{self.proxy_port}.log") if log_dir else None
-        self.process = ManagedProcess(argv, env=env, log_path=log_path)
+        self._log_dir = log_dir
+        self._env = env
+        self.argv = argv
+        self.restarts = 0
+        self.process = ManagedProcess(argv, env=env, log_path=self._log_path())
+
+    def _log_path(self) -> Path | None:
+        if self._log_dir is None:
+            return None
+        return self._log_dir / f"sidecar-{self.proxy_port}-{self.restarts}.log"
+
+    def restart(self) -> Sidecar:
+        """Stop the process and start a new one with the same arguments, ports and state."""
+        self.stop()
+        self.restarts += 1
+        self.process = ManagedProcess(self.argv, env=self._env, log_path=self._log_path())
+        return self.start()
 
     def start(self) -> Sidecar:
         self.process.start()

@@ -255,6 +255,12 @@ def test_settings_defaults() -> None:
         cache_size=100_000,
         log_level="info",
         deny_file="",
+        allow_file="",
+        deny_flags=frozenset(),
+        allow_flags=frozenset(),
+        store="sqlite",
+        state_dir="",
+        ops_token=None,
     )
 
 

@@ -1,0 +1,200 @@
+"""Verdicts that survive a restart: a SQLite file in `--state-dir`, written behind the cache.
+
+A pod restart must not send a burst of traffic to dead servers, so verdicts are loaded
+before the proxy serves. Writes never touch the request path: `save` puts the verdict in
+a dict (later saves of one name coalesce) and a writer task flushes batches through one
+worker thread, the only thread that touches the connection. A corrupt file is moved
+aside and the sidecar starts empty; a full or read-only disk leaves it serving from
+memory, retrying, with `tombstone_store_up{store="sqlite"}` at 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from sidecar.metrics import Metrics
+from sidecar.store import RemoteForget, RemoteVerdict, VerdictStore
+from sidecar.verdicts import STALE_GRACE_SECONDS, Verdict, from_record, to_record
+
+log = logging.getLogger("sidecar.store")
+
+FILE_NAME = "verdicts.sqlite3"
+FLUSH_DELAY_SECONDS = 0.2  # gather saves this long into one transaction
+RETRY_SECONDS = 5.0  # after a failed write (disk full, read-only), try again this often
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    destination TEXT PRIMARY KEY,
+    record TEXT NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS verdicts_expiry ON verdicts (expires_at);
+"""
+
+
+class SqliteStore(VerdictStore):
+    kind = "sqlite"
+
+    def __init__(self, state_dir: Path, metrics: Metrics) -> None:
+        super().__init__(metrics)
+        self.path = state_dir / FILE_NAME
+        self._db: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-store")
+        self._pending: dict[str, Verdict | None] = {}  # None = delete
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self.detail = f"verdicts in {self.path}"
+
+    async def start(self, on_remote: RemoteVerdict, on_forget: RemoteForget) -> list[Verdict]:
+        loop = asyncio.get_running_loop()
+        verdicts = await loop.run_in_executor(self._thread, self._open_and_load)
+        self._writer = asyncio.create_task(self._write_behind())
+        return verdicts
+
+    def save(self, verdict: Verdict) -> None:
+        self._pending[verdict.destination] = verdict
+        self._wake.set()
+
+    def forget(self, name: str) -> None:
+        self._pending[name] = None
+        self._wake.set()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        loop = asyncio.get_running_loop()
+        if self._pending:
+            await loop.run_in_executor(self._thread, self._write, self._take())
+        await loop.run_in_executor(self._thread, self._close)
+        self._thread.shutdown(wait=True)
+
+    # -- the writer task ------------------------------------------------------------------
+
+    async def _write_behind(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(FLUSH_DELAY_SECONDS)
+            self._wake.clear()
+            batch = self._take()
+            if not await loop.run_in_executor(self._thread, self._write, batch):
+                for name, verdict in batch.items():  # keep for a retry, newer saves win
+                    self._pending.setdefault(name, verdict)
+                await asyncio.sleep(RETRY_SECONDS)
+                self._wake.set()
+
+    def _take(self) -> dict[str, Verdict | None]:
+        batch, self._pending = self._pending, {}
+        return batch
+
+    # -- everything below runs on the store's one worker thread ---------------------------
+
+    def _open_and_load(self) -> list[Verdict]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._db = self._connect()
+        except sqlite3.OperationalError as e:  # permissions, read-only, disk full, locked
+            return self._unavailable("open", e)
+        except sqlite3.DatabaseError as e:  # not a database, malformed image, failed check
+            self._move_aside(e)
+            try:
+                self._db = self._connect()
+            except (sqlite3.Error, OSError) as again:
+                return self._unavailable("open", again)
+        except OSError as e:
+            return self._unavailable("open", e)
+        return self._load()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            (check,) = db.execute("PRAGMA quick_check").fetchone()
+            if check != "ok":
+                raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+            db.executescript(SCHEMA)
+        except sqlite3.Error:
+            db.close()
+            raise
+        return db
+
+    def _move_aside(self, error: Exception) -> None:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                source.replace(Path(f"{self.path}.corrupt-{stamp}{suffix}"))
+        self.metrics.store_errors.labels(self.kind, "corrupt").inc()
+        log.error("state file %s is unreadable (%s); moved it to %s.corrupt-%s and starting "
+                  "with no stored verdicts", self.path, error, self.path, stamp)  # fmt: skip
+
+    def _unavailable(self, op: str, error: Exception) -> list[Verdict]:
+        self.metrics.store_errors.labels(self.kind, op).inc()
+        self.mark(False, f"cannot use {self.path}: {error}; serving from memory only")
+        return []
+
+    def _load(self) -> list[Verdict]:
+        assert self._db is not None
+        now = time.time()
+        try:
+            self._db.execute(
+                "DELETE FROM verdicts WHERE expires_at < ?", (now - STALE_GRACE_SECONDS,)
+            )
+            rows = self._db.execute("SELECT destination, record FROM verdicts").fetchall()
+        except sqlite3.Error as e:
+            return self._unavailable("load", e)
+        verdicts, bad = [], 0
+        for destination, record in rows:
+            try:
+                verdicts.append(from_record(json.loads(record)))
+            except (ValueError, TypeError) as e:
+                bad += 1
+                if bad == 1:
+                    log.warning("skipping unreadable stored verdict for %r: %s", destination, e)
+        if bad:
+            self.metrics.store_errors.labels(self.kind, "load").inc(bad)
+            log.warning("skipped %d unreadable stored verdict(s) in %s", bad, self.path)
+        log.info("loaded %d verdict(s) from %s", len(verdicts), self.path)
+        return verdicts
+
+    def _write(self, batch: dict[str, Verdict | None]) -> bool:
+        if self._db is None:
+            try:
+                self._db = self._connect()
+            except (sqlite3.Error, OSError) as e:
+                self.metrics.store_errors.labels(self.kind, "write").inc()
+                self.mark(False, f"cannot open {self.path}: {e}; serving from memory only")
+                return False
+        upserts = [
+            (n, json.dumps(to_record(v)), v.expires_at) for n, v in batch.items() if v is not None
+        ]
+        deletes = [(n,) for n, v in batch.items() if v is None]
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany(
+                    "INSERT INTO verdicts (destination, record, expires_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (destination) DO UPDATE SET record = excluded.record, "
+                    "expires_at = excluded.expires_at",
+                    upserts,
+                )
+                self._db.executemany("DELETE FROM verdicts WHERE destination = ?", deletes)
+        except sqlite3.Error as e:
+            self.metrics.store_errors.labels(self.kind, "write").inc()
+            self.mark(False, f"cannot write {self.path}: {e}; serving from memory, retrying")
+            return False
+        if not self.up:
+            self.mark(True, f"verdicts in {self.path}")
+        return True
+
+    def _close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None

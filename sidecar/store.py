@@ -1,0 +1,94 @@
+"""Where verdicts live beyond memory: the contract every store keeps, and how one is chosen.
+
+The in-memory cache stays the only thing the request path reads. A store is written
+behind it (`save`/`forget` only enqueue) and read at start (`load`), and a shared store
+also answers `fetch` for a name this sidecar has not judged yet and pushes other
+sidecars' verdicts in through `on_remote`. Every store fails open: when it breaks, the
+sidecar keeps serving from memory and says so in `health()` and in metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar.metrics import Metrics
+from sidecar.verdicts import Verdict
+
+log = logging.getLogger("sidecar.store")
+
+RemoteVerdict = Callable[[Verdict], None]
+RemoteForget = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """What `/readyz` and `tombstone_store_up` report about a store."""
+
+    store: str
+    up: bool
+    detail: str
+
+
+class VerdictStore:
+    """Memory only: the base every store extends, and the store for `--store memory`."""
+
+    kind = "memory"
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._up = metrics.store_up.labels(self.kind)
+        self._up.set(1)
+        self.up = True
+        self.detail = "verdicts are kept in memory only"
+
+    async def start(self, on_remote: RemoteVerdict, on_forget: RemoteForget) -> list[Verdict]:
+        """Open the store; return the verdicts it still holds (expired ones dropped)."""
+        return []
+
+    def save(self, verdict: Verdict) -> None:
+        """Persist or share `verdict` eventually; never blocks, never raises."""
+
+    def forget(self, name: str) -> None:
+        """Remove `name` eventually; never blocks, never raises."""
+
+    async def fetch(self, name: str) -> Verdict | None:
+        """A verdict another sidecar learned, if the store is shared and answers in time."""
+        return None
+
+    async def close(self) -> None:
+        """Write what is pending and let go of the store."""
+
+    def health(self) -> StoreHealth:
+        return StoreHealth(self.kind, self.up, self.detail)
+
+    def mark(self, up: bool, detail: str) -> None:
+        """Record a change of health: one log line per change, the gauge always."""
+        was, self.up, self.detail = self.up, up, detail
+        self._up.set(1 if up else 0)
+        if up != was:
+            (log.info if up else log.error)(
+                "%s store %s: %s", self.kind, "up" if up else "DOWN", detail
+            )
+
+
+def default_state_dir() -> str:
+    """$XDG_STATE_HOME/tombstone-sidecar, as the XDG base directory spec places state."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "tombstone-sidecar")
+
+
+def open_store(spec: str, state_dir: str, metrics: Metrics) -> VerdictStore:
+    """`memory`, `sqlite` (a file in `state_dir`) or `redis://host:port/db`."""
+    if spec == "memory":
+        return VerdictStore(metrics)
+    if spec == "sqlite":
+        from sidecar.sqlite_store import SqliteStore
+
+        return SqliteStore(Path(state_dir or default_state_dir()), metrics)
+    from sidecar.redis_store import RedisStore
+
+    return RedisStore(spec, metrics)
