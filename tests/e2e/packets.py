@@ -1,0 +1,84 @@
+"""Count TCP connection attempts (SYNs) on the world's loopback, per destination.
+
+A remote that refuses connections (nothing listening: the kernel answers RST) cannot
+count what it receives, and a blackhole's accept counter misses SYNs that never complete.
+Inside the world's private network namespace every packet on `lo` is the world's own, so
+a raw AF_PACKET socket sees every connection attempt to every fake remote, exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import struct
+import threading
+from collections import Counter
+
+ETH_P_ALL = 0x0003
+ETH_P_IP = 0x0800
+PACKET_OUTGOING = 4
+TCP_SYN = 0x02
+TCP_ACK = 0x10
+
+
+class SynCounter:
+    """SYNs (without ACK) seen on `lo`, keyed by (destination IP, destination port)."""
+
+    def __init__(self, interface: str = "lo") -> None:
+        self.interface = interface
+        self._counts: Counter[tuple[str, int]] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> SynCounter:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        sock.bind((self.interface, 0))
+        self._sock = sock
+        self._thread = threading.Thread(target=self._loop, name="syn-counter", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._sock is not None:
+            self._sock.close()
+
+    def _loop(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._sock], [], [], 0.2)
+            if not ready:
+                continue
+            with contextlib.suppress(OSError):
+                frame, address = self._sock.recvfrom(65535)
+                if address[2] == PACKET_OUTGOING:  # loopback shows each packet twice
+                    continue
+                self._parse(frame)
+
+    def _parse(self, frame: bytes) -> None:
+        if len(frame) < 14 + 20 or struct.unpack_from("!H", frame, 12)[0] != ETH_P_IP:
+            return
+        ip = frame[14:]
+        header_len = (ip[0] & 0x0F) * 4
+        if ip[9] != socket.IPPROTO_TCP or len(ip) < header_len + 14:
+            return
+        tcp = ip[header_len:]
+        flags = tcp[13]
+        if flags & TCP_SYN and not flags & TCP_ACK:
+            destination = (socket.inet_ntoa(ip[16:20]), struct.unpack_from("!H", tcp, 2)[0])
+            with self._lock:
+                self._counts[destination] += 1
+
+    def count(self, ip: str, port: int | None = None) -> int:
+        """Connection attempts to `ip` (on `port`, or any port)."""
+        with self._lock:
+            return sum(n for (i, p), n in self._counts.items() if i == ip and port in (None, p))
+
+    def snapshot(self) -> dict[tuple[str, int], int]:
+        with self._lock:
+            return dict(self._counts)
