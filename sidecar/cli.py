@@ -134,9 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=VERDICTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for name in VERDICTS_OPTIONS:
-        _add_option(verdicts, BY_NAME[name])
-    verdicts_cli.add_commands(verdicts)
+    def add_verdicts_options(action: argparse.ArgumentParser) -> None:
+        for name in VERDICTS_OPTIONS:
+            _add_option(action, BY_NAME[name])
+
+    verdicts_cli.add_commands(verdicts, add_verdicts_options)
     run.set_defaults(func=_cmd_run)
     check.set_defaults(func=_cmd_check)
     verdicts.set_defaults(func=_cmd_verdicts)

@@ -132,8 +132,8 @@ class SqliteStore(VerdictStore):
             if source.exists():
                 source.replace(Path(f"{self.path}.corrupt-{stamp}{suffix}"))
         self.metrics.store_errors.labels(self.kind, "corrupt").inc()
-        log.error("state file %s is unreadable (%s); moved it to %s.corrupt-%s and starting "
-                  "with no stored verdicts", self.path, error, self.path, stamp)  # fmt: skip
+        log.warning("state file %s is unreadable (%s); moved it to %s.corrupt-%s and starting "
+                    "with no stored verdicts", self.path, error, self.path, stamp)  # fmt: skip
 
     def _unavailable(self, op: str, error: Exception) -> list[Verdict]:
         self.metrics.store_errors.labels(self.kind, op).inc()

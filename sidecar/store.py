@@ -70,7 +70,9 @@ class VerdictStore:
         was, self.up, self.detail = self.up, up, detail
         self._up.set(1 if up else 0)
         if up != was:
-            (log.info if up else log.error)(
+            # WARNING, not ERROR: the sidecar keeps serving (and mitmproxy exits on an ERROR
+            # logged during startup).
+            (log.info if up else log.warning)(
                 "%s store %s: %s", self.kind, "up" if up else "DOWN", detail
             )
 

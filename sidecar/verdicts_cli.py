@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from sidecar.options import Settings
@@ -29,8 +30,10 @@ class ApiError(Exception):
         self.status = status
 
 
-def add_commands(verdicts: argparse.ArgumentParser) -> None:
-    """Add list/show/forget/deny below `verdicts`."""
+def add_commands(
+    verdicts: argparse.ArgumentParser, add_options: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """Add list/show/forget/deny below `verdicts`; `add_options` adds the shared options."""
     commands = verdicts.add_subparsers(dest="verdicts_command", required=True, metavar="ACTION")
     listing = commands.add_parser("list", help="list cached verdicts")
     listing.add_argument("--state", choices=["gone", "unreachable", "alive", "undecided"])
@@ -46,6 +49,7 @@ def add_commands(verdicts: argparse.ArgumentParser) -> None:
         parser.add_argument("name", metavar="NAME", help="server name")
     for parser in (listing, show, forget, deny):
         parser.add_argument("--json", action="store_true", help="print JSON")
+        add_options(parser)
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
