@@ -321,6 +321,14 @@ class FakeHomeserver:
     def _host(self, room: Room) -> None:
         self.rooms[room.room_id] = room
 
+    def add_shared_room(self, localpart: str) -> str:
+        """Another room like `#shared:<notary>` (fresh, for one experiment); its alias."""
+        members = tuple(self.foreign_keys.values())
+        room = Room.create(self.notary, self.keys[self.notary], localpart, members)
+        with self._lock:
+            self._host(room)
+        return room.alias
+
     def room_by_alias(self, alias: str) -> Room | None:
         return next((r for r in self.rooms.values() if r.alias == alias), None)
 

@@ -29,6 +29,7 @@ import ctypes.util
 import fcntl
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -82,13 +83,47 @@ def isolate_files(etc_dir: Path) -> None:
 
 
 def hold(etc_dir: Path) -> int:
-    """Holder process body (already unshared): set up, say ready, wait for stdin EOF."""
+    """Holder process body (already unshared): set up, say ready, wait for stdin EOF.
+
+    EOF means the test process stopped the world or died. Either way nothing of the world
+    may outlive it: every other process still in this network namespace is ended.
+    """
     isolate_files(etc_dir)
     bring_up_loopback()
     print("ready", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        sys.stdin.buffer.read()  # EOF: the parent is gone or stopped us
+        sys.stdin.buffer.read()
+    reap_namespace()
     return 0
+
+
+def _members() -> list[int]:
+    """PIDs of the other processes in this network namespace (not us, not our parent)."""
+    own = os.readlink("/proc/self/ns/net")
+    skip = {os.getpid(), os.getppid()}
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{entry}/ns/net") == own:
+                found.append(int(entry))
+    return found
+
+
+def reap_namespace(grace: float = 5.0) -> list[int]:
+    """SIGTERM every process left in the world, SIGKILL what survives `grace` seconds."""
+    left = _members()
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _members() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in _members():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return left
 
 
 def check_prerequisites() -> None:

@@ -35,6 +35,7 @@ def test_actions_on_a_live_server_pass_through(
     record: Callable[[str, str], None],
 ) -> None:
     assert world.sidecar is not None
+    dead_before = world.dead_connections()
     before = suppressed(world.sidecar)
     forwarded_before = world.sidecar.metric("tombstone_forwarded_total", stage="connect")
     seen_before = {u.port: len(u.requests) for u in world.live_upstreams}
@@ -72,4 +73,4 @@ def test_actions_on_a_live_server_pass_through(
     forwarded = world.sidecar.metric("tombstone_forwarded_total", stage="connect")
     assert forwarded > forwarded_before
     assert verdict(world.sidecar, live.name).get("state") == "alive"
-    assert world.dead_connections() == dict.fromkeys(world.dead_connections(), 0)
+    assert world.new_dead_connections(dead_before) == {}

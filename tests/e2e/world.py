@@ -46,7 +46,13 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.federation import KEY_ID, FakeHomeserver
-from tests.e2e.netns import NamespaceError, bring_up_loopback, check_prerequisites, isolate_files
+from tests.e2e.netns import (
+    NamespaceError,
+    bring_up_loopback,
+    check_prerequisites,
+    isolate_files,
+    reap_namespace,
+)
 from tests.e2e.packets import SynCounter
 from tests.e2e.synapse import Account, Synapse, find_venv
 from tests.integration.harness import Sidecar
@@ -295,6 +301,11 @@ class World:
             "blackhole accepts": sum(b.connections for b in self.blackholes),
         }
 
+    def new_dead_connections(self, before: dict[str, int]) -> dict[str, int]:
+        """What reached the dead remotes since `before` (a `dead_connections()`); {} if none."""
+        now = self.dead_connections()
+        return {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}
+
     def live_requests(self) -> list[tuple[int, str, str]]:
         """(port, Host, request line) of every request the live remote received."""
         return [
@@ -351,7 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         env = {**os.environ, INSIDE_ENV: "1"}
         argv_inside = ["unshare", "--net", "--mount", sys.executable, "-m", "tests.e2e.world"]
-        return subprocess.call([*argv_inside, "--", *extra], env=env, cwd=ROOT)
+        inner = subprocess.Popen([*argv_inside, "--", *extra], env=env, cwd=ROOT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the world; it stops itself
+        return inner.wait()
     directory = Path(tempfile.mkdtemp(prefix="tombstone-world-"))
     etc = directory / "etc"
     etc.mkdir()
@@ -376,6 +389,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         print("world: stopping", file=sys.stderr)
         world.stop()
+        reap_namespace()  # anything a piece left behind
         if os.environ.get("TOMBSTONE_WORLD_KEEP") != "1":
             shutil.rmtree(directory, ignore_errors=True)
     return 0
