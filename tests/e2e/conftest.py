@@ -48,31 +48,29 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         check_prerequisites()
         venv = find_venv(ROOT)
     except (NamespaceError, FileNotFoundError) as e:
-        pytest.fail(f"cannot start the e2e world: {e}", pytrace=False)
+        problem = str(e)
+    else:
+        problem = ""
+    if problem:
+        pytest.fail(f"cannot start the e2e world: {problem}", pytrace=False)
     directory = tmp_path_factory.mktemp("world")
     namespace = Namespace(directory)
     extra = shlex.split(os.environ.get(SIDECAR_ARGS_ENV, ""))
-    built: World | None = None
+    built = World(directory, command_prefix=[], sidecar_args=extra, synapse_venv=venv)
     try:
-        namespace.start(HOSTS)
-        namespace.enter_net()
-        built = World(
-            directory,
-            command_prefix=namespace.command([]),
-            sidecar_args=extra,
-            synapse_venv=venv,
-        )
         try:
+            namespace.start(HOSTS)
+            namespace.enter_net()
+            built.command_prefix = namespace.command([])
             built.start()
-        except Exception as e:
+        except Exception as e:  # report with every log, after cleaning up (finally)
             logs = "\n\n".join(f"--- {k} ---\n{v[-LOG_LIMIT:]}" for k, v in built.logs().items())
-            pytest.fail(f"the e2e world did not start: {e}\n{logs}", pytrace=False)
+            problem = f"the e2e world did not start: {e}\n{logs}"
+        if problem:
+            pytest.fail(problem, pytrace=False)
         yield built
-    except NamespaceError as e:
-        pytest.fail(f"cannot start the e2e world: {e}", pytrace=False)
     finally:
-        if built is not None:
-            built.stop()
+        built.stop()
         namespace.stop()
 
 
