@@ -28,12 +28,14 @@ from mitmproxy.proxy import server_hooks
 
 from sidecar import answers
 from sidecar.addresses import AddressPolicy
+from sidecar.breaker import Breaker, BreakerSettings, Gate
 from sidecar.dns_client import DnsClient
 from sidecar.metrics import Metrics
 from sidecar.names import InvalidName, normalize_host
 from sidecar.ops_server import OpsServer
 from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
 from sidecar.policy import Policy, TtlBounds
+from sidecar.proxy_auth import ProxyAuth
 from sidecar.store import open_store
 from sidecar.verdicts import Entry, State, Verdict
 
@@ -50,6 +52,20 @@ class Tunnel:
     port: int
     address: str | None = None  # the checked address to dial (DNS-rebinding safe)
     doomed: Verdict | None = None  # set when the SNI names a gone server: never dial
+
+    @property
+    def key(self) -> str:
+        """The unreachable breaker's key: `host:port` as the client asked for it."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(slots=True)
+class Dial:
+    """One upstream connection attempt: what it counts for, and its deadline."""
+
+    key: str
+    timer: asyncio.TimerHandle | None = None
+    timed_out: bool = False
 
 
 def _mitm_type(option: Option) -> type:
@@ -69,6 +85,12 @@ class TombstoneAddon:
         self.policy: Policy | None = None
         self.addresses = AddressPolicy.default()
         self.tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
+        self.dials: MutableMapping[connection.Server, Dial] = weakref.WeakKeyDictionary()
+        self.breaker: Breaker | None = None
+        self.auth: ProxyAuth | None = None
+        self.active_clients = 0
+        self.idle = asyncio.Event()  # set whenever the last client connection closes
+        self.draining = False
         self.ops: OpsServer | None = None
         self.is_running = False
         self.fatal: str | None = None  # why the sidecar had to stop, for the CLI's exit message
@@ -97,7 +119,8 @@ class TombstoneAddon:
         """Build or rebuild the decision machinery; the verdict cache survives list changes."""
         previous = self.settings
         try:
-            dns = DnsClient(settings.nameservers, settings.dns_timeout, self.metrics)
+            dns = DnsClient(settings.nameservers, settings.dns_timeout, self.metrics,
+                            settings.require_dnssec)  # fmt: skip
         except ValueError as e:
             raise exceptions.OptionsError(f"tombstone_nameserver: {e}") from None
         ttl = TtlBounds(settings.min_ttl, settings.max_ttl)
@@ -115,6 +138,14 @@ class TombstoneAddon:
             self.policy.dns, self.policy.ttl, self.policy.allow = dns, ttl, settings.allow
             self.policy.set_deny(settings.deny)
         self.addresses = AddressPolicy.default(settings.allow_addresses)
+        breaker = BreakerSettings(settings.breaker_failures, settings.breaker_min,
+                                  settings.breaker_max, settings.breaker_max_share)  # fmt: skip
+        if self.breaker is None:
+            self.breaker = Breaker(breaker, self.metrics)
+        else:
+            self.breaker.settings = breaker
+        self.auth = ProxyAuth(settings.proxy_users) if settings.proxy_users else None
+        self.metrics.watch_verdicts(self._verdict_counts)
         self.settings = settings
         if not settings.enforce and (previous is None or previous.enforce):
             log.warning("shadow mode (--no-enforce): verdicts are counted, nothing is suppressed")
@@ -187,9 +218,18 @@ class TombstoneAddon:
 
     # -- decision points -----------------------------------------------------------------
 
+    def client_connected(self, client: connection.Client) -> None:
+        self.active_clients += 1
+        self.idle.clear()
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.active_clients -= 1
+        if self.active_clients <= 0:
+            self.idle.set()
+
     async def http_connect(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:
-            return  # already answered by another addon (proxy auth, ...)
+        if flow.response is not None or not self._authorized(flow):
+            return  # already answered (by another addon, or 407 here)
         started = time.perf_counter()
         try:
             host = normalize_host(flow.request.host)
@@ -205,8 +245,13 @@ class TombstoneAddon:
                 flow.response = answers.suppressed(entry.verdict, self._settings.suppress_status)
                 return
             flow.response = self._pin_address(tunnel, entry.verdict)
-            if flow.response is None:
-                self._forward(entry, "connect")
+            if flow.response is not None:
+                return
+            broken = self._breaker_verdict(tunnel.key)
+            if broken is not None and self._suppress(Entry(broken), "connect"):
+                flow.response = answers.suppressed(broken, self._settings.suppress_status)
+                return
+            self._forward(entry, "connect")
         finally:
             self.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
 
@@ -238,6 +283,8 @@ class TombstoneAddon:
         """Plain-HTTP proxy requests (`GET http://...`): the same judgement by Host."""
         if flow.response is not None or flow.request.method == "CONNECT":
             return
+        if flow.client_conn not in self.tunnels and not self._authorized(flow):
+            return
         started = time.perf_counter()
         try:
             host = normalize_host(flow.request.host)
@@ -268,15 +315,62 @@ class TombstoneAddon:
             return
         if tunnel is not None and tunnel.address and (host, port) == (tunnel.host, tunnel.port):
             data.server.address = (tunnel.address, port)
-            return
-        entry = await self._decide(host)
-        address, refused = self.addresses.choose(entry.verdict.addresses)
-        if address is None:
-            if refused:
-                self.metrics.blocked_address.inc()
-            data.server.error = self._no_address_reason(host, entry.verdict, refused)
-            return
-        data.server.address = (address, port)
+        else:
+            entry = await self._decide(host)
+            address, refused = self.addresses.choose(entry.verdict.addresses)
+            if address is None:
+                if refused:
+                    self.metrics.blocked_address.inc()
+                data.server.error = self._no_address_reason(host, entry.verdict, refused)
+                return
+            data.server.address = (address, port)
+        self._start_dial(data.server, f"{host}:{port}")
+
+    def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
+        dial = self.dials.pop(data.server, None)
+        if dial is not None:
+            if dial.timer is not None:
+                dial.timer.cancel()
+            assert self.breaker is not None
+            self.breaker.success(dial.key)
+
+    def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
+        dial = self.dials.pop(data.server, None)
+        if dial is None:
+            return  # refused by us before dialling: not the upstream's failure
+        if dial.timer is not None:
+            dial.timer.cancel()
+        if dial.timed_out:
+            kind, error = "timeout", f"no connection within {self._settings.connect_timeout:g}s"
+            data.server.error = (
+                f"connect to {dial.key} timed out after {self._settings.connect_timeout:g}s"
+            )
+        else:
+            error = str(data.server.error or "unknown error")
+            kind = _error_kind(error)
+        self.metrics.upstream_errors.labels(kind).inc()
+        assert self.breaker is not None
+        self.breaker.failure(dial.key, error)
+
+    def _start_dial(self, server: connection.Server, key: str) -> None:
+        """Remember what this attempt counts for; arm --connect-timeout.
+
+        mitmproxy has no connect timeout (mitmproxy#1095). This hook runs inside the task
+        that will dial, so cancelling that task at the deadline is mitmproxy's own path for
+        an abandoned connect: it records the error and fires server_connect_error.
+        """
+        dial = self.dials[server] = Dial(key)
+        task = asyncio.current_task()
+        if task is not None:
+            dial.timer = asyncio.get_running_loop().call_later(
+                self._settings.connect_timeout, self._abandon, server, dial, task
+            )
+
+    @staticmethod
+    def _abandon(server: connection.Server, dial: Dial, task: asyncio.Task[object]) -> None:
+        if server.timestamp_tcp_setup is None and server.error is None and not task.done():
+            dial.timed_out = True
+            task.cancel()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -310,6 +404,33 @@ class TombstoneAddon:
         if entry.verdict.state is State.UNDECIDED:
             self.metrics.undecided.labels(stage).inc()
 
+    def entries(self) -> list[Entry]:
+        """Every verdict for the ops API: names (policy) and open breakers (host:port)."""
+        assert self.policy is not None and self.breaker is not None
+        return [*self.policy.entries(), *(Entry(v) for v in self.breaker.open_verdicts())]
+
+    def _verdict_counts(self) -> list[tuple[tuple[str, str], int]]:
+        assert self.policy is not None and self.breaker is not None
+        counts = self.policy.counts()
+        open_breakers = len(self.breaker.open_verdicts())
+        if open_breakers:
+            counts.append(((State.UNREACHABLE.value, State.UNREACHABLE.value), open_breakers))
+        return counts
+
+    def _authorized(self, flow: http.HTTPFlow) -> bool:
+        """With --proxy-auth-file, answer 407 unless Proxy-Authorization is right."""
+        if self.auth is None or self.auth.check(flow.request.headers.get("Proxy-Authorization")):
+            return True
+        self.metrics.proxy_auth_failures.inc()
+        flow.response = answers.proxy_auth_required()
+        return False
+
+    def _breaker_verdict(self, key: str) -> Verdict | None:
+        assert self.breaker is not None
+        if self.breaker.gate(key) is Gate.OPEN:
+            return self.breaker.verdict(key)
+        return None
+
     def _pin_address(self, tunnel: Tunnel, verdict: Verdict) -> http.Response | None:
         """Choose the address to dial for this tunnel, or the answer that refuses it."""
         address, refused = self.addresses.choose(verdict.addresses)
@@ -320,6 +441,9 @@ class TombstoneAddon:
             self.metrics.blocked_address.inc()
             return answers.blocked_address(tunnel.host, refused)
         self.metrics.upstream_errors.labels("resolve").inc()
+        if verdict.state is not State.UNDECIDED:  # DNS says: no address. Not our failure.
+            assert self.breaker is not None
+            self.breaker.failure(tunnel.key, "no A or AAAA records")
         return answers.unresolvable(
             tunnel.host, self._no_address_reason(tunnel.host, verdict, refused)
         )
@@ -330,3 +454,15 @@ class TombstoneAddon:
         if verdict.state is State.UNDECIDED:
             return f"DNS did not answer for {host}: {verdict.evidence}"
         return f"{host} has no A or AAAA records"
+
+
+def _error_kind(error: str) -> str:
+    """A small fixed set of labels for `tombstone_upstream_errors_total{kind}`."""
+    text = error.lower()
+    if "refused" in text:
+        return "refused"
+    if "unreachable" in text or "no route" in text:
+        return "unreachable"
+    if "timed out" in text or "timeout" in text:
+        return "timeout"
+    return "other"

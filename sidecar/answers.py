@@ -11,6 +11,7 @@ import json
 
 from mitmproxy import http
 
+from sidecar.proxy_auth import CHALLENGE
 from sidecar.verdicts import Verdict
 
 ERRCODE_GONE = "M_SERVER_DECOMMISSIONED"  # not in the spec: names the reason for people and logs
@@ -44,6 +45,15 @@ def blocked_address(host: str, refused: list[str]) -> http.Response:
         "allow a range with --allow-address if this is intended"
     )
     return _make(403, {"errcode": ERRCODE_FORBIDDEN, "error": error})
+
+
+def proxy_auth_required() -> http.Response:
+    """407 with the Basic challenge; the client must send Proxy-Authorization."""
+    return _make(
+        407,
+        {"errcode": ERRCODE_FORBIDDEN, "error": "proxy authentication required"},
+        {"Proxy-Authenticate": CHALLENGE},
+    )
 
 
 def bad_target(reason: str) -> http.Response:

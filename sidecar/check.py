@@ -29,7 +29,8 @@ async def run_check(raw_name: str, settings: Settings, as_json: bool = False) ->
         print(f"tombstone-sidecar: error: NAME: {e}", file=sys.stderr)
         return 2
     try:
-        dns = DnsClient(settings.nameservers, settings.dns_timeout, Metrics())
+        dns = DnsClient(settings.nameservers, settings.dns_timeout, Metrics(),
+                        settings.require_dnssec)  # fmt: skip
     except ValueError as e:
         print(f"tombstone-sidecar: error: --nameserver: {e}", file=sys.stderr)
         return 2

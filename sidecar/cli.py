@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
@@ -69,6 +70,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")  # argparse %-formats help text
+
+
 def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
     env = f"env {option.env}"
     if option.flag:
@@ -78,7 +83,7 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
             dest=option.name,
             action=argparse.BooleanOptionalAction,
             default=None,
-            help=f"{option.help} (default: {default}; {env})",
+            help=_escape(f"{option.help} (default: {default}; {env})"),
         )
         return
     shown = ", ".join(option.default) if option.repeatable else option.default
@@ -89,7 +94,7 @@ def _add_option(parser: argparse.ArgumentParser, option: Option) -> None:
         metavar=option.metavar,
         default=None,
         action="append" if option.repeatable else "store",
-        help=f"{option.help} ({default}{env})",
+        help=_escape(f"{option.help} ({default}{env})"),
     )
 
 
@@ -134,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=VERDICTS_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
     def add_verdicts_options(action: argparse.ArgumentParser) -> None:
         for name in VERDICTS_OPTIONS:
             _add_option(action, BY_NAME[name])
@@ -180,11 +186,13 @@ def _mitm_value(option: Option, value: Any) -> Any:
 
 def _cmd_run(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
     listen_host = settings.listen.host
-    if listen_host != "localhost" and not ipaddress.ip_address(listen_host).is_loopback:
+    loopback = listen_host == "localhost" or ipaddress.ip_address(listen_host).is_loopback
+    if not loopback and settings.proxy_users is None and not settings.allow_open_proxy:
         print(
-            f"tombstone-sidecar: error: --listen: {settings.listen} is not a loopback address; "
-            "without proxy authentication that would be an open proxy. Run the sidecar next to "
-            "the homeserver on 127.0.0.1.",
+            f"tombstone-sidecar: error: --listen: {settings.listen} is not a loopback address, "
+            "so anyone who reaches it could use this proxy. Give --proxy-auth-file (and put "
+            "the credentials in the homeserver's proxy URL), or --allow-open-proxy if a "
+            "NetworkPolicy admits only the homeserver.",
             file=sys.stderr,
         )
         return EXIT_USAGE
@@ -219,8 +227,9 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
             print(f"tombstone-sidecar: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         loop = asyncio.get_running_loop()
+        drain = _Drain(master, opts, addon, settings.shutdown_grace)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, master.shutdown)
+            loop.add_signal_handler(sig, drain.begin, sig)
         log.info(
             "tombstone-sidecar %s: proxy on http://%s (pass-through), %s",
             __version__,
@@ -232,6 +241,39 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
         print(f"tombstone-sidecar: error: {addon.fatal}", file=sys.stderr)
         return 1
     return 0
+
+
+class _Drain:
+    """Graceful shutdown (Kubernetes sends SIGTERM, then SIGKILL after its grace period).
+
+    First signal: stop accepting connections, mark /readyz not ready, and let open
+    tunnels finish for up to --shutdown-grace; then exit 0. A second signal exits at once.
+    """
+
+    def __init__(self, master: Any, opts: Any, addon: Any, grace: float) -> None:
+        self.master, self.opts, self.addon, self.grace = master, opts, addon, grace
+        self.task: asyncio.Task[None] | None = None
+
+    def begin(self, sig: signal.Signals) -> None:
+        if self.task is not None:
+            log.warning("%s again: exiting now", sig.name)
+            self.master.shutdown()
+            return
+        self.task = asyncio.get_running_loop().create_task(self._drain(sig))
+
+    async def _drain(self, sig: signal.Signals) -> None:
+        self.addon.draining = True
+        self.opts.update(server=False)  # closes the listener; open connections carry on
+        open_now = self.addon.active_clients
+        log.info("%s: no new connections; waiting up to %gs for %d open connection(s)",
+                 sig.name, self.grace, open_now)  # fmt: skip
+        if self.addon.active_clients > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.addon.idle.wait(), self.grace)
+        if self.addon.active_clients > 0:
+            log.warning("closing %d connection(s) still open after %gs",
+                        self.addon.active_clients, self.grace)  # fmt: skip
+        self.master.shutdown()
 
 
 def _cmd_verdicts(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:

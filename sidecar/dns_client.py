@@ -8,12 +8,14 @@ three are evidence; the rest fail open upstream of here.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -25,6 +27,7 @@ from sidecar.metrics import Metrics
 Outcome = Literal["ok", "nodata", "nxdomain", "timeout", "servfail", "error"]
 EVIDENCE: frozenset[Outcome] = frozenset({"ok", "nodata", "nxdomain"})
 
+MAX_CONCURRENT_QUERIES = 256  # a storm of new names waits its turn instead of flooding
 MAX_RECORDS = 64  # a bigger RRset is abuse, not a tombstone; keep only this many
 DEFAULT_NEGATIVE_TTL = 300  # RFC 2308 fallback when a negative answer carries no SOA
 
@@ -51,6 +54,7 @@ class DnsAnswer:
     records: tuple[object, ...] = ()
     ttl: int | None = None  # positive: RRset TTL; negative: min(SOA TTL, SOA minimum)
     detail: str = ""
+    authenticated: bool = False  # the resolver set AD: it validated this answer (DNSSEC)
 
     @property
     def is_evidence(self) -> bool:
@@ -61,7 +65,11 @@ class DnsClient:
     """Asks one configured resolver (or the system's), never caching: the verdict cache does."""
 
     def __init__(
-        self, nameservers: tuple[Nameserver, ...], timeout: float, metrics: Metrics
+        self,
+        nameservers: tuple[Nameserver, ...],
+        timeout: float,
+        metrics: Metrics,
+        require_dnssec: bool = False,
     ) -> None:
         try:
             self._resolver = dns.asyncresolver.Resolver(configure=not nameservers)
@@ -72,6 +80,11 @@ class DnsClient:
                 dns.nameserver.Do53Nameserver(ns.address, ns.port) for ns in nameservers
             ]
         self._resolver.cache = None
+        self.require_dnssec = require_dnssec
+        if require_dnssec:  # ask for validation (RFC 6840 §5.7): DO bit, and AD in the query
+            self._resolver.use_edns(0, dns.flags.DO, 1232)
+            self._resolver.flags = dns.flags.RD | dns.flags.AD
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_QUERIES)
         self._resolver.lifetime = timeout
         self._resolver.timeout = min(timeout, 2.0)  # per-try; lifetime bounds the whole query
         self._metrics = metrics
@@ -83,8 +96,9 @@ class DnsClient:
 
     async def query(self, name: str, rrtype: str) -> DnsAnswer:
         """Send one query for the absolute `name` and classify the outcome."""
-        started = time.perf_counter()
-        answer = await self._query(name, rrtype)
+        async with self._slots:
+            started = time.perf_counter()
+            answer = await self._query(name, rrtype)
         self._metrics.dns_query_seconds.observe(time.perf_counter() - started)
         self._metrics.dns_queries.labels(rrtype, answer.outcome).inc()
         return answer
@@ -99,17 +113,22 @@ class DnsClient:
                 qname, rrtype, raise_on_no_answer=False, search=False
             )
         except dns.resolver.NXDOMAIN as e:
-            return DnsAnswer(name, rrtype, "nxdomain", ttl=_negative_ttl(_nx_response(e)))
+            response = _nx_response(e)
+            return DnsAnswer(name, rrtype, "nxdomain", ttl=_negative_ttl(response),
+                             authenticated=_validated(response))  # fmt: skip
         except dns.resolver.LifetimeTimeout:
             return DnsAnswer(name, rrtype, "timeout", detail=f"no answer within {self.timeout:g}s")
         except dns.resolver.NoNameservers as e:
             return DnsAnswer(name, rrtype, "servfail", detail=_first_line(e))
         except dns.exception.DNSException as e:
             return DnsAnswer(name, rrtype, "error", detail=_first_line(e))
+        validated = _validated(result.response)
         if result.rrset is None:
-            return DnsAnswer(name, rrtype, "nodata", ttl=_negative_ttl(result.response))
+            ttl = _negative_ttl(result.response)
+            return DnsAnswer(name, rrtype, "nodata", ttl=ttl, authenticated=validated)
         records = tuple(result.rrset)[:MAX_RECORDS]
-        return DnsAnswer(name, rrtype, "ok", records=records, ttl=result.rrset.ttl)
+        return DnsAnswer(name, rrtype, "ok", records=records, ttl=result.rrset.ttl,
+                         authenticated=validated)  # fmt: skip
 
 
 def _nx_response(error: dns.resolver.NXDOMAIN) -> dns.message.Message | None:
@@ -128,6 +147,10 @@ def _negative_ttl(response: dns.message.Message | None) -> int:
         if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
             return int(min(rrset.ttl, rrset[0].minimum))
     return DEFAULT_NEGATIVE_TTL
+
+
+def _validated(response: dns.message.Message | None) -> bool:
+    return response is not None and bool(response.flags & dns.flags.AD)
 
 
 def _first_line(error: Exception) -> str:

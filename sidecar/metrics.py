@@ -123,6 +123,16 @@ class Metrics:
             ["store", "op"],
             registry=r,
         )
+        self.breaker_guard = Gauge(
+            "tombstone_breaker_guard_tripped",
+            "1 while too many destinations fail at once (our fault?): no new breakers open.",
+            registry=r,
+        )
+        self.proxy_auth_failures = Counter(
+            "tombstone_proxy_auth_failures_total",
+            "Proxy requests refused with 407 (missing or wrong Proxy-Authorization).",
+            registry=r,
+        )
         self.build_info = Gauge(
             "tombstone_build_info",
             "Build information; always 1.",

@@ -175,9 +175,11 @@ class OpsServer:
     def _readyz(self) -> Reply:
         addon = self._addon
         policy = addon.policy
-        ready = addon.is_running and policy is not None and addon.loaded.is_set()
+        ready = (addon.is_running and policy is not None and addon.loaded.is_set()
+                 and not addon.draining)  # fmt: skip
+        status = "draining" if addon.draining else "ready" if ready else "starting"
         detail: dict[str, Any] = {
-            "status": "ready" if ready else "starting",
+            "status": status,
             "proxy_running": addon.is_running,
             "enforce": addon.settings.enforce if addon.settings else None,
             "nameservers": policy.dns.nameservers if policy else [],
@@ -204,7 +206,7 @@ class OpsServer:
         except ValueError:
             return _json(400, {"error": "limit and offset must be whole numbers"})
         chosen = [
-            e for e in policy.entries()
+            e for e in self._addon.entries()
             if (state is None or e.verdict.state == state)
             and (signal is None or e.verdict.signal == signal)
         ]  # fmt: skip

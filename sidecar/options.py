@@ -19,6 +19,7 @@ import yaml
 from sidecar.addresses import IPNetwork, parse_network
 from sidecar.dns_client import Nameserver
 from sidecar.names import Authority, InvalidName, is_ip_literal, normalize_host, parse_authority
+from sidecar.proxy_auth import read_credentials
 
 ENV_PREFIX = "TOMBSTONE_"
 MITM_PREFIX = "tombstone_"
@@ -175,6 +176,62 @@ OPTIONS: tuple[Option, ...] = (
         "FILE",
     ),
     Option(
+        "connect_timeout",
+        "10s",
+        "Give up dialling an upstream after this long (a blackholed address otherwise hangs "
+        "for minutes); the failure feeds the unreachable breaker.",
+        "DURATION",
+    ),
+    Option(
+        "breaker_failures",
+        "5",
+        "Consecutive connect failures to one host:port that open its unreachable breaker.",
+        "N",
+    ),
+    Option("breaker_min", "10m", "How long a newly opened breaker answers locally.", "DURATION"),
+    Option(
+        "breaker_max",
+        "24h",
+        "Longest a breaker stays open; the time doubles on each failed trial up to this.",
+        "DURATION",
+    ),
+    Option(
+        "breaker_max_share",
+        "20%",
+        "If more than this share of recently tried destinations fail, the fault is ours: "
+        "open no new breakers.",
+        "PERCENT",
+    ),
+    Option(
+        "require_dnssec",
+        False,
+        "Count DNS tombstones only when the resolver validated them (AD bit); unsigned zones "
+        "then never suppress. Needs a validating resolver.",
+        flag=True,
+    ),
+    Option(
+        "proxy_auth_file",
+        "",
+        "File of user:password lines; every proxy request must then carry matching Basic "
+        "Proxy-Authorization. Required when --listen is not loopback.",
+        "FILE",
+    ),
+    Option(
+        "allow_open_proxy",
+        False,
+        "Allow a non-loopback --listen without --proxy-auth-file (only behind a NetworkPolicy "
+        "that admits nothing but the homeserver).",
+        flag=True,
+        scope="run",
+    ),
+    Option(
+        "shutdown_grace",
+        "20s",
+        "On SIGTERM stop accepting, let open tunnels finish for up to this long, then exit 0.",
+        "DURATION",
+        scope="run",
+    ),
+    Option(
         "log_level", "info", "Sidecar log level: debug, info, warning, error.", "LEVEL", scope="run"
     ),
 )
@@ -288,6 +345,18 @@ def parse_store(text: str) -> str:
     raise ValueError(f"{text!r} is not memory, sqlite or a redis:// URL (redis://host:6379/0)")
 
 
+def parse_share(text: object) -> float:
+    """`20%` or `0.2` → 0.2."""
+    value = str(text).strip()
+    try:
+        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a share (examples: 20%, 0.2)") from None
+    if not 0 < share <= 1:
+        raise ValueError(f"{text!r} must be more than 0% and at most 100%")
+    return share
+
+
 MIN_TOKEN_LENGTH = 16  # a guessable token protects nothing
 
 
@@ -328,6 +397,15 @@ class Settings:
     store: str
     state_dir: str
     ops_token: str | None
+    connect_timeout: float
+    breaker_failures: int
+    breaker_min: float
+    breaker_max: float
+    breaker_max_share: float
+    require_dnssec: bool
+    proxy_users: dict[str, str] | None
+    allow_open_proxy: bool
+    shutdown_grace: float
 
     def read_lists(self) -> tuple[frozenset[str], frozenset[str]]:
         """Deny and allow lists: the flags plus the files as they are now (ValueError if bad)."""
@@ -379,6 +457,11 @@ class Settings:
         if allow_file:
             allowed.update(check("allow_file", read_name_file))
         token_file = str(get("ops_token_file") or "")
+        auth_file = str(get("proxy_auth_file") or "")
+        breaker_min = check("breaker_min", parse_duration)
+        breaker_max = check("breaker_max", parse_duration)
+        if breaker_max < breaker_min:
+            raise ConfigError("breaker_max", f"{get('breaker_max')} is shorter than --breaker-min")
         level = str(get("log_level")).strip().lower()
         if level not in LOG_LEVELS:
             raise ConfigError("log_level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -404,6 +487,15 @@ class Settings:
             store=check("store", parse_store),
             state_dir=str(get("state_dir") or ""),
             ops_token=check("ops_token_file", read_token_file) if token_file else None,
+            connect_timeout=check("connect_timeout", parse_duration),
+            breaker_failures=check("breaker_failures", lambda v: parse_int(v, 1, 1000)),
+            breaker_min=breaker_min,
+            breaker_max=breaker_max,
+            breaker_max_share=check("breaker_max_share", parse_share),
+            require_dnssec=check("require_dnssec", parse_bool),
+            proxy_users=check("proxy_auth_file", read_credentials) if auth_file else None,
+            allow_open_proxy=check("allow_open_proxy", parse_bool),
+            shutdown_grace=check("shutdown_grace", parse_duration),
         )
 
 

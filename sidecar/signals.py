@@ -109,13 +109,32 @@ async def evaluate(client: DnsClient, name: str) -> DnsReport:
     )
     srv = _choose_srv(srv_fed, srv_legacy)
     addresses, address_check = _addresses(name, (a, aaaa))
-    checks = (
+    checks: tuple[SignalCheck, ...] = (
         _txt_check(name, txt),
         _srv_dot_check(srv),
         _invalid_tld_check(srv),
         _nxdomain_check(name, (txt, a, aaaa)),
     )
+    if client.require_dnssec:
+        checks = tuple(_require_validation(c, (txt, srv, a, aaaa)) for c in checks)
     return DnsReport(name, checks, addresses, address_check)
+
+
+def _require_validation(check: SignalCheck, answers: Sequence[DnsAnswer]) -> SignalCheck:
+    """--require-dnssec: a tombstone counts only if the answers behind it were validated."""
+    if check.finding is not Finding.GONE:
+        return check
+    relevant = {
+        Signal.DNS_TXT_GONE: answers[:1],
+        Signal.DNS_SRV_DOT: answers[1:2],
+        Signal.INVALID_TLD: answers[1:2],
+        Signal.NXDOMAIN: [a for a in answers if a.outcome == "nxdomain"],
+    }[check.signal]
+    if relevant and all(a.authenticated for a in relevant):
+        return check
+    return SignalCheck(check.signal, Finding.CLEAR,
+                       f"ignored, not DNSSEC-validated (--require-dnssec): {check.detail}",
+                       check.ttl)  # fmt: skip
 
 
 def _choose_srv(fed: DnsAnswer, legacy: DnsAnswer) -> DnsAnswer:

@@ -261,6 +261,15 @@ def test_settings_defaults() -> None:
         store="sqlite",
         state_dir="",
         ops_token=None,
+        connect_timeout=10.0,
+        breaker_failures=5,
+        breaker_min=600.0,
+        breaker_max=86400.0,
+        breaker_max_share=0.2,
+        require_dnssec=False,
+        proxy_users=None,
+        allow_open_proxy=False,
+        shutdown_grace=20.0,
     )
 
 
