@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import re
 import signal
 import time
 import weakref
@@ -349,6 +351,7 @@ class TombstoneAddon:
             error = str(data.server.error or "unknown error")
             kind = _error_kind(error)
         self.metrics.upstream_errors.labels(kind).inc()
+        log.debug("%s", data.server.error if dial.timed_out else f"connect to {dial.key}: {error}")
         assert self.breaker is not None
         self.breaker.failure(dial.key, error)
 
@@ -456,8 +459,23 @@ class TombstoneAddon:
         return f"{host} has no A or AAAA records"
 
 
+_ERRNO_KINDS = {
+    errno.ECONNREFUSED: "refused",
+    errno.EHOSTUNREACH: "unreachable",
+    errno.ENETUNREACH: "unreachable",
+    errno.ETIMEDOUT: "timeout",
+}
+
+
 def _error_kind(error: str) -> str:
-    """A small fixed set of labels for `tombstone_upstream_errors_total{kind}`."""
+    """A small fixed set of labels for `tombstone_upstream_errors_total{kind}`.
+
+    asyncio reports a failed connect as "[Errno 111] Connect call failed (...)"; the errno
+    says what happened, the words do not.
+    """
+    match = re.match(r"\[Errno (\d+)\]", error)
+    if match:
+        return _ERRNO_KINDS.get(int(match.group(1)), "other")
     text = error.lower()
     if "refused" in text:
         return "refused"
