@@ -216,3 +216,33 @@ def test_failed_recheck_keeps_the_last_verdict(
         return first, entry.verdict.state
 
     assert asyncio.run(scenario()) == (State.GONE, State.GONE)
+
+
+@pytest.mark.parametrize(("ttl", "expected"), [(0, 300), (2**31 - 1, 86400)])
+def test_extreme_ttls_are_clamped(
+    client: DnsClient, zone: Zone, unique: Callable[[str], str], ttl: int, expected: int
+) -> None:
+    name = unique(f"ttl{ttl}")
+    zone.add(name, "TXT", "v=matrix;gone", ttl=ttl)
+    verdict = policy_for(client).judge(asyncio.run(evaluate(client, name)))
+    assert (verdict.state, verdict.ttl) == (State.GONE, expected)
+
+
+def test_a_flood_of_new_names_is_judged_with_one_query_set_each(
+    dns_server: DnsServer,
+    zone: Zone,
+    unique: Callable[[str], str],
+) -> None:
+    """600 new names at once (3000 queries, at most 256 in flight): every one judged."""
+    names = [unique("flood") for _ in range(600)]
+    for name in names:
+        zone.add(name, "A", "192.0.2.1")
+    client = DnsClient((Nameserver("127.0.0.1", dns_server.port),), timeout=10.0, metrics=Metrics())
+    policy = policy_for(client)
+
+    async def flood() -> list[State]:
+        entries = await asyncio.gather(*(policy.decide(n) for n in names))
+        return [e.verdict.state for e in entries]
+
+    assert asyncio.run(flood()) == [State.ALIVE] * 600
+    assert sum(dns_server.query_count(n) for n in names) == 600 * 3  # TXT, A, AAAA
