@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import resource
 import signal
 import sys
 import tempfile
@@ -197,7 +198,21 @@ def _cmd_run(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) 
         )
         return EXIT_USAGE
     _setup_logging(settings.log_level)
+    _raise_open_file_limit()
     return asyncio.run(_serve(settings, raw))
+
+
+def _raise_open_file_limit() -> None:
+    """Each tunnel costs two descriptors; a soft limit of 1024 caps a busy homeserver at ~500
+    tunnels. Raise the soft limit to the hard limit, as nginx and Envoy do."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.debug("open file limit raised from %d to %d", soft, target)
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open file limit (%s); it caps concurrent tunnels", e)
 
 
 async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
