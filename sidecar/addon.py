@@ -244,14 +244,14 @@ class TombstoneAddon:
         entry = await self._decide(host)
         try:
             if self._suppress(entry, "connect"):
-                flow.response = answers.suppressed(entry.verdict, self._settings.suppress_status)
+                self._refuse_connect(flow, entry.verdict)
                 return
             flow.response = self._pin_address(tunnel, entry.verdict)
             if flow.response is not None:
                 return
             broken = self._breaker_verdict(tunnel.key)
             if broken is not None and self._suppress(Entry(broken), "connect"):
-                flow.response = answers.suppressed(broken, self._settings.suppress_status)
+                self._refuse_connect(flow, broken)
                 return
             self._forward(entry, "connect")
         finally:
@@ -419,6 +419,19 @@ class TombstoneAddon:
         if open_breakers:
             counts.append(((State.UNREACHABLE.value, State.UNREACHABLE.value), open_breakers))
         return counts
+
+    def _refuse_connect(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        """Refuse a CONNECT to a gone destination as --refusal says.
+
+        `close` ends the connection without a byte (mitmproxy kills the flow). Synapse
+        treats that exactly like a 502 — same error to the user, same backoff — but a
+        non-200 answer makes it log a CRITICAL traceback per refusal (measured in
+        tests/e2e/test_s5_synapse_log.py), so closing is the default.
+        """
+        if self._settings.refusal == "close":
+            flow.kill()
+        else:
+            flow.response = answers.suppressed(verdict, self._settings.suppress_status)
 
     def _authorized(self, flow: http.HTTPFlow) -> bool:
         """With --proxy-auth-file, answer 407 unless Proxy-Authorization is right."""

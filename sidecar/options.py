@@ -146,9 +146,18 @@ OPTIONS: tuple[Option, ...] = (
         flag=True,
     ),
     Option(
+        "refusal",
+        "close",
+        "How a CONNECT to a gone server is refused: `close` (shut the connection without an "
+        "answer: Synapse backs off the same and logs no CRITICAL traceback) or `status` "
+        "(answer --suppress-status with a JSON body and X-Tombstone-Signal, for curl & co).",
+        "close|status",
+    ),
+    Option(
         "suppress_status",
         "502",
-        "HTTP status for a refused CONNECT to a gone server (Synapse backs off on 5xx).",
+        "HTTP status for a refused CONNECT with --refusal status, and for a plain-HTTP "
+        "request to a gone server (Synapse backs off on 5xx).",
         "CODE",
     ),
     Option(
@@ -345,6 +354,16 @@ def parse_store(text: str) -> str:
     raise ValueError(f"{text!r} is not memory, sqlite or a redis:// URL (redis://host:6379/0)")
 
 
+REFUSALS = ("close", "status")
+
+
+def parse_refusal(text: object) -> str:
+    value = str(text).strip().lower()
+    if value not in REFUSALS:
+        raise ValueError(f"{text!r} is not one of {', '.join(REFUSALS)}")
+    return value
+
+
 def parse_share(text: object) -> float:
     """`20%` or `0.2` → 0.2."""
     value = str(text).strip()
@@ -388,6 +407,7 @@ class Settings:
     allow_addresses: tuple[IPNetwork, ...]
     enforce: bool
     suppress_status: int
+    refusal: str
     cache_size: int
     log_level: str
     deny_file: str
@@ -478,6 +498,7 @@ class Settings:
             allow_addresses=each("allow_address", parse_network),
             enforce=check("enforce", parse_bool),
             suppress_status=check("suppress_status", lambda v: parse_int(v, 400, 599)),
+            refusal=check("refusal", parse_refusal),
             cache_size=check("cache_size", lambda v: parse_int(v, 1, 100_000_000)),
             log_level=level,
             deny_file=deny_file,

@@ -1,11 +1,11 @@
 """A tiny CONNECT proxy that refuses chosen names in one of several ways (an experiment).
 
-The sidecar refuses a CONNECT to a gone server with an HTTP 502. Synapse raises on any
-non-200 CONNECT status inside Twisted's `dataReceived`, which Twisted logs as a CRITICAL
-"Unhandled Error" with a traceback. This proxy lets a test measure what other refusals
+With `--refusal status` the sidecar refuses a CONNECT to a gone server with a 502.
+Synapse raises on any non-200 CONNECT status inside Twisted's `dataReceived`, which Twisted
+logs as a CRITICAL "Unhandled Error" with a traceback. This proxy lets a test measure what other refusals
 do to Synapse (client answer, backoff, log) without touching the sidecar:
 
-    502        answer 502 + JSON + `Connection: close`, then close (what the sidecar does)
+    502        answer 502 + JSON + `Connection: close`, then close (--refusal status)
     200-close  answer `200 Connection established`, then close before any TLS (FIN)
     200-reset  answer 200, then reset the connection (RST)
     close      close without answering (FIN)

@@ -2,16 +2,18 @@
 
 Synapse 1.163 raises `ProxyConnectError` for any non-200 answer to its CONNECT, inside
 Twisted's `dataReceived`; Twisted logs that as `CRITICAL - Unhandled Error` with a
-traceback. So with the sidecar's 502 every refused CONNECT writes one CRITICAL traceback
-(about 20 lines) to Synapse's log, although Synapse handles the failure correctly.
+traceback. So answering a refused CONNECT with a 502 writes one CRITICAL traceback (about
+20 lines) to Synapse's log per refusal, although Synapse handles the failure correctly.
+Closing the connection without an answer gives Synapse the same failure, so the sidecar
+does that by default (`--refusal close`); `--refusal status` keeps the 502.
 
 The comparison runs a fresh Synapse behind each refusal method, does the same actions
 (profile twice, join by alias, invite, join by room ID via the dead server, a message in
 a room shared with a server of each tombstone kind) and compares client answers, the
 `destinations` backoff and the log. Methods:
 
-    sidecar          the real `tombstone-sidecar run` (502 + JSON + Connection: close)
-    sidecar-close    the same addon, closing the CONNECT unanswered (close_refusal_addon.py)
+    sidecar          the real `tombstone-sidecar run` as shipped (--refusal close)
+    sidecar-status   the same with --refusal status (502 + JSON + Connection: close)
     200-close        a raw proxy: 200 Connection established, then FIN before TLS
     reset            a raw proxy: RST without answering
 
@@ -23,12 +25,9 @@ target "."), which mitmproxy itself answers 400 before any addon runs.
 from __future__ import annotations
 
 import itertools
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
@@ -49,23 +48,21 @@ from tests.e2e.world import (
     FEDERATION,
     LIVE_IP,
     MEMBER_TOMBSTONES,
-    ROOT,
-    SIDECAR_DNS_PORT,
     TOMBSTONES,
     World,
 )
-from tests.support.procs import ManagedProcess, free_port, wait_until
+from tests.support.procs import wait_until
 
 _ports = itertools.count(8010)
 TARGET = TOMBSTONES[0]  # txt-gone.test: a TXT tombstone on the 410 remote
 MIN_RETRY_MS = 600_000
-METHODS = ("sidecar", "sidecar-close", "200-close", "reset")
+METHODS = ("sidecar", "sidecar-status", "200-close", "reset")
 
 
-def test_one_critical_traceback_per_refused_connect(
+def test_refused_connects_leave_synapse_log_quiet(
     world: World, client: httpx.Client, record: Callable[[str, str], None]
 ) -> None:
-    """The main world (the sidecar as it is): count Synapse's log lines per suppression."""
+    """The main world (the sidecar as shipped): count Synapse's log lines per suppression."""
     assert world.synapse is not None and world.sidecar is not None
     profile(client, TARGET.user)  # afterwards the failed well-known fetch is cached
     time.sleep(0.3)
@@ -76,9 +73,9 @@ def test_one_critical_traceback_per_refused_connect(
     time.sleep(0.3)
     refused = delta(suppressed(world.sidecar), before).get(TARGET.signal, 0)
     counts = count_critical(world.synapse.log_since(mark))
-    record("s5 sidecar (502)", f"{refused:.0f} suppressed CONNECTs -> Synapse log {counts}")
+    record("s5 sidecar (close)", f"{refused:.0f} suppressed CONNECTs -> Synapse log {counts}")
     assert refused == 5
-    assert counts["critical"] == counts["traceback"] == refused
+    assert counts["critical"] == counts["traceback"] == 0
 
 
 @dataclass
@@ -96,52 +93,6 @@ def _raw_proxy(method: str) -> ExperimentProxy:
     return ExperimentProxy(proxy.url, proxy.stop, lambda: sum(proxy.refused.values()))
 
 
-def _closing_sidecar(directory: Path) -> ExperimentProxy:
-    """mitmdump with close_refusal_addon.py: the sidecar's decisions, closing unanswered."""
-    port, ops = free_port(), free_port()
-    mitmdump = Path(sys.executable).parent / "mitmdump"
-    argv = [str(mitmdump)] if mitmdump.exists() else [sys.executable, "-m", "mitmproxy.tools.dump"]
-    argv += [
-        "-q",
-        "--listen-host",
-        "127.0.0.1",
-        "-p",
-        str(port),
-        "--set",
-        f"confdir={directory}",
-        "--set",
-        "connection_strategy=lazy",
-        "-s",
-        str(ROOT / "tests" / "e2e" / "close_refusal_addon.py"),
-        "--set",
-        f"tombstone_nameserver=127.0.0.1:{SIDECAR_DNS_PORT}",
-        "--set",
-        "tombstone_allow_address=127.0.0.0/8",
-        "--set",
-        f"tombstone_ops_listen=127.0.0.1:{ops}",
-    ]
-    process = ManagedProcess(
-        argv, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, log_path=directory / "mitmdump.log"
-    ).start()
-    process.wait_for_port(port, timeout=20)
-    process.wait_for_port(ops, timeout=20)
-
-    def refused() -> int:
-        try:
-            text = httpx.get(f"http://127.0.0.1:{ops}/metrics", timeout=5).text
-        except httpx.HTTPError:
-            return -1
-        return int(
-            sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("tombstone_suppressed_total{")
-            )
-        )
-
-    return ExperimentProxy(f"http://127.0.0.1:{port}", process.stop, refused)
-
-
 @pytest.fixture
 def experiment(world: World) -> Iterator[Callable[[str], tuple[Synapse, ExperimentProxy]]]:
     """A refusal method's proxy and a fresh Synapse behind it; both stopped afterwards."""
@@ -154,8 +105,13 @@ def experiment(world: World) -> Iterator[Callable[[str], tuple[Synapse, Experime
             proxy = ExperimentProxy(
                 sidecar.proxy_url, lambda: None, lambda: int(sum(suppressed(sidecar).values()))
             )
-        elif method == "sidecar-close":
-            proxy = _closing_sidecar(Path(tempfile.mkdtemp(dir=world.directory)))
+        elif method == "sidecar-status":
+            answering = world.start_sidecar(["--refusal", "status"])
+            proxy = ExperimentProxy(
+                answering.proxy_url,
+                answering.stop,
+                lambda: int(sum(suppressed(answering).values())),
+            )
         else:
             proxy = _raw_proxy(method)
         stops.append(proxy.stop)
@@ -215,10 +171,10 @@ def test_refusal_methods_compared(
     assert row is not None and row["retry_interval"] == MIN_RETRY_MS, row
     assert set(backoffs.values()) == {MIN_RETRY_MS}, backoffs
     assert world.new_dead_connections(dead_before) == {}
-    if method == "sidecar":
+    if method == "sidecar-status":
         # one per suppressed CONNECT, plus one per `CONNECT :0` mitmproxy rejects (400)
         assert counts["critical"] == counts["traceback"] >= refused > 0
-    elif method == "sidecar-close":
+    elif method == "sidecar":
         # only the `CONNECT :0`s (member-dot.test's SRV "."), answered 400 by mitmproxy
         assert counts["critical"] == counts["traceback"] < refused
     else:

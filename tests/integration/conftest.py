@@ -19,7 +19,9 @@ from tests.support.tls_upstream import TestCA, Upstream
 
 LIVE_IP = "127.0.0.2"
 DEAD_IP = "127.0.0.3"
-BASE_ARGS = ("--allow-address", "127.0.0.0/8")
+# --refusal status: these tests read the sidecar's answer (status, headers, JSON body);
+# the default, close, is tested on its own in test_proxy.py.
+BASE_ARGS = ("--allow-address", "127.0.0.0/8", "--refusal", "status")
 
 _counter = itertools.count()
 

@@ -51,6 +51,8 @@ def read_head(sock: socket.socket) -> tuple[int, str, dict[str, str], bytes]:
         if not chunk:
             break
         buf += chunk
+    if not buf:
+        return 0, "closed without an answer", {}, b""
     head, _, rest = buf.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     _, status, reason = ([*lines[0].split(" ", 2), ""])[:3]

@@ -219,6 +219,8 @@ def test_mitmdump_script_loads_the_same_addon(
             f"tombstone_ops_listen=127.0.0.1:{ops}",
             "--set",
             "tombstone_deny=old.example",
+            "--set",
+            "tombstone_refusal=status",
         ],
         env={"PYTHONPATH": str(REPO)},
     ).start()

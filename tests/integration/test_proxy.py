@@ -89,6 +89,22 @@ def test_each_signal_answers_connect_locally_and_dials_nothing(
     assert sidecar.metric("tombstone_suppressed_total", signal=code, stage="connect") == before + 3
 
 
+def test_default_refusal_closes_the_connect_without_an_answer(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    dead_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """Synapse logs a CRITICAL traceback for every non-200 CONNECT answer but backs off the
+    same when the connection just closes (tests/e2e/test_s5_synapse_log.py measures it)."""
+    sidecar = sidecar_factory("--refusal", "close")
+    name = publish(zone, "dns_txt_gone", unique("closed"))
+    reply = sidecar.connect(f"{name}:{dead_upstream.port}")
+    assert (reply.status, reply.body) == (0, b"")
+    assert sidecar.metric("tombstone_suppressed_total", signal="dns_txt_gone", stage="connect") == 1
+    assert dead_upstream.connections == 0
+
+
 def test_live_name_passes_through_byte_for_byte(
     sidecar: Sidecar,
     zone: Zone,

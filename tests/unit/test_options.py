@@ -252,6 +252,7 @@ def test_settings_defaults() -> None:
         allow_addresses=(),
         enforce=True,
         suppress_status=502,
+        refusal="close",
         cache_size=100_000,
         log_level="info",
         deny_file="",
