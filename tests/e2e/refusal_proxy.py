@@ -2,8 +2,8 @@
 
 With `--refusal status` the sidecar refuses a CONNECT to a gone server with a 502.
 Synapse raises on any non-200 CONNECT status inside Twisted's `dataReceived`, which Twisted
-logs as a CRITICAL "Unhandled Error" with a traceback. This proxy lets a test measure what other refusals
-do to Synapse (client answer, backoff, log) without touching the sidecar:
+logs as a CRITICAL "Unhandled Error" with a traceback. This proxy lets a test measure what
+other refusals do to Synapse (client answer, backoff, log) without touching the sidecar:
 
     502        answer 502 + JSON + `Connection: close`, then close (--refusal status)
     200-close  answer `200 Connection established`, then close before any TLS (FIN)
