@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import re
@@ -158,6 +159,10 @@ class TombstoneAddon:
         self.policy.store = store
         for verdict in await store.start(self.policy.accept, self.policy.accept_forget):
             self.policy.accept(verdict, quiet=True)
+        # The loaded verdicts live long; keep them out of the cyclic GC's full collections,
+        # which otherwise stall the event loop ~80 ms per 100k objects (tests/bench).
+        gc.collect()
+        gc.freeze()
         self.loaded.set()
         self._list_stamp = self._list_files_stamp()
         self._watcher = asyncio.create_task(self._watch_list_files())

@@ -7,12 +7,14 @@ or an IP literal is rejected with an `InvalidName` that says exactly why.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
 MAX_NAME_LENGTH = 253  # RFC 1035 limit for a name in presentation form, without trailing dot
 MAX_LABEL_LENGTH = 63  # RFC 1035 limit per label
 DEFAULT_PORT = 443  # CONNECT without a port is unusual; HTTPS is what a homeserver proxies
+NAME_CACHE_SIZE = 65536  # distinct raw spellings remembered; a few MB at most
 
 # Characters a label may carry after IDNA encoding. Underscore is not a hostname character,
 # but it is legal in DNS and appears in real names (`_matrix-fed._tcp`), so it passes.
@@ -44,11 +46,14 @@ def is_ip_literal(host: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=NAME_CACHE_SIZE)
 def normalize_host(raw: str) -> str:
     """Return the canonical form of a DNS name or IP literal.
 
     Lowercase, IDNA (punycode) for non-ASCII labels, no trailing dot; IPv6 literals lose their
-    brackets and take their compressed form.
+    brackets and take their compressed form. Cached: every connection normalizes its target
+    and SNI, and a homeserver talks to the same few thousand names over and over (errors
+    are not cached, so garbage cannot fill it).
     """
     if not isinstance(raw, str):
         raise InvalidName(f"expected a name, got {type(raw).__name__}")
