@@ -312,3 +312,48 @@ def test_redis_outage_degrades_to_the_local_cache_and_recovers(
     assert wait_until(lambda: during.encode() in redis.command("KEYS", "tombstone:*"), timeout=5)
     assert "redis store DOWN" in sidecar.log() and "redis store up" in sidecar.log()
     assert dead_upstream.connections == 0
+
+
+def test_disk_full_keeps_serving_from_memory_and_recovers(
+    dns_server: DnsServer,
+    zone: Zone,
+    tmp_path: Path,
+    dead_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """The state directory is a tiny tmpfs in the sidecar's own mount namespace: it fills up,
+    the sidecar says so and keeps serving; grown again, the pending writes land."""
+    state = tmp_path / "state"
+    state.mkdir()
+    sidecar = Sidecar(dns_server.port, ["--allow-address", "127.0.0.0/8", "--refusal", "status",
+                                        "--state-dir", str(state)], log_dir=tmp_path)  # fmt: skip
+    mount = 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"'
+    sidecar.argv[:0] = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount,
+                        str(state)]  # fmt: skip
+    sidecar.process.argv = sidecar.argv
+    sidecar.start()
+    try:
+        names = [unique("full") for _ in range(400)]
+        for name in names:
+            zone.add(name, "TXT", "v=matrix;gone; " + "padding=" + "x" * 200)
+        for name in names:
+            assert sidecar.connect(f"{name}:{dead_upstream.port}").status == 502
+            if sidecar.metric("tombstone_store_up", store="sqlite") == 0:
+                break
+        assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="sqlite") == 0,
+                          timeout=10)  # fmt: skip
+        ready = json.loads(sidecar.ops("/readyz")[1])
+        assert ready["status"] == "ready" and "full" in ready["store"]["detail"]
+        assert sidecar.metric("tombstone_store_errors_total", store="sqlite", op="write") >= 1
+        assert sidecar.connect(f"{names[0]}:{dead_upstream.port}").status == 502  # from memory
+
+        assert sidecar.process.proc is not None
+        grow = ["nsenter", "--target", str(sidecar.process.proc.pid), "--mount", "mount", "-o",
+                "remount,size=16m", str(state)]  # fmt: skip
+        subprocess.run(grow, check=True, timeout=10)
+        assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="sqlite") == 1,
+                          timeout=20)  # fmt: skip
+        assert "sqlite store up" in sidecar.log()
+    finally:
+        sidecar.stop()
+    assert dead_upstream.connections == 0
