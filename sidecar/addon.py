@@ -33,11 +33,13 @@ from sidecar import answers
 from sidecar.addresses import AddressPolicy
 from sidecar.breaker import Breaker, BreakerSettings, Gate
 from sidecar.dns_client import DnsClient
+from sidecar.gone_http import GoneTtl
 from sidecar.metrics import Metrics
 from sidecar.names import InvalidName, normalize_host
 from sidecar.ops_server import OpsServer
 from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
 from sidecar.policy import Policy, TtlBounds
+from sidecar.probe import Prober, ProbeResult, ProbeSettings
 from sidecar.proxy_auth import ProxyAuth
 from sidecar.store import open_store
 from sidecar.verdicts import Entry, State, Verdict
@@ -90,6 +92,7 @@ class TombstoneAddon:
         self.tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
         self.dials: MutableMapping[connection.Server, Dial] = weakref.WeakKeyDictionary()
         self.breaker: Breaker | None = None
+        self.prober: Prober | None = None
         self.auth: ProxyAuth | None = None
         self.active_clients = 0
         self.idle = asyncio.Event()  # set whenever the last client connection closes
@@ -148,6 +151,8 @@ class TombstoneAddon:
         else:
             self.breaker.settings = breaker
         self.auth = ProxyAuth(settings.proxy_users) if settings.proxy_users else None
+        self.prober = self._make_prober(settings) if settings.probe else None
+        self.policy.prober = self.prober
         self.metrics.watch_verdicts(self._verdict_counts)
         self.settings = settings
         if not settings.enforce and (previous is None or previous.enforce):
@@ -188,6 +193,8 @@ class TombstoneAddon:
         if self.ops is not None:
             await self.ops.stop()
             self.ops = None
+        if self.prober is not None:
+            await self.prober.close()
         if self.policy is not None:
             await self.policy.store.close()
 
@@ -259,6 +266,7 @@ class TombstoneAddon:
                 self._refuse_connect(flow, broken)
                 return
             self._forward(entry, "connect")
+            self._probe(host, (host, tunnel.port), entry.verdict)
         finally:
             self.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
 
@@ -284,6 +292,8 @@ class TombstoneAddon:
             tunnel.doomed = entry.verdict
         else:
             self._forward(entry, "tls")
+            target = (tunnel.host, tunnel.port) if tunnel is not None else (name, 8448)
+            self._probe(name, target, entry.verdict)
         self.metrics.decision_by_stage["tls"].observe(time.perf_counter() - started)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -424,6 +434,32 @@ class TombstoneAddon:
         if open_breakers:
             counts.append(((State.UNREACHABLE.value, State.UNREACHABLE.value), open_breakers))
         return counts
+
+    def _make_prober(self, settings: Settings) -> Prober:
+        ttl = GoneTtl(settings.gone_ttl, settings.min_gone_ttl, settings.max_gone_ttl)
+        probe = ProbeSettings(
+            timeout=settings.probe_timeout,
+            concurrency=settings.probe_concurrency,
+            interval=settings.probe_interval,
+            ttl=ttl,
+            ca_file=settings.upstream_ca or None,
+        )
+        return Prober(probe, self.metrics, self.addresses, self._addresses_of)
+
+    async def _addresses_of(self, host: str) -> tuple[str, ...]:
+        return (await self._decide(host)).verdict.addresses
+
+    def _probe(self, name: str, target: tuple[str, int], verdict: Verdict) -> None:
+        """First sight of a live name: learn in the background whether it answers 410."""
+        if self.prober is not None and verdict.state is State.ALIVE and self.prober.due(name):
+            self.prober.schedule(name, target, self._probed)
+
+    def _probed(self, name: str, result: ProbeResult) -> None:
+        assert self.policy is not None
+        if result.outcome == "gone":
+            self.policy.learn_gone(name, result.lifetime, result.detail)
+        else:
+            log.debug("probe of %s: %s", name, result.detail)
 
     def _refuse_connect(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
         """Refuse a CONNECT to a gone destination as --refusal says.

@@ -123,6 +123,12 @@ class Metrics:
             ["store", "op"],
             registry=r,
         )
+        self.probes = Counter(
+            "tombstone_probes_total",
+            "HTTP probes of well-known and version endpoints (pass-through 410 learning).",
+            ["result"],
+            registry=r,
+        )
         self.breaker_guard = Gauge(
             "tombstone_breaker_guard_tripped",
             "1 while too many destinations fail at once (our fault?): no new breakers open.",

@@ -185,6 +185,36 @@ OPTIONS: tuple[Option, ...] = (
         "FILE",
     ),
     Option(
+        "probe",
+        True,
+        "Probe each new server name once per --probe-interval (GET /.well-known/matrix/server "
+        "and /_matrix/federation/v1/version, in the background) to learn 410 Gone.",
+        flag=True,
+    ),
+    Option("probe_interval", "1h", "At most one probe per server name this often.", "DURATION"),
+    Option("probe_timeout", "10s", "Give up on one probe request after this long.", "DURATION"),
+    Option("probe_concurrency", "8", "Probes running at once, at most.", "N"),
+    Option(
+        "gone_ttl",
+        "24h",
+        "How long a 410 verdict holds when the response has no Cache-Control/Expires.",
+        "DURATION",
+    ),
+    Option("min_gone_ttl", "1h", "Shortest time a 410 verdict holds.", "DURATION"),
+    Option(
+        "max_gone_ttl",
+        "30d",
+        "Longest time a 410 verdict holds (MSC4188 allows 30 days).",
+        "DURATION",
+    ),
+    Option(
+        "upstream_ca",
+        "",
+        "Extra CA bundle (PEM) trusted when the sidecar itself talks TLS to remote servers "
+        "(probes), besides the system store: for tests and private federations.",
+        "FILE",
+    ),
+    Option(
         "connect_timeout",
         "10s",
         "Give up dialling an upstream after this long (a blackholed address otherwise hangs "
@@ -354,6 +384,18 @@ def parse_store(text: str) -> str:
     raise ValueError(f"{text!r} is not memory, sqlite or a redis:// URL (redis://host:6379/0)")
 
 
+def read_ca_file(path: object) -> str:
+    """A PEM bundle ssl can load; returns the path."""
+    import ssl
+
+    text = str(path)
+    try:
+        ssl.create_default_context().load_verify_locations(text)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"cannot load CA certificates from {text}: {e}") from None
+    return text
+
+
 REFUSALS = ("close", "status")
 
 
@@ -426,6 +468,14 @@ class Settings:
     proxy_users: dict[str, str] | None
     allow_open_proxy: bool
     shutdown_grace: float
+    probe: bool
+    probe_interval: float
+    probe_timeout: float
+    probe_concurrency: int
+    gone_ttl: float
+    min_gone_ttl: float
+    max_gone_ttl: float
+    upstream_ca: str
 
     def read_lists(self) -> tuple[frozenset[str], frozenset[str]]:
         """Deny and allow lists: the flags plus the files as they are now (ValueError if bad)."""
@@ -478,6 +528,12 @@ class Settings:
             allowed.update(check("allow_file", read_name_file))
         token_file = str(get("ops_token_file") or "")
         auth_file = str(get("proxy_auth_file") or "")
+        min_gone = check("min_gone_ttl", parse_duration)
+        max_gone = check("max_gone_ttl", parse_duration)
+        if max_gone < min_gone:
+            raise ConfigError(
+                "max_gone_ttl", f"{get('max_gone_ttl')} is shorter than --min-gone-ttl"
+            )
         breaker_min = check("breaker_min", parse_duration)
         breaker_max = check("breaker_max", parse_duration)
         if breaker_max < breaker_min:
@@ -517,6 +573,14 @@ class Settings:
             proxy_users=check("proxy_auth_file", read_credentials) if auth_file else None,
             allow_open_proxy=check("allow_open_proxy", parse_bool),
             shutdown_grace=check("shutdown_grace", parse_duration),
+            probe=check("probe", parse_bool),
+            probe_interval=check("probe_interval", parse_duration),
+            probe_timeout=check("probe_timeout", parse_duration),
+            probe_concurrency=check("probe_concurrency", lambda v: parse_int(v, 1, 1000)),
+            gone_ttl=check("gone_ttl", parse_duration),
+            min_gone_ttl=min_gone,
+            max_gone_ttl=max_gone,
+            upstream_ca=check("upstream_ca", read_ca_file) if get("upstream_ca") else "",
         )
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from sidecar import signals
 from sidecar.dns_client import DnsClient
 from sidecar.metrics import Metrics
+from sidecar.probe import Prober
 from sidecar.signals import DnsReport, Finding, Signal
 from sidecar.store import VerdictStore
 from sidecar.verdicts import Entry, State, Verdict, VerdictCache
@@ -60,6 +61,7 @@ class Policy:
     ) -> None:
         self.dns = dns
         self.store = store if store is not None else VerdictStore(metrics)
+        self.prober: Prober | None = None  # set when HTTP probes are on; re-checks 410s
         self.ttl = ttl
         self.cache = VerdictCache(cache_size, clock)
         self._clock = clock
@@ -198,9 +200,17 @@ class Policy:
             entry = self.cache.get(name) or self._manual.get(name)
             if entry is not None:
                 return entry
+        previous = self.cache.get(name)
         try:
             report = await signals.evaluate(self.dns, name)
             verdict = self.judge(report)
+            if (
+                previous is not None
+                and previous.verdict.signal == Signal.HTTP_410
+                and verdict.state is State.ALIVE
+                and self.prober is not None
+            ):
+                verdict = await self._recheck_http(name, verdict)
         except Exception as e:  # a bug here must not become a tombstone: fail open
             log.exception("checking %s failed; forwarding it without a verdict", name)
             now = self._clock()
@@ -213,6 +223,35 @@ class Policy:
                 now + UNDECIDED_RETRY_SECONDS,
             )
         return self._store(verdict)
+
+    async def _recheck_http(self, name: str, alive: Verdict) -> Verdict:
+        """An expired 410 verdict, DNS clean: ask the server again before lifting it."""
+        assert self.prober is not None
+        result = await self.prober.probe(name, None)
+        now = self._clock()
+        if result.outcome == "gone":
+            return Verdict(name, State.GONE, Signal.HTTP_410, result.detail, now,
+                           now + result.lifetime, alive.addresses)  # fmt: skip
+        if result.outcome == "failed":  # no evidence either way: keep the 410 (fail open later)
+            return Verdict(name, State.UNDECIDED, None, f"re-check failed: {result.detail}",
+                           now, now + UNDECIDED_RETRY_SECONDS, alive.addresses)  # fmt: skip
+        return alive
+
+    def learn_gone(self, name: str, lifetime: float, evidence: str) -> None:
+        """A 410 Gone from the server itself (a probe, or a response in intercept mode)."""
+        if name in self.allow:
+            return
+        current = self.cache.get(name)
+        if (
+            current is not None
+            and current.verdict.suppresses
+            and current.verdict.signal != Signal.HTTP_410
+        ):
+            return  # already gone for a DNS or operator reason; that verdict stands
+        now = self._clock()
+        addresses = current.verdict.addresses if current is not None else ()
+        self._store(Verdict(name, State.GONE, Signal.HTTP_410, evidence, now, now + lifetime,
+                            addresses))  # fmt: skip
 
     def judge(self, report: DnsReport) -> Verdict:
         """Any positive evidence is gone; all clear is alive; anything else is undecided.

@@ -239,7 +239,8 @@ class World:
     def start_sidecar(self, args: Sequence[str] = ()) -> Sidecar:
         sidecar = Sidecar(
             SIDECAR_DNS_PORT,
-            ["--allow-address", "127.0.0.0/8", "--min-ttl", "1s", *args],
+            # --no-probe: the pass-through scenarios count every connection the remotes get
+            ["--allow-address", "127.0.0.0/8", "--min-ttl", "1s", "--no-probe", *args],
             log_dir=self.directory,
         )
         self.sidecars.append(sidecar)

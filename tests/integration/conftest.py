@@ -21,7 +21,9 @@ LIVE_IP = "127.0.0.2"
 DEAD_IP = "127.0.0.3"
 # --refusal status: these tests read the sidecar's answer (status, headers, JSON body);
 # the default, close, is tested on its own in test_proxy.py.
-BASE_ARGS = ("--allow-address", "127.0.0.0/8", "--refusal", "status")
+# --no-probe: a probe would send its own requests to the test upstreams and muddle their
+# counts; probing has its own tests in test_probe.py.
+BASE_ARGS = ("--allow-address", "127.0.0.0/8", "--refusal", "status", "--no-probe")
 
 _counter = itertools.count()
 

@@ -271,6 +271,14 @@ def test_settings_defaults() -> None:
         proxy_users=None,
         allow_open_proxy=False,
         shutdown_grace=20.0,
+        probe=True,
+        probe_interval=3600.0,
+        probe_timeout=10.0,
+        probe_concurrency=8,
+        gone_ttl=86400.0,
+        min_gone_ttl=3600.0,
+        max_gone_ttl=30 * 86400.0,
+        upstream_ca="",
     )
 
 

@@ -1,0 +1,158 @@
+"""Active HTTP probes: how pass-through mode learns `410 Gone` without seeing responses.
+
+The first time a server name is seen (and when its http_410 verdict expires) the sidecar
+fetches, in the background, `https://<name>/.well-known/matrix/server` and
+`GET /_matrix/federation/v1/version` on the connection target, the way a remote homeserver
+would: certificates verified (system store plus `--upstream-ca`), only addresses the
+address policy allows, a deadline on everything. The live request is never delayed by a
+probe, and a probe that fails (timeout, TLS error, refused) is never a verdict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from sidecar import gone_http
+from sidecar.addresses import AddressPolicy
+from sidecar.metrics import Metrics
+
+log = logging.getLogger("sidecar.probe")
+
+WELL_KNOWN_PATH = "/.well-known/matrix/server"
+VERSION_PATH = "/_matrix/federation/v1/version"
+MAX_HEAD_BYTES = 16 * 1024  # status line and headers; the body is not needed
+USER_AGENT = "tombstone-sidecar-probe"
+MAX_REMEMBERED = 100_000  # names whose last probe time is kept for the rate limit
+
+Resolve = Callable[[str], Awaitable[tuple[str, ...]]]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """`gone` with a lifetime and evidence, `answered` (not a tombstone), or `failed`."""
+
+    outcome: str  # "gone" | "answered" | "failed"
+    detail: str
+    lifetime: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    timeout: float
+    concurrency: int
+    interval: float  # at most one probe per name per interval
+    ttl: gone_http.GoneTtl
+    ca_file: str | None
+
+
+class Prober:
+    """Runs probes: bounded concurrency, per-name rate limit, never raises."""
+
+    def __init__(self, settings: ProbeSettings, metrics: Metrics, addresses: AddressPolicy,
+                 resolve: Resolve) -> None:  # fmt: skip
+        self.settings = settings
+        self.addresses = addresses
+        self._metrics = metrics
+        self._resolve = resolve
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._last: TTLCache[str, float] = TTLCache(MAX_REMEMBERED, settings.interval)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._context = ssl.create_default_context()
+        if settings.ca_file:
+            self._context.load_verify_locations(settings.ca_file)
+
+    def due(self, name: str) -> bool:
+        return name not in self._last
+
+    def schedule(self, name: str, target: tuple[str, int] | None,
+                 on_result: Callable[[str, ProbeResult], None]) -> None:  # fmt: skip
+        """Probe `name` in the background unless it was probed within the interval."""
+        if name in self._last:
+            return
+        self._last[name] = time.monotonic()
+
+        async def run() -> None:
+            on_result(name, await self.probe(name, target))
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def probe(self, name: str, target: tuple[str, int] | None) -> ProbeResult:
+        """Both probes; the first tombstone wins, any real answer means not gone."""
+        self._last[name] = time.monotonic()
+        async with self._slots:
+            results = [await self._fetch(name, (name, 443), WELL_KNOWN_PATH)]
+            if results[0].outcome != "gone":
+                results.append(await self._fetch(name, target or (name, 8448), VERSION_PATH))
+        for result in results:
+            self._metrics.probes.labels(result.outcome).inc()
+        gone = next((r for r in results if r.outcome == "gone"), None)
+        if gone is not None:
+            return gone
+        answered = next((r for r in results if r.outcome == "answered"), None)
+        return answered or results[-1]
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _fetch(self, name: str, target: tuple[str, int], path: str) -> ProbeResult:
+        host, port = target
+        where = f"https://{name}" if (host, port) == (name, 443) else f"https://{host}:{port}"
+        try:
+            address = await self._address(host)
+            if address is None:
+                return ProbeResult("failed", f"{where}: no address the policy allows")
+            status, headers = await asyncio.wait_for(
+                self._get(address, port, name, path), self.settings.timeout
+            )
+        except TimeoutError:
+            return ProbeResult("failed", f"{where}{path}: no answer in {self.settings.timeout:g}s")
+        except (OSError, ssl.SSLError, ValueError) as e:
+            return ProbeResult("failed", f"{where}{path}: {e}")
+        if gone_http.is_tombstone(status, path):
+            seconds = gone_http.lifetime(headers, self.settings.ttl)
+            return ProbeResult("gone", gone_http.evidence(status, path, where, seconds), seconds)
+        return ProbeResult("answered", f"{where}{path}: {status}")
+
+    async def _address(self, host: str) -> str | None:
+        address, _ = self.addresses.choose(await self._resolve(host))
+        return address
+
+    async def _get(
+        self, address: str, port: int, name: str, path: str
+    ) -> tuple[int, dict[str, str]]:
+        """One HTTP/1.1 GET over TLS to the checked address, SNI and Host = the server name."""
+        reader, writer = await asyncio.open_connection(
+            address, port, ssl=self._context, server_hostname=name
+        )
+        try:
+            host = name if port == 443 else f"{name}:{port}"
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
+                         "Connection: close\r\n\r\n".encode())  # fmt: skip
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as e:
+            raise ValueError(f"malformed response: {e}") from None
+        finally:
+            writer.close()
+        if len(head) > MAX_HEAD_BYTES:
+            raise ValueError("response headers too large")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
+            raise ValueError(f"malformed status line {lines[0][:80]!r}")
+        headers = {}
+        for line in lines[1:]:
+            key, sep, value = line.partition(":")
+            if sep:
+                headers[key.strip().lower()] = value.strip()
+        return int(parts[1]), headers
