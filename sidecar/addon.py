@@ -29,13 +29,13 @@ from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import server_hooks
 
-from sidecar import answers
+from sidecar import answers, gone_http, request_classes, xmatrix
 from sidecar.addresses import AddressPolicy
 from sidecar.breaker import Breaker, BreakerSettings, Gate
 from sidecar.dns_client import DnsClient
 from sidecar.gone_http import GoneTtl
 from sidecar.metrics import Metrics
-from sidecar.names import InvalidName, normalize_host
+from sidecar.names import InvalidName, normalize_host, parse_authority
 from sidecar.ops_server import OpsServer
 from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
 from sidecar.policy import Policy, TtlBounds
@@ -43,9 +43,11 @@ from sidecar.probe import Prober, ProbeResult, ProbeSettings
 from sidecar.proxy_auth import ProxyAuth
 from sidecar.store import open_store
 from sidecar.verdicts import Entry, State, Verdict
+from sidecar.xmatrix import XMatrixError
 
 log = logging.getLogger("sidecar.addon")
 
+LOCAL_ANSWER = "tombstone_local_answer"  # flow.metadata key: answered here, learn nothing
 LIST_POLL_SECONDS = 2.0  # how soon an edited --deny-file/--allow-file takes effect
 
 
@@ -91,6 +93,8 @@ class TombstoneAddon:
         self.addresses = AddressPolicy.default()
         self.tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
         self.dials: MutableMapping[connection.Server, Dial] = weakref.WeakKeyDictionary()
+        self.handshaking: MutableMapping[connection.Server, str] = weakref.WeakKeyDictionary()
+        self.gone_ttl = GoneTtl(86400, 3600, 30 * 86400)
         self.breaker: Breaker | None = None
         self.prober: Prober | None = None
         self.auth: ProxyAuth | None = None
@@ -151,6 +155,7 @@ class TombstoneAddon:
         else:
             self.breaker.settings = breaker
         self.auth = ProxyAuth(settings.proxy_users) if settings.proxy_users else None
+        self.gone_ttl = GoneTtl(settings.gone_ttl, settings.min_gone_ttl, settings.max_gone_ttl)
         self.prober = self._make_prober(settings) if settings.probe else None
         self.policy.prober = self.prober
         self.metrics.watch_verdicts(self._verdict_counts)
@@ -271,7 +276,8 @@ class TombstoneAddon:
             self.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
 
     async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        data.ignore_connection = True  # pass-through: TLS stays end-to-end, always
+        # pass-through: TLS stays end to end; intercept: mitmproxy terminates it with our CA
+        data.ignore_connection = self._settings.mode == "passthrough"
         sni = data.client_hello.sni
         if not sni:
             return
@@ -290,6 +296,7 @@ class TombstoneAddon:
             if tunnel is None:
                 tunnel = self.tunnels[data.context.client] = Tunnel(name, 0)
             tunnel.doomed = entry.verdict
+            data.ignore_connection = True  # not even intercepted: server_connect refuses
         else:
             self._forward(entry, "tls")
             target = (tunnel.host, tunnel.port) if tunnel is not None else (name, 8448)
@@ -297,24 +304,56 @@ class TombstoneAddon:
         self.metrics.decision_by_stage["tls"].observe(time.perf_counter() - started)
 
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
-        """Plain-HTTP proxy requests (`GET http://...`): the same judgement by Host."""
+        """Every HTTP request the proxy sees: plain-HTTP proxy requests, and in intercept
+        mode each request inside a (pooled) tunnel, judged by its own destination."""
         if flow.response is not None or flow.request.method == "CONNECT":
             return
         if flow.client_conn not in self.tunnels and not self._authorized(flow):
             return
         started = time.perf_counter()
         try:
-            host = normalize_host(flow.request.host)
-        except InvalidName as e:
+            name = self._destination(flow)
+        except (InvalidName, XMatrixError) as e:
             self.metrics.invalid_input.labels("request").inc()
             flow.response = answers.bad_target(str(e))
+            flow.metadata[LOCAL_ANSWER] = True
             return
-        entry = await self._decide(host)
+        entry = await self._decide(name)
         if self._suppress(entry, "request"):
-            flow.response = answers.suppressed(entry.verdict, self._settings.suppress_status)
+            cls = request_classes.classify(flow.request.path)
+            status = self._settings.answer_status[cls]
+            flow.response = answers.request_refused(entry.verdict, status, cls)
+            flow.metadata[LOCAL_ANSWER] = True
         else:
             self._forward(entry, "request")
         self.metrics.decision_by_stage["request"].observe(time.perf_counter() - started)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """Passive 410 learning from real responses, keyed by the request's destination."""
+        response = flow.response
+        if response is None or flow.metadata.get(LOCAL_ANSWER):
+            return
+        if not gone_http.is_tombstone(response.status_code, flow.request.path):
+            return
+        try:
+            name = self._destination(flow)
+        except (InvalidName, XMatrixError):
+            return
+        assert self.policy is not None
+        seconds = gone_http.lifetime(response.headers, self.gone_ttl)
+        where = f"https://{flow.request.host}:{flow.request.port}"
+        path = flow.request.path.split("?", 1)[0]
+        self.policy.learn_gone(name, seconds, gone_http.evidence(410, path, where, seconds))
+
+    def _destination(self, flow: http.HTTPFlow) -> str:
+        """X-Matrix `destination`, else the Host header, else the request's host."""
+        named = xmatrix.destination(flow.request.headers.get("Authorization"))
+        if named is not None:
+            return parse_authority(named).host
+        host = flow.request.host_header
+        if host:
+            return parse_authority(host).host
+        return normalize_host(flow.request.host)
 
     async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Last gate before dialling: never a gone SNI, never an unchecked address."""
@@ -345,11 +384,28 @@ class TombstoneAddon:
 
     def server_connected(self, data: server_hooks.ServerConnectionHookData) -> None:
         dial = self.dials.pop(data.server, None)
-        if dial is not None:
-            if dial.timer is not None:
-                dial.timer.cancel()
+        if dial is None:
+            return
+        if dial.timer is not None:
+            dial.timer.cancel()
+        if self._settings.mode == "intercept":
+            self.handshaking[data.server] = dial.key  # TLS decides success (tls_*_server)
+        else:
             assert self.breaker is not None
             self.breaker.success(dial.key)
+
+    def tls_established_server(self, data: tls.TlsData) -> None:
+        key = self.handshaking.pop(data.conn, None)  # type: ignore[call-overload]
+        if key is not None:
+            assert self.breaker is not None
+            self.breaker.success(key)
+
+    def tls_failed_server(self, data: tls.TlsData) -> None:
+        key = self.handshaking.pop(data.conn, None)  # type: ignore[call-overload]
+        if key is not None:
+            assert self.breaker is not None
+            self.metrics.upstream_errors.labels("tls").inc()
+            self.breaker.failure(key, f"TLS handshake failed: {data.conn.error}")
 
     def server_connect_error(self, data: server_hooks.ServerConnectionHookData) -> None:
         dial = self.dials.pop(data.server, None)
@@ -436,12 +492,11 @@ class TombstoneAddon:
         return counts
 
     def _make_prober(self, settings: Settings) -> Prober:
-        ttl = GoneTtl(settings.gone_ttl, settings.min_gone_ttl, settings.max_gone_ttl)
         probe = ProbeSettings(
             timeout=settings.probe_timeout,
             concurrency=settings.probe_concurrency,
             interval=settings.probe_interval,
-            ttl=ttl,
+            ttl=self.gone_ttl,
             ca_file=settings.upstream_ca or None,
         )
         return Prober(probe, self.metrics, self.addresses, self._addresses_of)

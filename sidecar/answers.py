@@ -8,6 +8,7 @@ answer left open would keep the client's socket waiting), and for a tombstone th
 from __future__ import annotations
 
 import json
+import time
 
 from mitmproxy import http
 
@@ -35,6 +36,24 @@ def suppressed(verdict: Verdict, status: int) -> http.Response:
     signal = str(verdict.signal)
     body = {"errcode": ERRCODE_GONE, "error": gone_message(verdict), "signal": signal}
     return _make(status, body, {SIGNAL_HEADER: signal})
+
+
+def request_refused(verdict: Verdict, status: int, request_class: str) -> http.Response:
+    """Answer to a request inside a tunnel (intercept mode), chosen by its request class.
+
+    The Matrix error reaches the user for user-facing requests (Synapse passes a 4xx's
+    errcode and text on); the well-known answer carries the verdict's remaining lifetime
+    so that a resolver honouring MSC4188 stops discovery for that long.
+    """
+    signal = str(verdict.signal)
+    body = {"errcode": ERRCODE_GONE, "error": gone_message(verdict), "signal": signal}
+    extra = {SIGNAL_HEADER: signal, "X-Tombstone-Class": request_class}
+    if request_class == "well_known":
+        remaining = max(0, int(verdict.expires_at - time.time()))
+        extra["Cache-Control"] = f"max-age={remaining}"
+    response = _make(status, body, extra)
+    del response.headers["Connection"]  # the tunnel stays open for the next request
+    return response
 
 
 def blocked_address(host: str, refused: list[str]) -> http.Response:

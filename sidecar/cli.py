@@ -20,6 +20,7 @@ from sidecar.options import BY_NAME, OPTIONS, ConfigError, Option, Settings, gat
 log = logging.getLogger("sidecar")
 
 EXIT_ALIVE, EXIT_GONE, EXIT_USAGE, EXIT_LOOKUP_FAILED = 0, 1, 2, 3
+STREAM_BODIES_OVER = "1m"  # intercept mode: larger bodies stream through, never buffered
 
 DESCRIPTION = """\
 An egress proxy for a Matrix homeserver. Point the homeserver's HTTPS_PROXY at it; it
@@ -146,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
             _add_option(action, BY_NAME[name])
 
     verdicts_cli.add_commands(verdicts, add_verdicts_options)
+    ca_parser = commands.add_parser(
+        "ca",
+        help="create (once) and export the intercept-mode CA",
+        description="The CA intercept mode signs its certificates with lives in "
+        "<state-dir>/ca and is made on first use. Export it for the homeserver: "
+        "federation_custom_ca_list (it replaces the system store for federation, so give it "
+        "the --bundle) or SSL_CERT_FILE.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ca_parser.add_argument("--export", metavar="FILE", help="write the CA certificate (PEM)")
+    ca_parser.add_argument("--bundle", metavar="FILE", help="write system CAs + ours (PEM)")
+    for name in ("config", "state_dir"):
+        _add_option(ca_parser, BY_NAME[name])
+    ca_parser.set_defaults(func=_cmd_ca)
     run.set_defaults(func=_cmd_run)
     check.set_defaults(func=_cmd_check)
     verdicts.set_defaults(func=_cmd_verdicts)
@@ -224,8 +239,28 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
     from sidecar.options import ADDON_OPTIONS
 
     # Pass-through mode never intercepts, but mitmproxy insists on a CA in its confdir at
-    # start: give it a private throwaway directory rather than ~/.mitmproxy.
-    with tempfile.TemporaryDirectory(prefix="tombstone-sidecar-") as confdir:
+    # start: give it a private throwaway directory rather than ~/.mitmproxy. Intercept
+    # mode keeps its CA in the state directory.
+    with tempfile.TemporaryDirectory(prefix="tombstone-sidecar-") as scratch:
+        mitm: dict[str, Any] = {}
+        if settings.mode == "intercept":
+            from sidecar import ca
+
+            try:
+                cert = ca.ensure_ca(settings.state_dir)
+                if settings.upstream_ca:
+                    mitm["ssl_verify_upstream_trusted_ca"] = ca.upstream_trust(
+                        settings.state_dir, settings.upstream_ca
+                    )
+            except OSError as e:
+                print(f"tombstone-sidecar: error: --state-dir: cannot keep the CA: {e}",
+                      file=sys.stderr)  # fmt: skip
+                return EXIT_USAGE
+            confdir = str(cert.parent)
+            mitm["stream_large_bodies"] = STREAM_BODIES_OVER  # media must not sit in memory
+            log.info("intercept mode: CA %s (%s)", cert, ca.describe(cert))
+        else:
+            confdir = scratch
         opts = Options(confdir=confdir)
         master = Master(opts, with_termlog=False)
         addon = TombstoneAddon()
@@ -236,6 +271,7 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
                 mode=[f"regular@{settings.listen.port}"],
                 listen_host=settings.listen.host,
                 connection_strategy="lazy",
+                **mitm,
                 **{o.mitm: _mitm_value(o, raw[o.name]) for o in ADDON_OPTIONS if o.name in raw},
             )
         except OptionsError as e:
@@ -246,9 +282,10 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, drain.begin, sig)
         log.info(
-            "tombstone-sidecar %s: proxy on http://%s (pass-through), %s",
+            "tombstone-sidecar %s: proxy on http://%s (%s), %s",
             __version__,
             settings.listen,
+            settings.mode,
             "enforcing" if settings.enforce else "shadow mode (--no-enforce)",
         )
         await master.run()
@@ -310,6 +347,27 @@ class _Drain:
             log.warning("closing %d connection(s) still open after %gs",
                         self.addon.active_clients, self.grace)  # fmt: skip
         self.master.shutdown()
+
+
+def _cmd_ca(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
+    from pathlib import Path
+
+    from sidecar import ca
+
+    try:
+        cert = ca.ensure_ca(settings.state_dir)
+        if args.export:
+            ca.export(cert, Path(args.export))
+        if args.bundle:
+            ca.write_bundle(cert, Path(args.bundle))
+    except OSError as e:
+        print(f"tombstone-sidecar: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"CA {cert}: {ca.describe(cert)}")
+    for what, path in (("certificate", args.export), ("bundle", args.bundle)):
+        if path:
+            print(f"wrote the {what} to {path}")
+    return 0
 
 
 def _cmd_verdicts(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:

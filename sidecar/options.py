@@ -20,6 +20,7 @@ from sidecar.addresses import IPNetwork, parse_network
 from sidecar.dns_client import Nameserver
 from sidecar.names import Authority, InvalidName, is_ip_literal, normalize_host, parse_authority
 from sidecar.proxy_auth import read_credentials
+from sidecar.request_classes import DEFAULT_STATUS, parse_override
 
 ENV_PREFIX = "TOMBSTONE_"
 MITM_PREFIX = "tombstone_"
@@ -80,6 +81,22 @@ OPTIONS: tuple[Option, ...] = (
         "address makes this an open proxy: keep it on loopback in a sidecar.",
         "HOST:PORT",
         scope="run",
+    ),
+    Option(
+        "mode",
+        "passthrough",
+        "`passthrough`: judge CONNECT targets and TLS SNI, never see plaintext, no CA. "
+        "`intercept`: terminate TLS with the sidecar's own CA (in --state-dir; see "
+        "`tombstone-sidecar ca`) and judge every request by its X-Matrix destination.",
+        "MODE",
+    ),
+    Option(
+        "answer",
+        (),
+        "Intercept mode: the status for a request class, CLASS=STATUS (classes: failover 502, "
+        "user 410, send 410, well_known 410, other 502); repeatable.",
+        "CLASS=STATUS",
+        repeatable=True,
     ),
     Option(
         "ops_listen",
@@ -396,6 +413,16 @@ def read_ca_file(path: object) -> str:
     return text
 
 
+MODES = ("passthrough", "intercept")
+
+
+def parse_mode(text: object) -> str:
+    value = str(text).strip().lower()
+    if value not in MODES:
+        raise ValueError(f"{text!r} is not one of {', '.join(MODES)}")
+    return value
+
+
 REFUSALS = ("close", "status")
 
 
@@ -476,6 +503,8 @@ class Settings:
     min_gone_ttl: float
     max_gone_ttl: float
     upstream_ca: str
+    mode: str
+    answer_status: dict[str, int]
 
     def read_lists(self) -> tuple[frozenset[str], frozenset[str]]:
         """Deny and allow lists: the flags plus the files as they are now (ValueError if bad)."""
@@ -581,6 +610,8 @@ class Settings:
             min_gone_ttl=min_gone,
             max_gone_ttl=max_gone,
             upstream_ca=check("upstream_ca", read_ca_file) if get("upstream_ca") else "",
+            mode=check("mode", parse_mode),
+            answer_status={**DEFAULT_STATUS, **dict(each("answer", parse_override))},
         )
 
 

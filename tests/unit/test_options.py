@@ -279,6 +279,8 @@ def test_settings_defaults() -> None:
         min_gone_ttl=3600.0,
         max_gone_ttl=30 * 86400.0,
         upstream_ca="",
+        mode="passthrough",
+        answer_status={"failover": 502, "user": 410, "send": 410, "well_known": 410, "other": 502},
     )
 
 
