@@ -99,7 +99,7 @@ def test_invalid_name_is_a_value_error() -> None:
 
 def test_normalize_host_rejects_non_strings() -> None:
     with pytest.raises(InvalidName, match="expected a name, got bytes"):
-        normalize_host(b"example.org")  # type: ignore[arg-type]
+        normalize_host(b"example.org")  # type: ignore[arg-type,unused-ignore]
 
 
 def test_long_garbage_is_shortened_in_the_message() -> None:
