@@ -329,6 +329,15 @@ class FakeHomeserver:
             self._host(room)
         return room.alias
 
+    def add_room(self, server: str, localpart: str) -> str:
+        """A fresh public room of `server` (one of this fake's names), for one experiment
+        (joining a shared `#lobby` would put another homeserver into the main world's
+        rooms); its room ID."""
+        room = Room.create(server, self.keys[server], localpart)
+        with self._lock:
+            self._host(room)
+        return room.room_id
+
     def room_by_alias(self, alias: str) -> Room | None:
         return next((r for r in self.rooms.values() if r.alias == alias), None)
 

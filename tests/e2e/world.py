@@ -248,9 +248,19 @@ class World:
         return sidecar.start()
 
     def start_synapse(
-        self, label: str, server_name: str, port: int, proxy_url: str, **extra: Any
+        self,
+        label: str,
+        server_name: str,
+        port: int,
+        proxy_url: str,
+        *,
+        ca_file: Path | None = None,
+        **extra: Any,
     ) -> Synapse:
         """A Synapse in the world (the main one, or another for a side experiment).
+
+        `ca_file` replaces the world's test CA as what Synapse trusts for federation (for
+        an intercepting sidecar: a bundle with the sidecar's own CA).
 
         Its only key notary is the live remote (as matrix.org is for most servers), which
         vouches for the decommissioned servers' keys too: without it Synapse could not
@@ -272,7 +282,7 @@ class World:
             server_name=server_name,
             port=port,
             proxy_url=proxy_url,
-            ca_file=self.ca.ca_pem_path,
+            ca_file=ca_file or self.ca.ca_pem_path,
             command_prefix=self.command_prefix,
             extra_config=extra,
         )
