@@ -259,6 +259,11 @@ class TombstoneAddon:
         tunnel = Tunnel(host, flow.request.port)
         self.tunnels[flow.client_conn] = tunnel
         entry = await self._decide(host)
+        if self._settings.mode == "intercept" and entry.verdict.suppresses:
+            # Accept: every request inside is answered by its request class (a user-facing
+            # 410 that names the server, a failover 502), which a refused CONNECT cannot do.
+            self.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
+            return
         try:
             if self._suppress(entry, "connect"):
                 self._refuse_connect(flow, entry.verdict)
@@ -291,6 +296,8 @@ class TombstoneAddon:
             return
         if tunnel is not None and name == tunnel.host:
             return  # judged at CONNECT already
+        if self._settings.mode == "intercept":
+            return  # each request inside is judged by its own destination
         entry = await self._decide(name)
         if self._suppress(entry, "tls"):
             if tunnel is None:
@@ -319,6 +326,11 @@ class TombstoneAddon:
             flow.metadata[LOCAL_ANSWER] = True
             return
         entry = await self._decide(name)
+        if not entry.verdict.suppresses and flow.client_conn in self.tunnels:
+            broken = self._breaker_verdict(
+                f"{normalize_host(flow.request.host)}:{flow.request.port}"
+            )
+            entry = Entry(broken) if broken is not None else entry
         if self._suppress(entry, "request"):
             cls = request_classes.classify(flow.request.path)
             status = self._settings.answer_status[cls]
@@ -370,6 +382,12 @@ class TombstoneAddon:
             data.server.error = f"invalid upstream host: {e}"
             return
         if tunnel is not None and tunnel.address and (host, port) == (tunnel.host, tunnel.port):
+            assert self.policy is not None
+            late = self.policy.cached(host)  # judged gone since the CONNECT (a probe, a peer)?
+            passthrough = self._settings.mode == "passthrough"  # intercept: per request
+            if passthrough and late is not None and self._suppress(late, "tls"):
+                data.server.error = answers.gone_message(late.verdict)
+                return
             data.server.address = (tunnel.address, port)
         else:
             entry = await self._decide(host)

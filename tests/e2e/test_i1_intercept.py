@@ -12,9 +12,9 @@ The switchable remote (127.0.3.1:443/8448) serves flip.test, gone410.test, back.
 probe.test and answers 410 to everything for the names in its `gone` set.
 
 What Synapse 1.163 shows the client: a failed federation profile query is always 502
-"Failed to fetch profile" (our 410 text never reaches it); an invite to a gone server is
-502 "Can't connect to server <name>" after Synapse's 3 retries (~4 s), because the
-sidecar refuses the CONNECT even in intercept mode (i2, xfail: CONNECT_REFUSAL_BUG).
+"Failed to fetch profile" (our 410 text never reaches it); an invite to a gone server gets
+the sidecar's 410 with the server and the signal named, at once (i2): in intercept mode the
+CONNECT to a gone server is accepted and each request inside is answered by its class.
 """
 
 from __future__ import annotations
@@ -126,31 +126,17 @@ def test_i1_join_via_dead_then_live_succeeds_through_the_live_one(
 # -- 2. invite a user on a tombstoned server --------------------------------------------------
 
 
-CONNECT_REFUSAL_BUG = (
-    "sidecar/addon.py TombstoneAddon.http_connect refuses the CONNECT to any name with a "
-    "gone verdict in intercept mode too (_suppress(entry, 'connect') -> _refuse_connect, no "
-    "mode check; the same for an http_410 verdict learned from the well-known's 410), so "
-    "the invite never reaches requestheaders' per-class answer: Synapse logs 'Request "
-    "failed: PUT .../v2/invite/...: ConnectionDone()' 4 times (its retries, ~4 s) and the "
-    'client gets 502 M_UNKNOWN "Can\'t connect to server <name>"; in intercept mode the '
-    "CONNECT should be accepted and the invite answered inside the tunnel: 410 "
-    "M_SERVER_DECOMMISSIONED '<name> is decommissioned (<signal>: ...)'"
-)
-
-
 @pytest.mark.parametrize(
     ("server", "signal"),
     [
         pytest.param(
             TXT_GONE.name,
             "dns_txt_gone",
-            marks=pytest.mark.xfail(strict=True, reason=CONNECT_REFUSAL_BUG),
             id="dns_txt_gone",
         ),
         pytest.param(
             GONE410,
             "http_410",
-            marks=pytest.mark.xfail(strict=True, reason=CONNECT_REFUSAL_BUG),
             id="http_410",
         ),
     ],
