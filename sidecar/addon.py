@@ -549,7 +549,14 @@ class TombstoneAddon:
 
     def _authorized(self, flow: http.HTTPFlow) -> bool:
         """With --proxy-auth-file, answer 407 unless Proxy-Authorization is right."""
-        if self.auth is None or self.auth.check(flow.request.headers.get("Proxy-Authorization")):
+        if self.auth is None:
+            return True
+        try:
+            ok = self.auth.check(flow.request.headers.get("Proxy-Authorization"))
+        except Exception:  # an exception here must never let a request through
+            log.exception("proxy authentication check failed; refusing the request")
+            ok = False
+        if ok:
             return True
         self.metrics.proxy_auth_failures.inc()
         flow.response = answers.proxy_auth_required()

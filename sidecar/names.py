@@ -69,7 +69,8 @@ def normalize_host(raw: str) -> str:
         try:
             return str(ipaddress.IPv6Address(host))
         except ValueError as e:
-            raise InvalidName(f"{raw!r} is not a valid IPv6 literal: {e}") from None
+            reason = _shorten(str(e), 60)
+            raise InvalidName(f"{_shorten(raw)} is not a valid IPv6 literal ({reason})") from None
     if bracketed:
         raise InvalidName(f"{_shorten(raw)}: only IPv6 literals go in brackets")
     if host.endswith("."):
@@ -99,7 +100,10 @@ def _encode_label(label: str, raw: str) -> str:
         try:
             ascii_label = label.encode("idna").decode("ascii")
         except UnicodeError as e:
-            raise InvalidName(f"{_shorten(raw)}: label {label!r} is not valid IDNA ({e})") from None
+            reason = _shorten(str(e))
+            raise InvalidName(
+                f"{_shorten(raw)}: label {_shorten(label)} is not valid IDNA ({reason})"
+            ) from None
         ascii_label = ascii_label.lower()
     if len(ascii_label) > MAX_LABEL_LENGTH:
         raise InvalidName(

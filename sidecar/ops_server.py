@@ -127,7 +127,10 @@ class OpsServer:
             if not 0 <= length <= MAX_BODY_BYTES:
                 return _json(413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"})
             body = await reader.readexactly(length)
-        url = urlsplit(target)
+        try:
+            url = urlsplit(target)
+        except ValueError as e:
+            return _json(400, {"error": f"malformed request target: {e}"})
         return await self.route(method, url.path, parse_qs(url.query), headers, body)
 
     async def route(self, method: str, path: str, query: dict[str, list[str]],
@@ -244,8 +247,8 @@ class OpsServer:
             comment = request.get("comment", "")
             if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
                 raise ValueError(f"comment must be a string of at most {MAX_COMMENT} characters")
-        except ValueError as e:
-            return _json(400, {"error": f"bad request body: {e}"})
+        except (ValueError, RecursionError) as e:
+            return _json(400, {"error": f"bad request body: {str(e)[:200]}"})
         entry = policy.mark_gone(name, ttl, comment.strip())
         log.info("%s marked gone through the ops API", name)
         return _json(200, verdict_json(entry))

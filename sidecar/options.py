@@ -521,10 +521,7 @@ class Settings:
         """Validate raw values (strings, lists, bools) keyed by option name."""
 
         def get(name: str) -> Any:
-            value = raw.get(name, BY_NAME[name].default)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return str(value)  # YAML `max_ttl: 3600` means the same as "3600"
-            return value
+            return _plain(BY_NAME[name], raw.get(name, BY_NAME[name].default))
 
         def check(name: str, parse: Callable[[Any], Any]) -> Any:
             try:
@@ -615,6 +612,37 @@ class Settings:
         )
 
 
+def _scalar(option: Option, value: object) -> str | bool:
+    """One config value as the parsers take it; ConfigError for anything else."""
+    if isinstance(value, bool):
+        if option.flag:
+            return value
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        try:
+            return str(value)  # YAML `max_ttl: 3600` means the same as "3600"
+        except ValueError:  # an int of thousands of digits
+            raise ConfigError(option.name, "number too large") from None
+    if isinstance(value, str):
+        return value
+    if value is None:  # YAML `key:` with nothing after it
+        if option.flag:
+            raise ConfigError(option.name, "needs true or false")
+        return ""
+    raise ConfigError(option.name, f"expected one value, got a {type(value).__name__}")
+
+
+def _plain(option: Option, value: object) -> Any:
+    """Flag, env and YAML values reduced to str/bool (lists of them for repeatables)."""
+    if option.repeatable:
+        if value is None or isinstance(value, str):
+            return value or ""
+        if isinstance(value, list | tuple):
+            return [_scalar(option, item) for item in value]
+        return [_scalar(option, value)]
+    return _scalar(option, value)
+
+
 def _as_list(values: object) -> list[object]:
     """Repeatable values come as lists (flags, YAML, mitmproxy) or one string (env, commas)."""
     if values is None:
@@ -636,6 +664,9 @@ def load_config_file(path: str) -> dict[str, Any]:
         raise ConfigError("config", f"{path} is not UTF-8 text: {e}") from None
     try:
         data = yaml.safe_load(text)
+    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
+        # PyYAML's constructors raise these for values like `!!int abc` or `2001-02-30`.
+        raise ConfigError("config", f"{path} is not valid YAML: {str(e)[:200]}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -58,8 +58,9 @@ class ProxyAuth:
         except (binascii.Error, UnicodeDecodeError, ValueError):
             return False
         user, sep, password = decoded.partition(":")
+        given = password.encode()  # bytes: compare_digest refuses non-ASCII str
         expected = self._users.get(user)
         if not sep or expected is None:
-            hmac.compare_digest(password, password)  # same work for unknown users
+            hmac.compare_digest(given, given)  # same work for unknown users
             return False
-        return hmac.compare_digest(password.encode(), expected.encode())
+        return hmac.compare_digest(given, expected.encode())

@@ -90,7 +90,7 @@ def from_record(record: Any) -> Verdict:
         addresses = tuple(str(a) for a in record.get("addresses") or ())
     except KeyError as e:
         raise ValueError(f"missing field {e}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise ValueError(f"bad field value: {e}") from None
     if not isinstance(destination, str) or not destination:
         raise ValueError("destination must be a non-empty string")
