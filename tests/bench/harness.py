@@ -47,7 +47,8 @@ LIVE = "live.example"  # alive, served by the TLS upstream: scenarios 2 and 3
 UPSTREAM_HOST = "127.0.0.2"  # the upstream's own loopback address
 SRV_PREFIXES = ("_matrix-fed._tcp", "_matrix._tcp")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SCENARIOS = ("connect", "decision", "passthrough", "cold", "memory")
+SCENARIOS = ("connect", "decision", "passthrough", "cold", "memory", "intercept")
+ORIGIN = "bench.example"  # the X-Matrix origin of the intercept scenario's requests
 
 
 class BenchError(RuntimeError):
@@ -87,6 +88,7 @@ class Proxy:
     proc: ManagedProcess
     port: int
     ops_port: int | None = None
+    ca_file: Path | None = None  # an intercepting proxy's CA: what its clients trust
 
     @property
     def address(self) -> str:
@@ -322,15 +324,20 @@ class Bench:
             self._sidecar = self.start_sidecar("sidecar", "status")
         return self._sidecar
 
-    def start_sidecar(self, label: str, refusal: str) -> Proxy:
+    def start_sidecar(self, label: str, refusal: str, extra: Sequence[str] = ()) -> Proxy:
+        """`tombstone-sidecar run` with this run's options, then `extra` arguments."""
         port, ops = free_port(), free_port()
         argv = [*sidecar_command(), "run", "--listen", f"127.0.0.1:{port}"]
-        for name, value in self._sidecar_options(ops, refusal).items():
+        options = self._sidecar_options(ops, refusal)
+        for name, value in options.items():
             flag = "--" + name.replace("_", "-")
             for item in value if isinstance(value, list) else [value]:
                 argv += [flag, item]
-        argv += ["--log-level", "warning"]
+        argv += [*extra, "--log-level", "warning"]
         proxy = Proxy(label, self._spawn(label.replace(" ", "-"), argv), port, ops)
+        state = options.get("state_dir")
+        if isinstance(state, str) and "intercept" in extra:
+            proxy.ca_file = Path(state) / "ca" / "mitmproxy-ca-cert.pem"
         self._wait_ready(proxy)
         self.log(f"{label} ready on {proxy.address} (ops {ops}): {' '.join(argv)}")
         return proxy
@@ -351,7 +358,13 @@ class Bench:
             "connection_strategy=lazy",
             *extra,
         ]
-        proxy = Proxy(label, self._spawn(label.replace(" ", "-"), argv), port, ops_port)
+        proxy = Proxy(
+            label,
+            self._spawn(label.replace(" ", "-"), argv),
+            port,
+            ops_port,
+            ca_file=Path(confdir) / "mitmproxy-ca-cert.pem",  # used when it intercepts
+        )
         self._wait_ready(proxy)
         self.log(f"{label} ready on {proxy.address}: {' '.join(argv)}")
         return proxy
@@ -1241,6 +1254,131 @@ class Bench:
             )
             self.log(f"{count:,} verdicts: {per:.0f} B each")
 
+    # -- scenario 6: intercept mode, pooled tunnels --------------------------------------
+
+    def scenario_intercept(self) -> None:
+        """Intercept mode: TLS ends at the proxy, each request is judged and re-sent upstream.
+
+        Sidecar: `--mode intercept` with its own CA (in its state dir), trusting the test CA
+        upstream, no probes. Baseline: bare mitmdump intercepting with no addon, trusting
+        the same CA upstream. The client keeps a few tunnels open and sends keep-alive
+        X-Matrix-signed GETs for the live name inside them. The upstream counts the TCP
+        connections and TLS handshakes each proxy made for those requests: mitmproxy
+        reuses an upstream connection only for the same address on the same client
+        connection.
+        """
+        cfg = self.config
+        assert self.upstream is not None and self.ca is not None
+        up = self.upstream
+        self.log("scenario 6: intercept mode, pooled keep-alive tunnels")
+        test_ca = str(self.ca.ca_pem_path)
+        sidecar = self.start_sidecar(
+            "sidecar intercept",
+            "status",
+            ["--mode", "intercept", "--upstream-ca", test_ca, "--no-probe"],
+        )
+        mitm = self.mitmdump(
+            "mitmdump intercept", ["--set", f"ssl_verify_upstream_trusted_ca={test_ca}"]
+        )
+        assert sidecar.ca_file is not None and mitm.ca_file is not None
+        auth = (
+            f'Authorization: X-Matrix origin="{ORIGIN}",destination="{LIVE}",'
+            'key="ed25519:a",sig="x"'
+        )
+        common = ["--name", LIVE, "--port", str(up.port), "--header", auth,
+                  "--concurrency", str(cfg.pooled_connections)]  # fmt: skip
+        ours = Target(
+            "sidecar",
+            sidecar,
+            ["pooled", "--proxy", sidecar.address, "--cafile", str(sidecar.ca_file), *common],
+        )
+        # mitmdump resolves with the system resolver, which does not know the test zone:
+        # CONNECT the upstream's address; the client's SNI (live.example) is what mitmproxy
+        # sends upstream and verifies the upstream certificate against.
+        base = Target(
+            "mitmdump intercept",
+            mitm,
+            ["pooled", "--proxy", mitm.address, "--connect-host", UPSTREAM_HOST,
+             "--cafile", str(mitm.ca_file), *common],
+        )  # fmt: skip
+        problems: list[str] = []
+
+        def check(target: Target, result: dict[str, Any]) -> None:
+            if result["count"] == 0:
+                raise BenchError(f"{target.label}: no request completed: {result['first_error']}")
+            requests = up.requests
+            result["upstream_connections"] = up.connections
+            result["upstream_handshakes"] = up.tls_handshakes
+            result["upstream_requests"] = len(requests)
+            count, errors = result["count"], result["errors"]
+            signed = sum(1 for q in requests if ORIGIN in q.headers.get("authorization", ""))
+            if (
+                not count <= len(requests) <= count + errors
+                or signed != len(requests)
+                or set(up.snis) != {LIVE}
+            ):
+                problems.append(
+                    f"{target.label}: client counted {count} requests ({errors} errors), "
+                    f"upstream saw {len(requests)} requests ({signed} with the X-Matrix "
+                    f"header), SNI {sorted(map(str, set(up.snis)))}"
+                )
+
+        self.alternate([ours, base], check, before=up.reset)
+        sidecar.proc.stop()
+        mitm.proc.stop()
+
+        scen = "6. Intercept mode"
+        c = cfg.pooled_connections
+        self.throughput_row(
+            scen, f"pooled tunnels, keep-alive X-Matrix GETs (c={c}), req/s", ours, base, 0.90
+        )
+        self.cpu_row(scen, "… proxy CPU per request", ours, base)
+
+        def per_request(t: Target, key: str) -> float:
+            return median([r[key] / max(r["upstream_requests"], 1) for r in t.runs])
+
+        self.report.add(
+            Row(
+                scen,
+                "… upstream TCP connections / TLS handshakes per request",
+                f"{per_request(ours, 'upstream_connections'):.2f} / "
+                f"{per_request(ours, 'upstream_handshakes'):.2f}",
+                f"{per_request(base, 'upstream_connections'):.2f} / "
+                f"{per_request(base, 'upstream_handshakes'):.2f}",
+                "",
+                "info: upstream reuse",
+            )
+        )
+        for t in (ours, base):
+            self.report.note(
+                f"6. intercept, {t.label}: upstream TCP connections / TLS handshakes / "
+                "requests per round: "
+                + "; ".join(
+                    f"{r['upstream_connections']} / {r['upstream_handshakes']} / "
+                    f"{r['upstream_requests']}"
+                    for r in t.runs
+                )
+            )
+        for t in (ours, base):
+            stalled = [r for r in t.runs if r["errors"]]
+            if stalled:
+                self.report.note(
+                    f"6. intercept, {t.label}: {len(stalled)}/{len(t.runs)} runs had tunnels "
+                    f"that stopped answering ({stalled[0]['first_error']}); per run, "
+                    "requests completed per tunnel before that: "
+                    + ", ".join(f"{r['count'] / c:.1f}" for r in stalled)
+                )
+        self.describe_runs("6. intercept, pooled keep-alive GETs", [ours, base])
+        if problems:
+            for p in problems:
+                self.report.note(f"6. INTERCEPT CHECK FAILED: {p}")
+        else:
+            self.report.note(
+                "6. intercept verified on every run: the client trusted only the proxy's own "
+                "CA, the proxy verified the upstream against the test CA, and the upstream "
+                f"saw every request the client counted, with its X-Matrix header and SNI {LIVE}"
+            )
+
     # -- all ----------------------------------------------------------------------------
 
     def run(self) -> Report:
@@ -1251,6 +1389,7 @@ class Bench:
             "passthrough": self.scenario_passthrough,
             "cold": self.scenario_cold,
             "memory": self.scenario_memory,
+            "intercept": self.scenario_intercept,
         }
         try:
             self._start()

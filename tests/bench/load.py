@@ -11,6 +11,9 @@ Modes:
 - `tls`: a new tunnel (CONNECT, or a direct TCP connection with `--direct`), a TLS
   handshake that trusts only `--cafile`, one small GET with `Connection: close`.
 - `pooled`: one tunnel per worker, then sequential keep-alive GETs on it until time is up.
+  With `--cafile` naming an intercepting proxy's CA and `--header` an X-Matrix
+  Authorization, this is the intercept-mode load: TLS ends at the proxy, which opens
+  its own TLS to the upstream.
 - `names`: one CONNECT per listed name, `--concurrency` at a time, each timed.
 - `serve502`: a trivial asyncio server answering 502 and closing; the ceiling check for
   the generator itself.
@@ -187,9 +190,15 @@ def _client_context(cafile: str) -> ssl.SSLContext:
     return ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
 
 
+def _request(args: argparse.Namespace, *extra: str) -> bytes:
+    """The GET request: Host, any `--header` lines, then `extra` header lines."""
+    lines = [f"GET {args.path} HTTP/1.1", f"Host: {args.name}", *args.header, *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 async def mode_tls(args: argparse.Namespace) -> dict[str, Any]:
     ctx = _client_context(args.cafile)
-    request = f"GET {args.path} HTTP/1.1\r\nHost: {args.name}\r\nConnection: close\r\n\r\n".encode()
+    request = _request(args, "Connection: close")
 
     async def once() -> None:
         reader, writer = await _open_tunnel(args, ctx)
@@ -206,7 +215,7 @@ async def mode_tls(args: argparse.Namespace) -> dict[str, Any]:
 
 async def mode_pooled(args: argparse.Namespace) -> dict[str, Any]:
     ctx = _client_context(args.cafile)
-    request = f"GET {args.path} HTTP/1.1\r\nHost: {args.name}\r\n\r\n".encode()
+    request = _request(args)
 
     async def worker(deadline: float, tally: Tally) -> None:
         try:
@@ -292,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--port", type=int, required=True, help="upstream port")
         sub.add_argument("--cafile", required=True, help="the only CA the client trusts")
         sub.add_argument("--path", default="/_matrix/federation/v1/version")
+        sub.add_argument(
+            "--header",
+            action="append",
+            default=[],
+            metavar="'NAME: VALUE'",
+            help="an extra request header line (repeatable)",
+        )
     for sub in modes.choices.values():
         sub.add_argument("--seconds", type=float, default=3.0)
         sub.add_argument("--concurrency", type=int, default=32)
