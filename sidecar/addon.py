@@ -35,7 +35,7 @@ from sidecar.breaker import Breaker, BreakerSettings, Gate
 from sidecar.dns_client import DnsClient
 from sidecar.gone_http import GoneTtl
 from sidecar.metrics import Metrics
-from sidecar.names import InvalidName, normalize_host, parse_authority
+from sidecar.names import InvalidName, is_ip_literal, normalize_host, parse_authority
 from sidecar.ops_server import OpsServer
 from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
 from sidecar.policy import Policy, TtlBounds
@@ -94,6 +94,9 @@ class TombstoneAddon:
         self.tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
         self.dials: MutableMapping[connection.Server, Dial] = weakref.WeakKeyDictionary()
         self.handshaking: MutableMapping[connection.Server, str] = weakref.WeakKeyDictionary()
+        self.upstream_names: MutableMapping[connection.Client, dict[tuple[str, int], str]] = (
+            weakref.WeakKeyDictionary()
+        )
         self.gone_ttl = GoneTtl(86400, 3600, 30 * 86400)
         self.breaker: Breaker | None = None
         self.prober: Prober | None = None
@@ -338,7 +341,36 @@ class TombstoneAddon:
             flow.metadata[LOCAL_ANSWER] = True
         else:
             self._forward(entry, "request")
+            if flow.client_conn in self.tunnels and self._settings.mode == "intercept":
+                await self._pin_request(flow)
         self.metrics.decision_by_stage["request"].observe(time.perf_counter() - started)
+
+    async def _pin_request(self, flow: http.HTTPFlow) -> None:
+        """Intercept mode: send this request to the checked address of its host.
+
+        mitmproxy pools upstream connections by the request's (host, port), and allows only
+        five per address per client; dialling by a different address than the request
+        names would open a new connection per request until the tunnel stalls. So the
+        request itself names the checked IP (its Host header is untouched), and
+        server_connect puts the server name back as the TLS SNI for that connection.
+        """
+        host = normalize_host(flow.request.host)
+        if is_ip_literal(host):
+            return  # server_connect checks literals itself
+        target = await self._decide(host)
+        address, refused = self.addresses.choose(target.verdict.addresses)
+        if address is None:
+            if refused:
+                self.metrics.blocked_address.inc()
+                flow.response = answers.blocked_address(host, refused)
+            else:
+                reason = self._no_address_reason(host, target.verdict, refused)
+                flow.response = answers.unresolvable(host, reason)
+            flow.metadata[LOCAL_ANSWER] = True
+            return
+        names = self.upstream_names.setdefault(flow.client_conn, {})
+        names[(address, flow.request.port)] = host
+        flow.request.data.host = address
 
     def response(self, flow: http.HTTPFlow) -> None:
         """Passive 410 learning from real responses, keyed by the request's destination."""
@@ -353,7 +385,7 @@ class TombstoneAddon:
             return
         assert self.policy is not None
         seconds = gone_http.lifetime(response.headers, self.gone_ttl)
-        where = f"https://{flow.request.host}:{flow.request.port}"
+        where = f"https://{flow.request.host_header or flow.request.host}"
         path = flow.request.path.split("?", 1)[0]
         self.policy.learn_gone(name, seconds, gone_http.evidence(410, path, where, seconds))
 
@@ -376,6 +408,11 @@ class TombstoneAddon:
             data.server.error = answers.gone_message(tunnel.doomed)
             return
         raw_host, port = data.server.address
+        named = self.upstream_names.get(data.client, {}).get((raw_host, port))
+        if named is not None:  # an intercepted request already pinned to its checked address
+            data.server.sni = named
+            self._start_dial(data.server, f"{named}:{port}")
+            return
         try:
             host = normalize_host(raw_host)
         except InvalidName as e:

@@ -230,3 +230,25 @@ def test_ca_command_exports_the_certificate_and_a_bundle(tmp_path: Path) -> None
                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert again.stdout.split(": ", 1)[1] == result.stdout.split(": ", 1)[1].splitlines()[0] + "\n"
     assert (state / "ca" / "mitmproxy-ca.pem").stat().st_mode & 0o077 == 0
+
+
+def test_a_pooled_tunnel_reuses_one_upstream_connection(
+    intercepting: tuple[Sidecar, ssl.SSLContext],
+    zone: Zone,
+    shared_host: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """The checked address is dialled, yet mitmproxy pools by it: 20 requests in one tunnel
+    share one upstream connection (mitmproxy allows 5 per address; more would stall)."""
+    sidecar, trust = intercepting
+    target = unique("pooled")
+    zone.add(target, "A", SHARED_IP)
+    tunnel = Tunnel(sidecar, f"{target}:{shared_host.port}", target, trust)
+    try:
+        statuses = [tunnel.request("/_matrix/federation/v1/version", target)[0] for _ in range(20)]
+    finally:
+        tunnel.close()
+    assert statuses == [200] * 20
+    assert shared_host.connections == 1 and shared_host.tls_handshakes == 1
+    assert {r.sni for r in shared_host.requests} == {target}  # SNI is the name, not the IP
+    assert {r.headers["host"] for r in shared_host.requests} == {target}
