@@ -21,6 +21,7 @@ from sidecar.dns_client import Nameserver
 from sidecar.names import Authority, InvalidName, is_ip_literal, normalize_host, parse_authority
 from sidecar.proxy_auth import read_credentials
 from sidecar.request_classes import DEFAULT_STATUS, parse_override
+from sidecar.textfile import read_small_text
 
 ENV_PREFIX = "TOMBSTONE_"
 MITM_PREFIX = "tombstone_"
@@ -367,15 +368,7 @@ def parse_bool(value: object) -> bool:
 
 def read_name_file(path: str) -> tuple[str, ...]:
     """Read a deny/allow file; every bad line is reported with its number."""
-    file = Path(path)
-    try:
-        if file.stat().st_size > MAX_DENY_FILE_BYTES:
-            raise ValueError(f"{path} is larger than {MAX_DENY_FILE_BYTES} bytes")
-        text = file.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    text = read_small_text(path, MAX_DENY_FILE_BYTES)
     names = []
     for number, line in enumerate(text.splitlines(), 1):
         entry = line.split("#", 1)[0].strip()
@@ -445,14 +438,12 @@ def parse_share(text: object) -> float:
     return share
 
 
-MIN_TOKEN_LENGTH = 16  # a guessable token protects nothing
+MIN_TOKEN_LENGTH = 16
+MAX_TOKEN_FILE_BYTES = 4096  # a guessable token protects nothing
 
 
 def read_token_file(path: str) -> str:
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    token = read_small_text(path, MAX_TOKEN_FILE_BYTES).strip()
     if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
         raise ValueError(
             f"{path} must hold one token of at least {MIN_TOKEN_LENGTH} characters, no spaces "

@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from pathlib import Path
+
+from sidecar.textfile import read_small_text
 
 MAX_FILE_BYTES = 1024 * 1024
 REALM = "tombstone-sidecar"
@@ -19,15 +20,7 @@ CHALLENGE = f'Basic realm="{REALM}"'
 
 def read_credentials(path: str) -> dict[str, str]:
     """Parse a `user:password` file; ValueError names the file and line that is wrong."""
-    try:
-        file = Path(path)
-        if file.stat().st_size > MAX_FILE_BYTES:
-            raise ValueError(f"{path} is larger than {MAX_FILE_BYTES} bytes")
-        text = file.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+    text = read_small_text(path, MAX_FILE_BYTES)
     users: dict[str, str] = {}
     for number, line in enumerate(text.splitlines(), 1):
         entry = line.strip()

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sidecar.metrics import Metrics
-from sidecar.store import RemoteForget, RemoteVerdict, VerdictStore
+from sidecar.store import RemoteForget, RemoteVerdict, WriteBehindStore
 from sidecar.verdicts import STALE_GRACE_SECONDS, Verdict, from_record, to_record
 
 log = logging.getLogger("sidecar.store")
@@ -42,7 +42,7 @@ HEALTH_INTERVAL_SECONDS = 2.0  # how soon a silent outage is noticed
 MAX_BATCH = 500  # writes per pipeline round trip
 
 
-class RedisStore(VerdictStore):
+class RedisStore(WriteBehindStore):
     kind = "redis"
 
     def __init__(self, url: str, metrics: Metrics) -> None:
@@ -55,8 +55,6 @@ class RedisStore(VerdictStore):
             socket_timeout=COMMAND_TIMEOUT_SECONDS,
             health_check_interval=0,
         )
-        self._pending: dict[str, Verdict | None] = {}
-        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.up = False
         self._up.set(0)
@@ -81,14 +79,6 @@ class RedisStore(VerdictStore):
             asyncio.create_task(self._watch_health()),
         ]
         return []
-
-    def save(self, verdict: Verdict) -> None:
-        self._pending[verdict.destination] = verdict
-        self._wake.set()
-
-    def forget(self, name: str) -> None:
-        self._pending[name] = None
-        self._wake.set()
 
     async def fetch(self, name: str) -> Verdict | None:
         if not self.up:
@@ -120,10 +110,6 @@ class RedisStore(VerdictStore):
 
     # -- background tasks -------------------------------------------------------------------
 
-    def _take(self) -> dict[str, Verdict | None]:
-        batch, self._pending = self._pending, {}
-        return batch
-
     async def _write_behind(self) -> None:
         while True:
             await self._wake.wait()
@@ -132,8 +118,7 @@ class RedisStore(VerdictStore):
                 continue  # kept pending; _watch_health wakes us when Redis is back
             batch = self._take()
             if not await self._flush(batch):
-                for name, verdict in batch.items():
-                    self._pending.setdefault(name, verdict)
+                self._put_back(batch)
 
     async def _flush(self, batch: dict[str, Verdict | None]) -> bool:
         items = list(batch.items())

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from sidecar.metrics import Metrics
-from sidecar.store import RemoteForget, RemoteVerdict, VerdictStore
+from sidecar.store import RemoteForget, RemoteVerdict, WriteBehindStore
 from sidecar.verdicts import STALE_GRACE_SECONDS, Verdict, from_record, to_record
 
 log = logging.getLogger("sidecar.store")
@@ -37,7 +37,7 @@ CREATE INDEX IF NOT EXISTS verdicts_expiry ON verdicts (expires_at);
 """
 
 
-class SqliteStore(VerdictStore):
+class SqliteStore(WriteBehindStore):
     kind = "sqlite"
 
     def __init__(self, state_dir: Path, metrics: Metrics) -> None:
@@ -45,8 +45,6 @@ class SqliteStore(VerdictStore):
         self.path = state_dir / FILE_NAME
         self._db: sqlite3.Connection | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-store")
-        self._pending: dict[str, Verdict | None] = {}  # None = delete
-        self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self.detail = f"verdicts in {self.path}"
 
@@ -55,14 +53,6 @@ class SqliteStore(VerdictStore):
         verdicts = await loop.run_in_executor(self._thread, self._open_and_load)
         self._writer = asyncio.create_task(self._write_behind())
         return verdicts
-
-    def save(self, verdict: Verdict) -> None:
-        self._pending[verdict.destination] = verdict
-        self._wake.set()
-
-    def forget(self, name: str) -> None:
-        self._pending[name] = None
-        self._wake.set()
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -84,14 +74,9 @@ class SqliteStore(VerdictStore):
             self._wake.clear()
             batch = self._take()
             if not await loop.run_in_executor(self._thread, self._write, batch):
-                for name, verdict in batch.items():  # keep for a retry, newer saves win
-                    self._pending.setdefault(name, verdict)
+                self._put_back(batch)
                 await asyncio.sleep(RETRY_SECONDS)
                 self._wake.set()
-
-    def _take(self) -> dict[str, Verdict | None]:
-        batch, self._pending = self._pending, {}
-        return batch
 
     # -- everything below runs on the store's one worker thread ---------------------------
 

@@ -9,6 +9,7 @@ sidecar keeps serving from memory and says so in `health()` and in metrics.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -75,6 +76,32 @@ class VerdictStore:
             (log.info if up else log.warning)(
                 "%s store %s: %s", self.kind, "up" if up else "DOWN", detail
             )
+
+
+class WriteBehindStore(VerdictStore):
+    """A store written behind the cache: saves of one name coalesce until the next flush."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(metrics)
+        self._pending: dict[str, Verdict | None] = {}  # None = delete
+        self._wake = asyncio.Event()
+
+    def save(self, verdict: Verdict) -> None:
+        self._pending[verdict.destination] = verdict
+        self._wake.set()
+
+    def forget(self, name: str) -> None:
+        self._pending[name] = None
+        self._wake.set()
+
+    def _take(self) -> dict[str, Verdict | None]:
+        batch, self._pending = self._pending, {}
+        return batch
+
+    def _put_back(self, batch: dict[str, Verdict | None]) -> None:
+        """A failed flush: keep its entries for the next one, newer saves winning."""
+        for name, verdict in batch.items():
+            self._pending.setdefault(name, verdict)
 
 
 def default_state_dir() -> str:
