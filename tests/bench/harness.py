@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import resource
 import secrets
 import shutil
@@ -47,7 +48,11 @@ LIVE = "live.example"  # alive, served by the TLS upstream: scenarios 2 and 3
 UPSTREAM_HOST = "127.0.0.2"  # the upstream's own loopback address
 SRV_PREFIXES = ("_matrix-fed._tcp", "_matrix._tcp")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SCENARIOS = ("connect", "decision", "passthrough", "cold", "memory", "intercept")
+MISSION_LINE = re.compile(
+    r"m1 (enforce|shadow): (\d+) user actions in (\d+ s) -> reached dead servers: (.*?); "
+    r"first profile on the blackholed (\S+): (\d+) in (\d+) ms"
+)
+SCENARIOS = ("connect", "decision", "passthrough", "cold", "memory", "intercept", "mission")
 ORIGIN = "bench.example"  # the X-Matrix origin of the intercept scenario's requests
 
 
@@ -1379,6 +1384,33 @@ class Bench:
                 f"saw every request the client counted, with its X-Matrix header and SNI {LIVE}"
             )
 
+    # -- 7. the mission figure -----------------------------------------------------------
+
+    def scenario_mission(self) -> None:
+        """Real Synapse in the e2e world (tests/e2e/test_m1_mission.py): what reaches dead
+        servers during simulated user activity, enforcing vs Synapse alone (--no-enforce),
+        and the first profile lookup on a blackholed server. Needs root (a network
+        namespace) and .venv-synapse, as scripts/test builds it."""
+        self.log("scenario 7: the mission figure (real Synapse, tests/e2e/test_m1_mission.py)")
+        argv = [sys.executable, "-m", "pytest", "tests/e2e/test_m1_mission.py", "-q", "-s",
+                "-p", "no:cacheprovider"]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False,
+                              cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+        found = {m.group(1): m for m in MISSION_LINE.finditer(done.stdout)}
+        if done.returncode != 0 or set(found) != {"enforce", "shadow"}:
+            tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
+            self.report.note(f"7. mission figure not measured (exit {done.returncode}): {tail}")
+            return
+        on, off = found["enforce"], found["shadow"]
+        scenario = "7. Mission (real Synapse)"
+        self.report.add(Row(scenario, f"reached dead servers in {on.group(3)} of user activity "
+                            f"({on.group(2)} actions)",
+                            on.group(4), f"{off.group(4)} (Synapse alone, --no-enforce)", "",
+                            "0 after the verdict", on.group(4) == "nothing"))  # fmt: skip
+        self.report.add(Row(scenario, f"first profile lookup on the blackholed {on.group(5)}",
+                            f"{on.group(7)} ms", f"{off.group(7)} ms", "", "milliseconds",
+                            int(on.group(7)) < 1000))  # fmt: skip
+
     # -- all ----------------------------------------------------------------------------
 
     def run(self) -> Report:
@@ -1390,6 +1422,7 @@ class Bench:
             "cold": self.scenario_cold,
             "memory": self.scenario_memory,
             "intercept": self.scenario_intercept,
+            "mission": self.scenario_mission,
         }
         try:
             self._start()
