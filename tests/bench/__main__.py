@@ -15,8 +15,9 @@ Benchmark tombstone-sidecar against bare mitmdump and against no proxy, side by 
 run: alternating rounds, medians and ratios, printed as a Markdown table with the machine,
 versions, date and this command. Scenarios: connect (suppressed CONNECTs/s), decision
 (cached decision time, in-process), passthrough (new TLS tunnels and pooled tunnels),
-cold (new names against a DNS server with latency), memory (RSS per cached verdict), intercept (pooled intercepted tunnels), mission (real Synapse: traffic reaching dead servers with and without the sidecar; needs root),
-intercept (intercept mode vs intercepting mitmdump, pooled keep-alive tunnels).
+cold (new names against a DNS server with latency), memory (RSS per cached verdict),
+intercept (intercept mode vs intercepting mitmdump, pooled keep-alive tunnels), mission
+(real Synapse: traffic reaching dead servers with and without the sidecar; needs root).
 """
 
 
