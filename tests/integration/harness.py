@@ -174,6 +174,13 @@ class Sidecar:
         sock.close()
         return ConnectReply(status, reason, headers, body)
 
+    def tunnel_opens(self, target: str) -> bool:
+        """True when `CONNECT target` is answered 200 (the tunnel is closed again at once)."""
+        reply = self.connect(target)
+        if reply.sock is not None:
+            reply.sock.close()
+        return reply.status == 200
+
     def https_get(
         self,
         target: str,

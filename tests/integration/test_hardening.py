@@ -27,7 +27,7 @@ from sidecar.verdicts import State
 from tests.integration.conftest import LIVE_IP
 from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import free_port, port_open, wait_until
 from tests.support.tls_upstream import Blackhole, RefusingPort, TestCA, Upstream
 
 HOLE_IP = "127.0.0.4"
@@ -231,21 +231,13 @@ def test_sigterm_drains_open_tunnels_then_exits_0(
 
     assert wait_until(lambda: sidecar.ops("/readyz")[0] == 503, timeout=5)
     assert json.loads(sidecar.ops("/readyz")[1])["status"] == "draining"
-    assert wait_until(lambda: not _accepts(sidecar.proxy_port), timeout=5)
+    assert wait_until(lambda: not port_open(sidecar.proxy_port), timeout=5)
     tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n".encode())
     assert tls.recv(12).startswith(b"HTTP/1.1 200")  # the open tunnel still works
     assert sidecar.process.alive
     tls.close()
     assert sidecar.process.proc.wait(timeout=15) == 0
     assert "no new connections; waiting up to 30s for 1 open connection(s)" in sidecar.log()
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("count", [2])

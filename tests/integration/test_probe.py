@@ -97,19 +97,12 @@ def test_an_expired_410_is_probed_again_and_lifted_when_the_server_is_back(
     assert sidecar.connect(f"{name}:443").status == 502
     state["status"] = 200  # the server is back; requests keep being refused until the
     # expired verdict's re-check (started by the next request) has seen it
-    assert wait_until(lambda: _connects(sidecar, f"{name}:443"), timeout=15, interval=0.3)
+    assert wait_until(lambda: sidecar.tunnel_opens(f"{name}:443"), timeout=15, interval=0.3)
     marker = f"INFO sidecar.policy: {name} alive"
     lifted = [line for line in sidecar.log().splitlines() if marker in line]
     assert len(lifted) == 1 and "(was gone: http_410)" in lifted[0]
     assert {r.path for r in server.requests} == {"/.well-known/matrix/server"}
     assert sidecar.metric("tombstone_verdict_changes_total", **{"from": "gone", "to": "alive"}) == 1
-
-
-def _connects(sidecar: Sidecar, target: str) -> bool:
-    reply = sidecar.connect(target)
-    if reply.sock is not None:
-        reply.sock.close()
-    return reply.status == 200
 
 
 def test_404_and_errors_are_not_tombstones(
