@@ -137,6 +137,8 @@ class TombstoneAddon:
         except ValueError as e:
             raise exceptions.OptionsError(f"tombstone_nameserver: {e}") from None
         ttl = TtlBounds(settings.min_ttl, settings.max_ttl)
+        if self.policy is not None:
+            self.policy.dns.close()  # lookups in flight on it finish first
         if self.policy is None or previous is None or previous.cache_size != settings.cache_size:
             self.policy = Policy(
                 dns,
@@ -204,6 +206,7 @@ class TombstoneAddon:
         if self.prober is not None:
             await self.prober.close()
         if self.policy is not None:
+            self.policy.dns.close()
             await self.policy.store.close()
 
     # -- operator lists ----------------------------------------------------------------------

@@ -43,6 +43,7 @@ async def run_check(raw_name: str, settings: Settings, as_json: bool = False) ->
         allow=settings.allow,
     )
     report = await evaluate(dns, name)
+    dns.close()
     operator = policy.cached(name)
     verdict = operator.verdict if operator is not None else policy.judge(report)
     if as_json:

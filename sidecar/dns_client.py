@@ -13,15 +13,17 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-import dns.asyncresolver
+import dns.asyncquery
 import dns.exception
 import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
+import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
+from sidecar.dns_transport import UdpTransport, is_truncated, query_wire, question_wire
 from sidecar.metrics import Metrics
 
 Outcome = Literal["ok", "nodata", "nxdomain", "timeout", "servfail", "error"]
@@ -30,6 +32,9 @@ EVIDENCE: frozenset[Outcome] = frozenset({"ok", "nodata", "nxdomain"})
 MAX_CONCURRENT_QUERIES = 256  # a storm of new names waits its turn instead of flooding
 MAX_RECORDS = 64  # a bigger RRset is abuse, not a tombstone; keep only this many
 DEFAULT_NEGATIVE_TTL = 300  # RFC 2308 fallback when a negative answer carries no SOA
+PER_TRY_TIMEOUT = 2.0  # one lost UDP packet costs this much, not the whole lifetime
+FIRST_BACKOFF = 0.1  # pause before asking every nameserver again, doubling
+MAX_BACKOFF = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +66,18 @@ class DnsAnswer:
         return self.outcome in EVIDENCE
 
 
+class UnreadableReply(Exception):
+    """A reply that is not a DNS message we can read."""
+
+
 class DnsClient:
-    """Asks one configured resolver (or the system's), never caching: the verdict cache does."""
+    """Asks the configured resolvers (or the system's), never caching: the verdict cache does.
+
+    Like a stub resolver: each query goes to the nameservers in order, each try bounded
+    by `PER_TRY_TIMEOUT`, the whole query by `timeout`; a nameserver that answers
+    garbage or SERVFAIL/REFUSED is dropped for that query; a truncated reply is asked
+    again over TCP.
+    """
 
     def __init__(
         self,
@@ -71,28 +86,22 @@ class DnsClient:
         metrics: Metrics,
         require_dnssec: bool = False,
     ) -> None:
-        try:
-            self._resolver = dns.asyncresolver.Resolver(configure=not nameservers)
-        except dns.resolver.NoResolverConfiguration as e:
-            raise ValueError(f"no usable /etc/resolv.conf ({e}); give --nameserver") from None
-        if nameservers:
-            self._resolver.nameservers = [
-                dns.nameserver.Do53Nameserver(ns.address, ns.port) for ns in nameservers
-            ]
-        self._resolver.cache = None
+        if not nameservers:
+            nameservers = system_nameservers()
+        self._nameservers = nameservers
+        self._transport = UdpTransport()
         self.require_dnssec = require_dnssec
-        if require_dnssec:  # ask for validation (RFC 6840 §5.7): DO bit, and AD in the query
-            self._resolver.use_edns(0, dns.flags.DO, 1232)
-            self._resolver.flags = dns.flags.RD | dns.flags.AD
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_QUERIES)
-        self._resolver.lifetime = timeout
-        self._resolver.timeout = min(timeout, 2.0)  # per-try; lifetime bounds the whole query
         self._metrics = metrics
         self.timeout = timeout
 
     @property
     def nameservers(self) -> list[str]:
-        return [str(ns) for ns in self._resolver.nameservers]
+        return [str(ns) for ns in self._nameservers]
+
+    def close(self) -> None:
+        """Close the sockets as soon as the queries in flight on them are done."""
+        self._transport.close()
 
     async def query(self, name: str, rrtype: str) -> DnsAnswer:
         """Send one query for the absolute `name` and classify the outcome."""
@@ -106,37 +115,111 @@ class DnsClient:
     async def _query(self, name: str, rrtype: str) -> DnsAnswer:
         try:
             qname = dns.name.from_text(name)
+            question = question_wire(qname.to_digestable(), dns.rdatatype.from_text(rrtype))
         except dns.exception.DNSException as e:
             return DnsAnswer(name, rrtype, "error", detail=f"cannot form a query name: {e}")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        usable = list(self._nameservers)
+        failures: list[str] = []
+        backoff = FIRST_BACKOFF
+        while usable:
+            for ns in tuple(usable):
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return self._timed_out(name, rrtype)
+                try:
+                    response = await self._exchange(ns, question, min(remaining, PER_TRY_TIMEOUT))
+                except TimeoutError:
+                    continue  # try the next one; this one stays in the rotation
+                except (OSError, EOFError) as e:
+                    failure = f"{ns}: {e or type(e).__name__}"
+                except UnreadableReply as e:
+                    failure = f"{ns} sent an unreadable reply: {e}"
+                else:
+                    answer, failure = _classify(name, rrtype, response)
+                    if answer is not None:
+                        return answer
+                usable.remove(ns)
+                failures.append(failure)
+            if usable:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return self._timed_out(name, rrtype)
+                await asyncio.sleep(min(backoff, remaining))
+                backoff = min(backoff * 2, MAX_BACKOFF)
+        return DnsAnswer(
+            name, rrtype, "servfail", detail=f"no usable answer: {'; '.join(failures)}"[:200]
+        )
+
+    async def _exchange(
+        self, ns: Nameserver, question: bytes, seconds: float
+    ) -> dns.message.Message:
+        """One try: UDP, and TCP again if the reply was truncated."""
+        wire = await self._transport.exchange(
+            ns.address, ns.port, question, self.require_dnssec, seconds
+        )
+        if not is_truncated(wire):
+            try:
+                return dns.message.from_wire(wire)
+            except Exception as e:  # dnspython raises more than DNSException on garbage
+                raise UnreadableReply(_first_line(e)) from None
+        qid = int.from_bytes(wire[:2], "big")
+        query = dns.message.from_wire(query_wire(qid, question, self.require_dnssec))
         try:
-            result = await self._resolver.resolve(
-                qname, rrtype, raise_on_no_answer=False, search=False
-            )
-        except dns.resolver.NXDOMAIN as e:
-            response = _nx_response(e)
-            return DnsAnswer(name, rrtype, "nxdomain", ttl=_negative_ttl(response),
-                             authenticated=_validated(response))  # fmt: skip
-        except dns.resolver.LifetimeTimeout:
-            return DnsAnswer(name, rrtype, "timeout", detail=f"no answer within {self.timeout:g}s")
-        except dns.resolver.NoNameservers as e:
-            return DnsAnswer(name, rrtype, "servfail", detail=_first_line(e))
-        except dns.exception.DNSException as e:
-            return DnsAnswer(name, rrtype, "error", detail=_first_line(e))
-        validated = _validated(result.response)
-        if result.rrset is None:
-            ttl = _negative_ttl(result.response)
-            return DnsAnswer(name, rrtype, "nodata", ttl=ttl, authenticated=validated)
-        records = tuple(result.rrset)[:MAX_RECORDS]
-        return DnsAnswer(name, rrtype, "ok", records=records, ttl=result.rrset.ttl,
-                         authenticated=validated)  # fmt: skip
+            return await dns.asyncquery.tcp(query, ns.address, seconds, ns.port)
+        except dns.exception.Timeout:
+            raise TimeoutError from None
+        except (OSError, EOFError):
+            raise
+        except Exception as e:
+            raise UnreadableReply(f"over TCP: {_first_line(e)}") from None
+
+    def _timed_out(self, name: str, rrtype: str) -> DnsAnswer:
+        return DnsAnswer(name, rrtype, "timeout", detail=f"no answer within {self.timeout:g}s")
 
 
-def _nx_response(error: dns.resolver.NXDOMAIN) -> dns.message.Message | None:
+def system_nameservers() -> tuple[Nameserver, ...]:
+    """The resolvers in /etc/resolv.conf (what the system would ask)."""
     try:
-        qnames = error.qnames()
-        return error.response(qnames[0]) if qnames else None
-    except (KeyError, IndexError, AttributeError):
-        return None
+        resolver = dns.resolver.Resolver(configure=True)
+    except dns.resolver.NoResolverConfiguration as e:
+        raise ValueError(f"no usable /etc/resolv.conf ({e}); give --nameserver") from None
+    found = tuple(
+        Nameserver(ns, resolver.port) if isinstance(ns, str) else Nameserver(ns.address, ns.port)
+        for ns in resolver.nameservers
+        if isinstance(ns, str | dns.nameserver.Do53Nameserver)
+    )
+    if not found:
+        raise ValueError("no nameserver in /etc/resolv.conf; give --nameserver")
+    return found
+
+
+def _classify(
+    name: str, rrtype: str, response: dns.message.Message
+) -> tuple[DnsAnswer | None, str]:
+    """What one reply proves: an answer, or (None, why this nameserver is no good)."""
+    if not isinstance(response, dns.message.QueryMessage):
+        return None, "answered with something other than a query reply"
+    rcode = response.rcode()
+    if rcode not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        if rcode == dns.rcode.YXDOMAIN:
+            return DnsAnswer(name, rrtype, "error", detail="YXDOMAIN"), ""
+        return None, f"answered {dns.rcode.to_text(rcode)}"
+    try:
+        chain = response.resolve_chaining()  # follows CNAMEs to the RRset asked for
+    except dns.exception.DNSException as e:
+        return None, f"answered inconsistently: {_first_line(e)}"
+    validated = _validated(response)
+    if rcode == dns.rcode.NXDOMAIN:
+        return DnsAnswer(name, rrtype, "nxdomain", ttl=_negative_ttl(response),
+                         authenticated=validated), ""  # fmt: skip
+    if chain.answer is None:
+        return DnsAnswer(name, rrtype, "nodata", ttl=_negative_ttl(response),
+                         authenticated=validated), ""  # fmt: skip
+    records = tuple(chain.answer)[:MAX_RECORDS]
+    return DnsAnswer(name, rrtype, "ok", records=records, ttl=chain.answer.ttl,
+                     authenticated=validated), ""  # fmt: skip
 
 
 def _negative_ttl(response: dns.message.Message | None) -> int:

@@ -1,0 +1,185 @@
+"""The shared-socket DNS transport against a real UDP peer that behaves badly on purpose.
+
+The peer is a resolver we script (a fake *remote*, not a fake sidecar part): it records
+the source port of every query and can send stray and forged replies before the true one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+import pytest
+from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
+
+from sidecar.dns_client import DnsClient, Nameserver
+from sidecar.dns_transport import UdpTransport, question_wire
+from sidecar.metrics import Metrics
+
+Script = Callable[[DNSRecord], list[bytes]]
+
+
+class ScriptedResolver:
+    """A UDP resolver on loopback whose replies to each query come from a script."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.ports: Counter[int] = Counter()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return
+            self.ports[peer[1]] += 1
+            for packet in self.script(DNSRecord.parse(data)):
+                try:
+                    self.sock.sendto(packet, peer)
+                except OSError:  # closed by the test meanwhile
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def resolver_for() -> Iterator[Callable[[Script], ScriptedResolver]]:
+    made: list[ScriptedResolver] = []
+
+    def make(script: Script) -> ScriptedResolver:
+        made.append(ScriptedResolver(script))
+        return made[-1]
+
+    yield make
+    for resolver in made:
+        resolver.close()
+
+
+def nxdomain(request: DNSRecord) -> list[bytes]:
+    reply = request.reply()
+    reply.header.rcode = RCODE.NXDOMAIN
+    return [bytes(reply.pack())]
+
+
+def wire_name(name: str) -> bytes:
+    return b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\x00"
+
+
+def test_a_burst_of_queries_shares_a_few_sockets_and_moves_their_ports(
+    resolver_for: Callable[[Script], ScriptedResolver],
+) -> None:
+    resolver = resolver_for(nxdomain)
+    transport = UdpTransport(sockets=4, queries_per_socket=50)
+    questions = [question_wire(wire_name(f"n{i}.burst.test"), QTYPE.TXT) for i in range(300)]
+
+    async def burst() -> list[bytes]:
+        try:
+            return await asyncio.gather(
+                *(transport.exchange("127.0.0.1", resolver.port, q, False, 5.0) for q in questions)
+            )
+        finally:
+            transport.close()
+
+    replies = asyncio.run(burst())
+
+    assert len(replies) == 300
+    for question, reply in zip(questions, replies, strict=True):
+        parsed = DNSRecord.parse(reply)
+        assert parsed.header.rcode == RCODE.NXDOMAIN
+        assert reply[12 : 12 + len(question)] == question  # each got the reply to its own question
+    # 300 queries, 50 per socket: at least 6 source ports, none used for more than 50
+    assert len(resolver.ports) >= 6, resolver.ports
+    assert max(resolver.ports.values()) <= 50, resolver.ports
+
+
+def test_stray_and_forged_replies_are_ignored_until_the_true_one_arrives(
+    resolver_for: Callable[[Script], ScriptedResolver],
+) -> None:
+    def hostile(request: DNSRecord) -> list[bytes]:
+        true = request.reply()
+        true.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT("the true answer"), ttl=60))
+        other_question = DNSRecord.question("forged.test", "TXT")
+        forged = other_question.reply()
+        forged.header.id = request.header.id  # right ID, wrong question
+        forged.add_answer(RR("forged.test", QTYPE.TXT, rdata=TXT("v=matrix;gone"), ttl=60))
+        wrong_id = request.reply()
+        wrong_id.header.id = (request.header.id + 1) % 65536  # right question, wrong ID
+        wrong_id.add_answer(RR(request.q.qname, QTYPE.TXT, rdata=TXT("v=matrix;gone"), ttl=60))
+        not_a_reply = bytearray(wrong_id.pack())
+        not_a_reply[0:2] = request.header.id.to_bytes(2, "big")
+        not_a_reply[2] &= 0x7F  # QR clear: a query, not an answer
+        return [bytes(forged.pack()), bytes(wrong_id.pack()), bytes(not_a_reply), b"\x00" * 5,
+                bytes(true.pack())]  # fmt: skip
+
+    resolver = resolver_for(hostile)
+    client = DnsClient((Nameserver("127.0.0.1", resolver.port),), timeout=2.0, metrics=Metrics())
+
+    async def ask() -> list[str]:
+        try:
+            answer = await client.query("victim.test.", "TXT")
+        finally:
+            client.close()
+        assert answer.outcome == "ok", answer
+        return [b"".join(r.strings).decode() for r in answer.records]  # type: ignore[attr-defined]
+
+    assert asyncio.run(ask()) == ["the true answer"]
+
+
+def test_a_closed_resolver_port_is_a_failure_not_a_wait(
+    resolver_for: Callable[[Script], ScriptedResolver],
+) -> None:
+    resolver = resolver_for(nxdomain)
+    resolver.close()  # nothing listens there now: the kernel answers ICMP port unreachable
+    client = DnsClient((Nameserver("127.0.0.1", resolver.port),), timeout=30.0, metrics=Metrics())
+
+    async def ask() -> tuple[str, str]:
+        try:
+            answer = await client.query("anything.test.", "A")
+        finally:
+            client.close()
+        return answer.outcome, answer.detail
+
+    outcome, detail = asyncio.run(ask())
+    assert outcome == "servfail"  # not "timeout": the 30 s lifetime was not waited out
+    assert "refused" in detail.lower(), detail
+
+
+def test_a_second_nameserver_answers_when_the_first_refuses(
+    resolver_for: Callable[[Script], ScriptedResolver],
+) -> None:
+    def refuse(request: DNSRecord) -> list[bytes]:
+        reply = request.reply()
+        reply.header.rcode = RCODE.REFUSED
+        return [bytes(reply.pack())]
+
+    def answer(request: DNSRecord) -> list[bytes]:
+        reply = request.reply()
+        reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A("192.0.2.7"), ttl=60))
+        return [bytes(reply.pack())]
+
+    first, second = resolver_for(refuse), resolver_for(answer)
+    client = DnsClient(
+        (Nameserver("127.0.0.1", first.port), Nameserver("127.0.0.1", second.port)),
+        timeout=2.0,
+        metrics=Metrics(),
+    )
+
+    async def ask() -> list[str]:
+        try:
+            result = await client.query("two.test.", "A")
+        finally:
+            client.close()
+        assert result.outcome == "ok", result
+        return [str(r) for r in result.records]
+
+    assert asyncio.run(ask()) == ["192.0.2.7"]
+    assert sum(first.ports.values()) == 1 and sum(second.ports.values()) == 1
