@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from sidecar import __version__, verdicts_cli
 from sidecar.options import BY_NAME, OPTIONS, ConfigError, Option, Settings, gather_raw
+from sidecar.shared_port import mode_spec
 
 log = logging.getLogger("sidecar")
 
@@ -268,7 +269,7 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
             master.addons.add(*_mitmproxy_addons(), addon)
             # Options defined by addons exist only once the addons are loaded.
             opts.update(
-                mode=[f"regular@{settings.listen.port}"],
+                mode=[mode_spec(settings.listen.port, settings.reuse_port)],
                 listen_host=settings.listen.host,
                 connection_strategy="lazy",
                 **mitm,

@@ -282,6 +282,15 @@ OPTIONS: tuple[Option, ...] = (
         scope="run",
     ),
     Option(
+        "reuse_port",
+        False,
+        "Let several sidecar processes listen on the same --listen port (SO_REUSEPORT; the "
+        "kernel spreads connections). For a central proxy that needs more than one core; "
+        "share verdicts with --store redis.",
+        flag=True,
+        scope="run",
+    ),
+    Option(
         "shutdown_grace",
         "20s",
         "On SIGTERM stop accepting, let open tunnels finish for up to this long, then exit 0.",
@@ -485,6 +494,7 @@ class Settings:
     require_dnssec: bool
     proxy_users: dict[str, str] | None
     allow_open_proxy: bool
+    reuse_port: bool
     shutdown_grace: float
     probe: bool
     probe_interval: float
@@ -589,6 +599,7 @@ class Settings:
             require_dnssec=check("require_dnssec", parse_bool),
             proxy_users=check("proxy_auth_file", read_credentials) if auth_file else None,
             allow_open_proxy=check("allow_open_proxy", parse_bool),
+            reuse_port=check("reuse_port", parse_bool),
             shutdown_grace=check("shutdown_grace", parse_duration),
             probe=check("probe", parse_bool),
             probe_interval=check("probe_interval", parse_duration),

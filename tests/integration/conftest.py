@@ -87,8 +87,11 @@ def sidecar_factory(
     """Start sidecars with extra arguments; stopped (and logs shown on failure) after the test."""
     started: list[Sidecar] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> Sidecar:
-        sidecar = Sidecar(dns_server.port, [*BASE_ARGS, *args], env=env, log_dir=tmp_path)
+    def start(
+        *args: str, env: dict[str, str] | None = None, proxy_port: int | None = None
+    ) -> Sidecar:
+        sidecar = Sidecar(dns_server.port, [*BASE_ARGS, *args], env=env, log_dir=tmp_path,
+                          proxy_port=proxy_port)  # fmt: skip
         started.append(sidecar)
         return sidecar.start()
 

@@ -72,8 +72,9 @@ class Sidecar:
         args: Sequence[str] = (),
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
+        proxy_port: int | None = None,
     ) -> None:
-        self.proxy_port = free_port()
+        self.proxy_port = proxy_port or free_port()
         self.ops_port = free_port()
         # Every sidecar gets its own state directory unless the test names one: a shared
         # default would carry verdicts from one test (or run) into the next.
