@@ -52,7 +52,16 @@ MISSION_LINE = re.compile(
     r"m1 (enforce|shadow): (\d+) user actions in (\d+ s) -> reached dead servers: (.*?); "
     r"first profile on the blackholed (\S+): (\d+) in (\d+) ms"
 )
-SCENARIOS = ("connect", "decision", "passthrough", "cold", "memory", "intercept", "mission")
+SCENARIOS = (
+    "connect",
+    "decision",
+    "passthrough",
+    "cold",
+    "memory",
+    "intercept",
+    "scale",
+    "mission",
+)
 ORIGIN = "bench.example"  # the X-Matrix origin of the intercept scenario's requests
 
 
@@ -94,6 +103,10 @@ class Proxy:
     port: int
     ops_port: int | None = None
     ca_file: Path | None = None  # an intercepting proxy's CA: what its clients trust
+    siblings: list[ManagedProcess] = field(default_factory=list)  # more processes, same port
+
+    def cpu_ticks(self) -> int:
+        return sum(_cpu_ticks(p.pid) for p in [self.proc, *self.siblings])
 
     @property
     def address(self) -> str:
@@ -147,6 +160,19 @@ def mitmdump_command() -> list[str]:
 def sidecar_command() -> list[str]:
     command = _console_script("tombstone-sidecar")
     return command if command is not None else [sys.executable, "-m", "sidecar.cli"]
+
+
+def _metric_sum(ops_port: int, name: str) -> float:
+    """The sum of every series of one metric on a sidecar's /metrics."""
+    conn = http.client.HTTPConnection("127.0.0.1", ops_port, timeout=5)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    return sum(
+        float(line.rpartition(" ")[2])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
 
 
 def _cpu_ticks(pid: int) -> int:
@@ -280,11 +306,13 @@ class Bench:
             size = udp.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
             self.dns_buffer = f"{size // 1024} KiB"
 
-    def _spawn(self, label: str, argv: Sequence[str]) -> ManagedProcess:
+    def _spawn(
+        self, label: str, argv: Sequence[str], cpus: set[int] | None = None
+    ) -> ManagedProcess:
         proc = ManagedProcess(
             argv, env=_child_env(), cwd=REPO, log_path=self.logdir / f"{label}.log"
         )
-        with self._on(self.proxy_cpus):
+        with self._on(cpus or self.proxy_cpus):
             proc.start()
         self.stack.callback(proc.stop)
         return proc
@@ -329,9 +357,16 @@ class Bench:
             self._sidecar = self.start_sidecar("sidecar", "status")
         return self._sidecar
 
-    def start_sidecar(self, label: str, refusal: str, extra: Sequence[str] = ()) -> Proxy:
+    def start_sidecar(
+        self,
+        label: str,
+        refusal: str,
+        extra: Sequence[str] = (),
+        port: int | None = None,
+        cpus: set[int] | None = None,
+    ) -> Proxy:
         """`tombstone-sidecar run` with this run's options, then `extra` arguments."""
-        port, ops = free_port(), free_port()
+        port, ops = port or free_port(), free_port()
         argv = [*sidecar_command(), "run", "--listen", f"127.0.0.1:{port}"]
         options = self._sidecar_options(ops, refusal)
         for name, value in options.items():
@@ -339,7 +374,8 @@ class Bench:
             for item in value if isinstance(value, list) else [value]:
                 argv += [flag, item]
         argv += [*extra, "--log-level", "warning"]
-        proxy = Proxy(label, self._spawn(label.replace(" ", "-"), argv), port, ops)
+        name = f"{label.replace(' ', '-')}-{ops}"
+        proxy = Proxy(label, self._spawn(name, argv, cpus), port, ops)
         state = options.get("state_dir")
         if isinstance(state, str) and "intercept" in extra:
             proxy.ca_file = Path(state) / "ca" / "mitmproxy-ca-cert.pem"
@@ -419,7 +455,7 @@ class Bench:
         This process hosts the DNS server and the TLS upstream; it is idle otherwise (it
         waits for the generator), so its CPU time over the run is the servers' CPU time.
         """
-        ticks = _cpu_ticks(proxy.proc.pid) if proxy is not None else 0
+        ticks = proxy.cpu_ticks() if proxy is not None else 0
         own = _own_cpu_seconds()
         children = _own_cpu_seconds(resource.RUSAGE_CHILDREN)
         (busy, steal), wall = _machine_cpu(), time.monotonic()
@@ -437,7 +473,7 @@ class Bench:
         result["server_cpu_share"] = server_cpu / elapsed
         proxy_cpu = 0.0
         if proxy is not None:
-            proxy_cpu = (_cpu_ticks(proxy.proc.pid) - ticks) / CLK_TCK
+            proxy_cpu = (proxy.cpu_ticks() - ticks) / CLK_TCK
             result["proxy_cpu_share"] = proxy_cpu / elapsed
             result["proxy_cpu_us_per_request"] = proxy_cpu / max(result["count"], 1) * 1e6
         # Anything else that ran meanwhile (another workload on a shared machine) skews
@@ -1386,6 +1422,66 @@ class Bench:
 
     # -- 7. the mission figure -----------------------------------------------------------
 
+    # -- scenario 8: more than one core -------------------------------------------------
+
+    def scenario_scale(self) -> None:
+        """Two sidecar processes on one port (--reuse-port, verdicts in Redis) vs one.
+
+        The second process runs on the load generator's core (this machine has two), so
+        the pair cannot reach 2x; the proxy CPU per CONNECT shows what the second
+        process costs (the kernel's spreading and Redis included).
+        """
+        cfg = self.config
+        self.log("scenario 8: two processes on one port vs one")
+        from tests.support.redis_server import RedisServer
+
+        redis = RedisServer().start()
+        self.stack.callback(redis.stop)
+        store = ["--store", redis.url]
+        one = self.start_sidecar("one process", "status", store)
+        first = self.start_sidecar("two processes", "status", [*store, "--reuse-port"])
+        second = self.start_sidecar(
+            "two processes (2nd)", "status", [*store, "--reuse-port"], first.port, self.load_cpus
+        )
+        first.siblings.append(second.proc)
+        common = ["--target", f"{GONE}:443", "--concurrency", str(cfg.concurrency),
+                  "--expect-text", "X-Tombstone-Signal: operator"]  # fmt: skip
+        single = Target("one process", one, ["connect", "--proxy", one.address, *common])
+        pair = Target(
+            "two processes, --reuse-port", first, ["connect", "--proxy", first.address, *common]
+        )
+
+        def check(target: Target, result: dict[str, Any]) -> None:
+            if result["count"] == 0:
+                raise BenchError(f"{target.label}: no CONNECT answered: {result['first_error']}")
+
+        self.alternate([pair, single], check)
+        shares = []
+        for proxy in (first, second):
+            assert proxy.ops_port is not None
+            shares.append(_metric_sum(proxy.ops_port, "tombstone_suppressed_total"))
+        scen = "8. More than one core"
+        self.throughput_row(
+            scen, f"suppressed CONNECTs/s (c={cfg.concurrency})", pair, single, None
+        )
+        self.cpu_row(scen, "… proxy CPU per CONNECT (both processes)", pair, single)
+        total = sum(shares) or 1.0
+        self.report.add(
+            Row(
+                scen,
+                "… connections taken by each of the two processes",
+                " / ".join(f"{s / total:.0%}" for s in shares),
+                "",
+                "",
+                "info: the kernel's SO_REUSEPORT hash",
+            )
+        )
+        self.report.note(
+            "8. the second process shares CPU 1 with the load generator (this machine has two "
+            "cores), so the pair's rate is bounded by what the generator leaves it"
+        )
+        self.describe_runs("8. two processes on one port", [pair, single])
+
     def scenario_mission(self) -> None:
         """Real Synapse in the e2e world (tests/e2e/test_m1_mission.py): what reaches dead
         servers during simulated user activity, enforcing vs Synapse alone (--no-enforce),
@@ -1422,6 +1518,7 @@ class Bench:
             "cold": self.scenario_cold,
             "memory": self.scenario_memory,
             "intercept": self.scenario_intercept,
+            "scale": self.scenario_scale,
             "mission": self.scenario_mission,
         }
         try:
