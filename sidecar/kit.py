@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ MAX_NOTE_LENGTH = 300  # contact/successor: a line for people, not a document
 # backtick quotes) would read into; JSON lets us write them as \uXXXX instead.
 _CONFIG_SPECIAL = frozenset("$'\"\\`{};#")
 PATHS = gone_http.TOMBSTONE_PATHS
+_NOT_TEXT = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})  # controls, breaks, unassigned
 
 
 class KitError(ValueError):
@@ -102,7 +104,7 @@ def _note(option: str, text: str) -> str:
     value = text.strip()
     if len(value) > MAX_NOTE_LENGTH:
         raise KitError(f"{option}: {len(value)} characters; keep it under {MAX_NOTE_LENGTH}")
-    bad = next((c for c in value if not c.isprintable()), None)
+    bad = next((c for c in value if unicodedata.category(c) in _NOT_TEXT), None)
     if bad is not None:
         raise KitError(f"{option}: contains the control character {bad!r}; give one line of text")
     return value
