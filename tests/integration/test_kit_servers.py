@@ -18,11 +18,12 @@ import pytest
 from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import free_port, wait_until
-from tests.support.tls_upstream import TestCA
+from tests.support.tls_upstream import Response, TestCA, Upstream
 from tests.support.web_servers import FALLBACK_BODY, Caddy, Nginx
 
 NGINX_IP = "127.0.0.20"  # the retired homeserver's web server (443 and a federation port)
 CADDY_IP = "127.0.0.21"
+DELEGATING_IP = "127.0.0.22"  # a well-known that still delegates
 WEEK = 7 * 86400
 # Operator text with every character nginx, Caddy or JSON would read into.
 CONTACT = "it's $host {http.request.host} {$HOME} `x` \"q\" back\\slash; #hash é 🎉"
@@ -214,3 +215,87 @@ def test_the_sidecar_learns_the_nginx_410_and_stops_reaching_it(
         reply = sidecar.connect(f"{name}:{port}")
         assert reply.status == 502 and reply.headers["x-tombstone-signal"] == "http_410"
     assert nginx.requests() == reached  # nothing reached the retired server after the 410
+
+
+def test_check_probe_follows_well_known_delegation_to_the_410(
+    nginx_for: Callable[..., Nginx],
+    dns_server: DnsServer,
+    zone: Zone,
+    ca: TestCA,
+    unique: Callable[[str], str],
+) -> None:
+    """example.org's well-known (forgotten, still 200) delegates to the federation host,
+    which answers with the kit: discovery must reach it as the delegated name."""
+    name, federation = unique("delegating"), unique("fed")
+    port = free_port(NGINX_IP)
+    nginx_for(federation, (port,))
+    document = json.dumps({"m.server": f"{federation}:{port}"}).encode()
+    well_known = Upstream(ca, [name], host=DELEGATING_IP, port=443,
+                          handler=lambda request: Response(200, document)).start()  # fmt: skip
+    try:
+        zone.add(name, "A", DELEGATING_IP)
+        zone.add(federation, "A", NGINX_IP)
+        result = probe_check(dns_server, ca, name, "--json")
+    finally:
+        well_known.stop()
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert [(s["step"], s["finding"], s["status"]) for s in report["http"]["steps"]] == [
+        ("well_known", "clear", 200),
+        ("version", "gone", 410),
+    ]
+    assert report["http"]["steps"][0]["detail"] == f"200: delegates to {federation}:{port}"
+    assert report["verdict"]["signal"] == "http_410" and report["verdict"]["ttl"] == WEEK
+    assert report["http"]["senders"]["MSC4188 resolver"] == "no well-known 410: keeps discovering"
+
+
+def test_the_whole_kit_dns_and_http_is_judged_by_dns_first(
+    nginx_for: Callable[..., Nginx],
+    dns_server: DnsServer,
+    zone: Zone,
+    ca: TestCA,
+    unique: Callable[[str], str],
+) -> None:
+    """Publish what `tombstone --srv` prints into the zone: the verdict is the TXT, and
+    the SRV '.' leaves no federation target to fetch."""
+    name = unique("kit")
+    nginx_for(name, (443,))
+    records = kit(name, "--srv", "--only", "dns")
+    assert records.returncode == 0, records.stderr
+    for line in records.stdout.splitlines():
+        if line.startswith(";"):
+            continue
+        owner, ttl, _, rrtype, rdata = line.split(None, 4)
+        zone.add(owner, rrtype, rdata.strip('"'), ttl=int(ttl))
+    zone.add(name, "A", NGINX_IP)
+    result = probe_check(dns_server, ca, name, "--json")
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["verdict"]["signal"] == "dns_txt_gone"
+    findings = {s["signal"]: s["finding"] for s in report["signals"]}
+    assert findings["dns_txt_gone"] == "gone" and findings["dns_srv_dot"] == "gone"
+    assert [(s["step"], s["finding"]) for s in report["http"]["steps"]] == [
+        ("well_known", "gone"),
+        ("srv", "clear"),
+    ]
+    assert report["http"]["target"] is None
+    assert report["http"]["senders"]["tombstone-sidecar"] == (
+        "gone by DNS (dns_txt_gone): never connects"
+    )
+
+
+def test_tombstone_command_errors_help_and_clean_parts() -> None:
+    bad = kit("bad..name")
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "tombstone-sidecar: error: NAME: 'bad..name' has an empty label\n"
+    unknown = kit("example.org", "--format", "yaml")
+    assert unknown.returncode == 2 and len(unknown.stderr.splitlines()) == 1
+    clamped = kit("example.org", "--max-age", "90d", "--only", "nginx")
+    assert clamped.returncode == 0
+    assert clamped.stderr.startswith("tombstone-sidecar: note: --max-age 90d is longer than")
+    assert clamped.stdout.startswith("# tombstone for example.org")
+    assert "note:" not in clamped.stdout
+    helped = kit("--help")
+    assert helped.returncode == 0
+    for taught in ("v=matrix;gone", "410 Gone", "MSC4188", "--max-age", "check NAME --probe"):
+        assert taught in helped.stdout
