@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,12 +54,14 @@ class Tombstone:
     max_age: int = DEFAULT_MAX_AGE
     dns_ttl: int = DEFAULT_DNS_TTL
     srv: bool = False
+    federation_hosts: tuple[str, ...] = ()  # delegated hosts: each gets its own TXT record
     notes: tuple[str, ...] = field(default=())  # what was adjusted, and why
 
 
 def make(raw_name: str, *, date: str | None = None, contact: str = "", successor: str = "",
          max_age: float = DEFAULT_MAX_AGE, dns_ttl: float = DEFAULT_DNS_TTL,
-         srv: bool = False, today: datetime.date | None = None) -> Tombstone:  # fmt: skip
+         srv: bool = False, federation_hosts: Sequence[str] = (),
+         today: datetime.date | None = None) -> Tombstone:  # fmt: skip
     """Validate the operator's input (KitError names the problem) and clamp max-age."""
     try:
         authority = parse_authority(raw_name, default_port=0)
@@ -66,6 +69,16 @@ def make(raw_name: str, *, date: str | None = None, contact: str = "", successor
         raise KitError(f"NAME: {e}") from None
     if is_ip_literal(authority.host):
         raise KitError(f"NAME: {authority.host} is an IP literal; DNS tombstones need a name")
+    hosts: list[str] = []
+    for raw in federation_hosts:
+        try:
+            host = parse_authority(raw, default_port=0).host
+        except InvalidName as e:
+            raise KitError(f"--federation-host: {e}") from None
+        if is_ip_literal(host):
+            raise KitError(f"--federation-host: {host} is an IP literal; it cannot carry a TXT")
+        if host != authority.host and host not in hosts:
+            hosts.append(host)
     notes: list[str] = []
     seconds = int(max_age)
     if seconds > MAX_MAX_AGE:
@@ -85,6 +98,7 @@ def make(raw_name: str, *, date: str | None = None, contact: str = "", successor
         max_age=seconds,
         dns_ttl=int(dns_ttl),
         srv=srv,
+        federation_hosts=tuple(hosts),
         notes=tuple(notes),
     )
 
@@ -167,7 +181,7 @@ def cache_control(t: Tombstone) -> str:
 
 def dns_records(t: Tombstone) -> list[str]:
     """Zone-file lines: the TXT tombstone, and with --srv the SRV `.` record."""
-    lines = [f'{t.name}. {t.dns_ttl} IN TXT "{TXT_TEXT}"']
+    lines = [f'{host}. {t.dns_ttl} IN TXT "{TXT_TEXT}"' for host in (t.name, *t.federation_hosts)]
     if t.srv:
         lines.append(f"{SRV_PREFIXES[0]}.{t.name}. {t.dns_ttl} IN SRV 0 0 0 .")
     return lines
@@ -178,6 +192,9 @@ def render_dns(t: Tombstone) -> str:
         f"; tombstone for {t.name}: add to the zone of {t.name} (keep the domain registered)",
         f"; TXT {TXT_TEXT}: senders behind tombstone-sidecar stop before connecting",
     ]
+    if t.federation_hosts:
+        lines.append(f"; {', '.join(t.federation_hosts)}: senders that cached your delegation "
+                     "connect there directly; its own TXT stops them too")  # fmt: skip
     if t.srv:
         lines.append("; SRV target '.': RFC 2782 'decidedly not available'; delete any other "
                      f"{SRV_PREFIXES[0]} and {SRV_PREFIXES[1]} records of {t.name}")  # fmt: skip
@@ -255,6 +272,7 @@ def as_dict(t: Tombstone) -> dict[str, Any]:
         "decommissioned": t.date.isoformat(),
         "max_age": t.max_age,
         "dns_ttl": t.dns_ttl,
+        "federation_hosts": list(t.federation_hosts),
         "dns_records": dns_records(t),
         "status": gone_http.TOMBSTONE_STATUS,
         "paths": list(PATHS),

@@ -36,7 +36,8 @@ examples:
   tombstone-sidecar tombstone example.org --date 2026-12-01 \\
       --contact admin@example.org --successor new.example.org
   tombstone-sidecar tombstone example.org --only nginx > /etc/nginx/snippets/tombstone.conf
-  tombstone-sidecar tombstone example.org --srv --format json
+  tombstone-sidecar tombstone example.org --federation-host matrix.example.org --srv
+  tombstone-sidecar tombstone example.org --format json
 """
 
 
@@ -63,6 +64,10 @@ def add_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser
                              "longest)")  # fmt: skip
     parser.add_argument("--dns-ttl", metavar="DURATION", default="1h",
                         help="TTL of the DNS records (default 1h)")  # fmt: skip
+    parser.add_argument("--federation-host", metavar="HOST", action="append", default=[],
+                        help="a host your well-known or SRV delegated to (e.g. "
+                             "matrix.example.org); it gets a TXT record too, because senders "
+                             "that cached the delegation connect to it directly (repeatable)")
     parser.add_argument("--srv", action="store_true",
                         help='also publish _matrix-fed._tcp.NAME SRV 0 0 0 "." (see below)')
     parser.add_argument("--format", choices=("text", "json"), default="text",
@@ -78,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         dns_ttl = _duration("--dns-ttl", args.dns_ttl)
         tombstone = kit.make(args.name, date=args.date, contact=args.contact,
                              successor=args.successor, max_age=max_age, dns_ttl=dns_ttl,
-                             srv=args.srv)  # fmt: skip
+                             srv=args.srv, federation_hosts=args.federation_host)  # fmt: skip
     except kit.KitError as e:
         print(f"tombstone-sidecar: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -151,3 +151,13 @@ def test_a_name_with_a_port_keeps_its_port_for_the_check_line() -> None:
     tombstone = kit.make("example.org:8448")
     assert (tombstone.name, tombstone.port) == ("example.org", 8448)
     assert "tombstone-sidecar check example.org:8448 --probe" in kit.render_text(tombstone)
+
+
+def test_delegated_federation_hosts_get_their_own_txt_record() -> None:
+    tombstone = kit.make("example.org", federation_hosts=["Matrix.Example.org:8448",
+                                                          "example.org"])  # fmt: skip
+    lines = kit.dns_records(tombstone)
+    assert [rdata(line)[0] for line in lines] == ["example.org.", "matrix.example.org."]
+    assert all(is_tombstone(join_strings(rdata(line)[1].strings)) for line in lines)  # type: ignore[attr-defined]
+    with pytest.raises(kit.KitError, match=r"^--federation-host: 'a\.\.b' has an empty label"):
+        kit.make("example.org", federation_hosts=["a..b"])
