@@ -18,12 +18,13 @@ import pytest
 from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import free_port, wait_until
-from tests.support.tls_upstream import Response, TestCA, Upstream
+from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 from tests.support.web_servers import FALLBACK_BODY, Caddy, Nginx
 
 NGINX_IP = "127.0.0.20"  # the retired homeserver's web server (443 and a federation port)
 CADDY_IP = "127.0.0.21"
 DELEGATING_IP = "127.0.0.22"  # a well-known that still delegates
+BROKEN_IP = "127.0.0.23"  # a server answering 404 and 503: not a tombstone
 WEEK = 7 * 86400
 # Operator text with every character nginx, Caddy or JSON would read into.
 CONTACT = "it's $host {http.request.host} {$HOME} `x` \"q\" back\\slash; #hash é 🎉"
@@ -299,3 +300,40 @@ def test_tombstone_command_errors_help_and_clean_parts() -> None:
     assert helped.returncode == 0
     for taught in ("v=matrix;gone", "410 Gone", "MSC4188", "--max-age", "check NAME --probe"):
         assert taught in helped.stdout
+
+
+def test_check_probe_404_5xx_and_refused_are_no_verdict(
+    dns_server: DnsServer, zone: Zone, ca: TestCA, unique: Callable[[str], str]
+) -> None:
+    """Not a tombstone: a 404 well-known, a 503 version, a port nobody listens on."""
+    name, refusing = unique("broken"), unique("refusing")
+
+    def handler(request: Request) -> Response:
+        return Response(404 if request.path.startswith("/.well-known/") else 503, b"{}")
+
+    server = Upstream(ca, [name], host=BROKEN_IP, port=443, handler=handler).start()
+    try:
+        zone.add(name, "A", BROKEN_IP)
+        zone.add(f"_matrix-fed._tcp.{name}", "SRV", f"10 0 443 {name}")
+        broken = probe_check(dns_server, ca, name, "--json")
+        zone.add(refusing, "A", "127.0.0.24")  # nothing listens there
+        refused = probe_check(dns_server, ca, refusing, "--json")
+    finally:
+        server.stop()
+    assert broken.returncode == 0, broken.stdout + broken.stderr
+    report = json.loads(broken.stdout)
+    assert report["verdict"]["state"] == "alive"
+    assert [(s["step"], s["finding"], s["status"]) for s in report["http"]["steps"]] == [
+        ("well_known", "clear", 404),
+        ("srv", "clear", None),
+        ("version", "clear", 503),
+    ]
+    assert report["http"]["senders"]["tombstone-sidecar"].startswith("no verdict from HTTP")
+    assert refused.returncode == 0, refused.stdout + refused.stderr
+    steps = json.loads(refused.stdout)["http"]["steps"]
+    assert [(s["step"], s["finding"]) for s in steps] == [
+        ("well_known", "unknown"),
+        ("srv", "clear"),
+        ("version", "unknown"),
+    ]
+    assert "Connect call failed" in steps[0]["detail"] or "refused" in steps[0]["detail"]
