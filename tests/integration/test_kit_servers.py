@@ -107,17 +107,27 @@ def test_nginx_answers_410_with_the_generated_snippet(
     assert_tombstone_answers(NGINX_IP, port, name, ca)
 
 
-def test_caddy_answers_410_with_the_generated_snippet(
-    ca: TestCA, tmp_path: Path, unique: Callable[[str], str]
-) -> None:
+def test_caddy_answers_410_with_the_generated_snippet_and_check_probe_judges_it(
+    dns_server: DnsServer, zone: Zone, ca: TestCA, tmp_path: Path,
+    unique: Callable[[str], str],
+) -> None:  # fmt: skip
     name = unique("caddy")
     result = kit(*kit_args(name), "--only", "caddy")
     assert result.returncode == 0, result.stderr
     port = free_port(CADDY_IP)
-    server = Caddy(tmp_path / "caddy", ca, name, CADDY_IP, (port,))
+    server = Caddy(tmp_path / "caddy", ca, name, CADDY_IP, (443, port))
+    zone.add(name, "A", CADDY_IP)
+    zone.add(f"_matrix-fed._tcp.{name}", "SRV", f"10 0 {port} {name}")
     try:
         server.start(result.stdout, name)
         assert_tombstone_answers(CADDY_IP, port, name, ca)
+        report = json.loads(probe_check(dns_server, ca, name, "--json").stdout)
+        assert report["verdict"]["signal"] == "http_410" and report["verdict"]["ttl"] == WEEK
+        assert [(s["step"], s["finding"], s["lifetime"]) for s in report["http"]["steps"]] == [
+            ("well_known", "gone", WEEK),
+            ("srv", "clear", None),
+            ("version", "gone", WEEK),
+        ]
     except BaseException:
         print(server.log())
         raise

@@ -161,3 +161,9 @@ def test_delegated_federation_hosts_get_their_own_txt_record() -> None:
     assert all(is_tombstone(join_strings(rdata(line)[1].strings)) for line in lines)  # type: ignore[attr-defined]
     with pytest.raises(kit.KitError, match=r"^--federation-host: 'a\.\.b' has an empty label"):
         kit.make("example.org", federation_hosts=["a..b"])
+
+
+def test_the_published_errcode_is_the_one_the_sidecar_answers_with() -> None:
+    from sidecar.answers import ERRCODE_GONE  # imports mitmproxy, which the kit need not load
+
+    assert kit.ERRCODE == ERRCODE_GONE
