@@ -27,8 +27,8 @@ Nothing is changed anywhere: paste the parts, then confirm with `check NAME --pr
 EPILOG = """\
 what senders do with it:
   TXT v=matrix;gone   a homeserver behind tombstone-sidecar stops before connecting
-  SRV target "."      RFC 2782 "not available"; Synapse 1.163 then fails its connection
-                      (and backs off), but your 410 on the federation port goes unseen
+  SRV target "."      RFC 2782 "not available"; Synapse 1.163 mis-reads it and cannot
+                      connect at all, so your 410 on the federation port goes unseen
   410 + max-age       the sidecar (and MSC4188 resolvers) stay away for max-age; plain
                       Synapse treats a 410 as an answer, not a failure, so keep DNS too
 
