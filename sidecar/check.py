@@ -11,18 +11,24 @@ import json
 import sys
 from typing import Any
 
+from sidecar import check_http
+from sidecar.addresses import AddressPolicy
+from sidecar.check_http import HttpReport
 from sidecar.dns_client import DnsClient
+from sidecar.gone_http import GoneTtl
 from sidecar.metrics import Metrics
-from sidecar.names import InvalidName, parse_authority
+from sidecar.names import InvalidName, is_ip_literal, parse_authority
 from sidecar.options import Settings
 from sidecar.policy import Policy, TtlBounds
-from sidecar.signals import DnsReport, evaluate
+from sidecar.probe import Prober, ProbeSettings
+from sidecar.signals import DnsReport, Signal, evaluate
 from sidecar.verdicts import State, Verdict
 
 EXIT_BY_STATE = {State.ALIVE: 0, State.GONE: 1, State.UNREACHABLE: 1, State.UNDECIDED: 3}
 
 
-async def run_check(raw_name: str, settings: Settings, as_json: bool = False) -> int:
+async def run_check(raw_name: str, settings: Settings, as_json: bool = False,
+                    probe: bool = False) -> int:  # fmt: skip
     try:
         name = parse_authority(raw_name).host
     except InvalidName as e:
@@ -46,11 +52,72 @@ async def run_check(raw_name: str, settings: Settings, as_json: bool = False) ->
     dns.close()
     operator = policy.cached(name)
     verdict = operator.verdict if operator is not None else policy.judge(report)
+    http: HttpReport | None = None
+    if probe:
+        http, verdict = await _probe(raw_name, settings, dns, policy, verdict)
     if as_json:
-        print(json.dumps(_as_dict(report, verdict, dns.nameservers), indent=2))
+        data = _as_dict(report, verdict, dns.nameservers)
+        if http is not None:
+            data["http"] = _http_dict(http, verdict)
+        print(json.dumps(data, indent=2))
     else:
-        print(_as_text(report, verdict, dns.nameservers))
+        text = _as_text(report, verdict, dns.nameservers)
+        print(text if http is None else f"{text}\n{_http_text(http, verdict)}")
     return EXIT_BY_STATE[verdict.state]
+
+
+async def _probe(raw_name: str, settings: Settings, dns: DnsClient, policy: Policy,
+                 verdict: Verdict) -> tuple[HttpReport, Verdict]:  # fmt: skip
+    """The HTTP side; a 410 makes the verdict http_410 exactly as the sidecar would."""
+    ttl = GoneTtl(settings.gone_ttl, settings.min_gone_ttl, settings.max_gone_ttl)
+    probe = ProbeSettings(settings.probe_timeout, 1, settings.probe_interval, ttl,
+                          settings.upstream_ca or None)  # fmt: skip
+
+    async def resolve(host: str) -> tuple[str, ...]:
+        return (host,) if is_ip_literal(host) else (await evaluate(dns, host)).addresses
+
+    prober = Prober(probe, Metrics(), AddressPolicy.default(settings.allow_addresses), resolve)
+    http = await check_http.discover(prober, dns, raw_name)
+    gone = http.gone
+    if gone is not None and not verdict.suppresses:
+        policy.learn_gone(verdict.destination, gone.lifetime or ttl.default, gone.detail)
+        learned = policy.cached(verdict.destination)
+        if learned is not None:
+            verdict = learned.verdict
+    return http, verdict
+
+
+def _dns_gone(verdict: Verdict) -> str | None:
+    return str(verdict.signal) if verdict.suppresses and verdict.signal != Signal.HTTP_410 else None
+
+
+def _http_dict(http: HttpReport, verdict: Verdict) -> dict[str, Any]:
+    return {
+        "target": http.target,
+        "steps": [
+            {
+                "step": s.step,
+                "url": s.where,
+                "finding": s.finding.value,
+                "status": s.status,
+                "detail": s.detail,
+                "lifetime": s.lifetime,
+            }
+            for s in http.steps
+        ],
+        "senders": dict(check_http.senders(http, _dns_gone(verdict))),
+    }
+
+
+def _http_text(http: HttpReport, verdict: Verdict) -> str:
+    lines = ["  http (as a remote homeserver discovers it):"]
+    for step in http.steps:
+        said = step.detail if "https://" in step.detail else f"{step.where}: {step.detail}"
+        lines.append(f"  {step.step:<13} {step.finding.value.upper():<8} {said}")
+    lines.append("  what senders conclude:")
+    for sender, conclusion in check_http.senders(http, _dns_gone(verdict)):
+        lines.append(f"    {sender + ':':<21} {conclusion}")
+    return "\n".join(lines)
 
 
 def _as_dict(report: DnsReport, verdict: Verdict, nameservers: list[str]) -> dict[str, Any]:

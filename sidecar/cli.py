@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from sidecar import __version__, verdicts_cli
+from sidecar import __version__, kit_cli, verdicts_cli
 from sidecar.options import BY_NAME, OPTIONS, ConfigError, Option, Settings, gather_raw
 from sidecar.shared_port import mode_spec
 
@@ -51,9 +51,16 @@ examples:
 CHECK_EPILOG = """\
 exit status: 0 alive, 1 gone, 2 usage error, 3 DNS could not answer (no verdict).
 
+--probe adds the HTTP side, fetched as a remote homeserver would: the well-known (410 is a
+tombstone, m.server delegates), SRV, then /_matrix/federation/v1/version on the target;
+each 410 is judged with the sidecar's own rule and lifetime (--gone-ttl, --min-gone-ttl,
+--max-gone-ttl), certificates verified (system store plus --upstream-ca), only to
+addresses --allow-address permits.
+
 examples:
   tombstone-sidecar check example.org
   tombstone-sidecar check example.org --nameserver 1.1.1.1 --json
+  tombstone-sidecar check example.org --probe      # after publishing your own tombstone
 """
 
 
@@ -130,9 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "name", metavar="NAME", help="server name, e.g. example.org or example.org:8448"
     )
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("--probe", action="store_true",
+                       help="also fetch the well-known and federation version over HTTPS and "
+                            "judge any 410 Gone (see below)")  # fmt: skip
     for option in OPTIONS:
         _add_option(run, option)
-        if option.scope != "run":
+        if option.scope != "run" and option.name != "probe":  # check has its own --probe
             _add_option(check, option)
     verdicts = commands.add_parser(
         "verdicts",
@@ -162,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("config", "state_dir"):
         _add_option(ca_parser, BY_NAME[name])
     ca_parser.set_defaults(func=_cmd_ca)
+    kit_cli.add_command(commands).set_defaults(func=lambda args, settings, raw: kit_cli.run(args))
     run.set_defaults(func=_cmd_run)
     check.set_defaults(func=_cmd_check)
     verdicts.set_defaults(func=_cmd_verdicts)
@@ -378,7 +389,7 @@ def _cmd_verdicts(args: argparse.Namespace, settings: Settings, raw: dict[str, A
 def _cmd_check(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
     from sidecar.check import run_check
 
-    return asyncio.run(run_check(args.name, settings, as_json=args.json))
+    return asyncio.run(run_check(args.name, settings, as_json=args.json, probe=args.probe))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ log = logging.getLogger("sidecar.probe")
 
 WELL_KNOWN_PATH = "/.well-known/matrix/server"
 VERSION_PATH = "/_matrix/federation/v1/version"
-MAX_HEAD_BYTES = 16 * 1024  # status line and headers; the body is not needed
+MAX_HEAD_BYTES = 16 * 1024  # status line and headers; the 410 verdict needs no body
+MAX_BODY_BYTES = 64 * 1024  # a well-known document (`check --probe` reads its m.server)
 USER_AGENT = "tombstone-sidecar-probe"
 MAX_REMEMBERED = 100_000  # names whose last probe time is kept for the rate limit
 
@@ -41,6 +42,8 @@ class ProbeResult:
     outcome: str  # "gone" | "answered" | "failed"
     detail: str
     lifetime: float = 0.0
+    status: int = 0  # the HTTP status when there was an answer
+    body: bytes = b""  # only when asked for (`fetch(..., body=True)`)
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,9 @@ class Prober:
         """Both probes; the first tombstone wins, any real answer means not gone."""
         self._last[name] = time.monotonic()
         async with self._slots:
-            results = [await self._fetch(name, (name, 443), WELL_KNOWN_PATH)]
+            results = [await self.fetch(name, (name, 443), WELL_KNOWN_PATH)]
             if results[0].outcome != "gone":
-                results.append(await self._fetch(name, target or (name, 8448), VERSION_PATH))
+                results.append(await self.fetch(name, target or (name, 8448), VERSION_PATH))
         for result in results:
             self._metrics.probes.labels(result.outcome).inc()
         gone = next((r for r in results if r.outcome == "gone"), None)
@@ -105,15 +108,17 @@ class Prober:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _fetch(self, name: str, target: tuple[str, int], path: str) -> ProbeResult:
+    async def fetch(self, name: str, target: tuple[str, int], path: str,
+                    body: bool = False) -> ProbeResult:  # fmt: skip
+        """GET `path` from `target` as server `name` (SNI, Host), judged by gone_http."""
         host, port = target
         where = f"https://{name}" if (host, port) == (name, 443) else f"https://{host}:{port}"
         try:
             address = await self._address(host)
             if address is None:
                 return ProbeResult("failed", f"{where}: no address the policy allows")
-            status, headers = await asyncio.wait_for(
-                self._get(address, port, name, path), self.settings.timeout
+            status, headers, content = await asyncio.wait_for(
+                self._get(address, port, name, path, body), self.settings.timeout
             )
         except TimeoutError:
             return ProbeResult("failed", f"{where}{path}: no answer in {self.settings.timeout:g}s")
@@ -121,16 +126,17 @@ class Prober:
             return ProbeResult("failed", f"{where}{path}: {e}")
         if gone_http.is_tombstone(status, path):
             seconds = gone_http.lifetime(headers, self.settings.ttl)
-            return ProbeResult("gone", gone_http.evidence(status, path, where, seconds), seconds)
-        return ProbeResult("answered", f"{where}{path}: {status}")
+            evidence = gone_http.evidence(status, path, where, seconds)
+            return ProbeResult("gone", evidence, seconds, status, content)
+        return ProbeResult("answered", f"{where}{path}: {status}", 0.0, status, content)
 
     async def _address(self, host: str) -> str | None:
         address, _ = self.addresses.choose(await self._resolve(host))
         return address
 
     async def _get(
-        self, address: str, port: int, name: str, path: str
-    ) -> tuple[int, dict[str, str]]:
+        self, address: str, port: int, name: str, path: str, body: bool = False
+    ) -> tuple[int, dict[str, str], bytes]:
         """One HTTP/1.1 GET over TLS to the checked address, SNI and Host = the server name."""
         reader, writer = await asyncio.open_connection(
             address, port, ssl=self._context, server_hostname=name
@@ -140,6 +146,7 @@ class Prober:
             writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
                          "Connection: close\r\n\r\n".encode())  # fmt: skip
             head = await reader.readuntil(b"\r\n\r\n")
+            content = await _read_body(reader) if body else b""
         except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as e:
             raise ValueError(f"malformed response: {e}") from None
         finally:
@@ -155,4 +162,35 @@ class Prober:
             key, sep, value = line.partition(":")
             if sep:
                 headers[key.strip().lower()] = value.strip()
-        return int(parts[1]), headers
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            content = _dechunk(content)
+        return int(parts[1]), headers, content
+
+
+async def _read_body(reader: asyncio.StreamReader) -> bytes:
+    """Up to MAX_BODY_BYTES, until the server closes (the request said Connection: close)."""
+    content = b""
+    while len(content) < MAX_BODY_BYTES:
+        try:
+            chunk = await reader.read(MAX_BODY_BYTES - len(content))
+        except ssl.SSLError:  # closed without close_notify: keep what arrived
+            break
+        if not chunk:
+            break
+        content += chunk
+    return content
+
+
+def _dechunk(data: bytes) -> bytes:
+    """The payload of a chunked body (as much of it as was read)."""
+    out, rest = b"", data
+    while rest:
+        size_line, sep, rest = rest.partition(b"\r\n")
+        try:
+            size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        except ValueError:
+            raise ValueError("malformed chunked body") from None
+        if not sep or size == 0:
+            break
+        out, rest = out + rest[:size], rest[size + 2 :]
+    return out

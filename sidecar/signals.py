@@ -107,7 +107,7 @@ async def evaluate(client: DnsClient, name: str) -> DnsReport:
         client.query(name, "A"),
         client.query(name, "AAAA"),
     )
-    srv = _choose_srv(srv_fed, srv_legacy)
+    srv = choose_srv(srv_fed, srv_legacy)
     addresses, address_check = _addresses(name, (a, aaaa))
     checks: tuple[SignalCheck, ...] = (
         _txt_check(name, txt),
@@ -137,7 +137,7 @@ def _require_validation(check: SignalCheck, answers: Sequence[DnsAnswer]) -> Sig
                        check.ttl)  # fmt: skip
 
 
-def _choose_srv(fed: DnsAnswer, legacy: DnsAnswer) -> DnsAnswer:
+def choose_srv(fed: DnsAnswer, legacy: DnsAnswer) -> DnsAnswer:
     """Synapse's order: `_matrix-fed._tcp` when it has records, else `_matrix._tcp`."""
     if fed.outcome == "ok" or not fed.is_evidence:
         return fed
@@ -165,7 +165,7 @@ def _txt_check(name: str, answer: DnsAnswer) -> SignalCheck:
     return _unknown(Signal.DNS_TXT_GONE, answer)
 
 
-def _srv_targets(answer: DnsAnswer) -> list[tuple[str, int]]:
+def srv_targets(answer: DnsAnswer) -> list[tuple[str, int]]:
     targets = []
     for record in answer.records:
         target = getattr(record, "target", None)
@@ -179,7 +179,7 @@ def _srv_targets(answer: DnsAnswer) -> list[tuple[str, int]]:
 
 def _srv_dot_check(answer: DnsAnswer) -> SignalCheck:
     if answer.outcome == "ok":
-        targets = _srv_targets(answer)
+        targets = srv_targets(answer)
         if targets and all(t == "." for t, _ in targets):
             return SignalCheck(
                 Signal.DNS_SRV_DOT,
@@ -199,7 +199,7 @@ def _srv_dot_check(answer: DnsAnswer) -> SignalCheck:
 
 def _invalid_tld_check(answer: DnsAnswer) -> SignalCheck:
     if answer.outcome == "ok":
-        targets = [t for t, _ in _srv_targets(answer) if t != "."]
+        targets = [t for t, _ in srv_targets(answer) if t != "."]
         if targets and all(is_under(t, INVALID_TLD) for t in targets):
             return SignalCheck(
                 Signal.INVALID_TLD,
