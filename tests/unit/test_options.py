@@ -270,6 +270,7 @@ def test_settings_defaults() -> None:
         require_dnssec=False,
         proxy_users=None,
         allow_open_proxy=False,
+        reuse_port=False,
         shutdown_grace=20.0,
         probe=True,
         probe_interval=3600.0,
