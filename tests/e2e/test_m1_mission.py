@@ -50,10 +50,11 @@ def test_m1_traffic_reaching_dead_servers_with_and_without_the_sidecar(
             actions += 1
         assert own_room
     reached = world.new_dead_connections(dead_before)
+    contacts = ", ".join(f"{count} {what}" for what, count in reached.items()) or "nothing"
     record(
         f"m1 {mode}",
         f"{actions} user actions in {MISSION_SECONDS:.0f} s -> reached dead servers: "
-        f"{reached or 'nothing'}; first profile on the blackholed {BLACKHOLED.name}: "
+        f"{contacts}; first profile on the blackholed {BLACKHOLED.name}: "
         f"{first.status} in {first.seconds * 1000:.0f} ms; answers {statuses}",
     )
     if mode == "enforce":
