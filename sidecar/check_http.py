@@ -130,7 +130,9 @@ async def _srv(dns: DnsClient, host: str) -> tuple[tuple[str, int] | None, HttpS
     if answer.outcome != "ok":
         finding = Finding.CLEAR if answer.is_evidence else Finding.UNKNOWN
         return (host, FEDERATION_PORT), HttpStep(
-            "srv", where, finding,
+            "srv",
+            where,
+            finding,
             f"no SRV record ({answer.outcome}): port {FEDERATION_PORT} of {host}",
         )
     targets = srv_targets(answer)

@@ -64,12 +64,20 @@ def add_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser
                              "longest)")  # fmt: skip
     parser.add_argument("--dns-ttl", metavar="DURATION", default="1h",
                         help="TTL of the DNS records (default 1h)")  # fmt: skip
-    parser.add_argument("--federation-host", metavar="HOST", action="append", default=[],
-                        help="a host your well-known or SRV delegated to (e.g. "
-                             "matrix.example.org); it gets a TXT record too, because senders "
-                             "that cached the delegation connect to it directly (repeatable)")
-    parser.add_argument("--srv", action="store_true",
-                        help='also publish _matrix-fed._tcp.NAME SRV 0 0 0 "." (see below)')
+    parser.add_argument(
+        "--federation-host",
+        metavar="HOST",
+        action="append",
+        default=[],
+        help="a host your well-known or SRV delegated to (e.g. "
+        "matrix.example.org); it gets a TXT record too, because senders "
+        "that cached the delegation connect to it directly (repeatable)",
+    )
+    parser.add_argument(
+        "--srv",
+        action="store_true",
+        help='also publish _matrix-fed._tcp.NAME SRV 0 0 0 "." (see below)',
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text",
                         help="text for people (default) or json for tools")  # fmt: skip
     parser.add_argument("--only", choices=kit.PARTS,

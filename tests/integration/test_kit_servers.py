@@ -27,7 +27,7 @@ DELEGATING_IP = "127.0.0.22"  # a well-known that still delegates
 BROKEN_IP = "127.0.0.23"  # a server answering 404 and 503: not a tombstone
 WEEK = 7 * 86400
 # Operator text with every character nginx, Caddy or JSON would read into.
-CONTACT = "it's $host {http.request.host} {$HOME} `x` \"q\" back\\slash; #hash é 🎉"
+CONTACT = 'it\'s $host {http.request.host} {$HOME} `x` "q" back\\slash; #hash é 🎉'
 SUCCESSOR = "new.example.test"
 PATHS = ("/.well-known/matrix/server", "/.well-known/matrix/client",
          "/_matrix/federation/v1/version", "/_matrix/key/v2/server")  # fmt: skip

@@ -23,7 +23,7 @@ from sidecar.signals import srv_targets
 from sidecar.tombstone_txt import is_tombstone, join_strings
 
 DAY = 86400
-HOSTILE = "it's $host {http.request.host} {$HOME} `x` \"q\" back\\slash; #hash é 🎉"
+HOSTILE = 'it\'s $host {http.request.host} {$HOME} `x` "q" back\\slash; #hash é 🎉'
 
 
 def rdata(line: str) -> tuple[str, object]:
