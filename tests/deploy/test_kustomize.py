@@ -5,7 +5,9 @@ ports that exist, HTTPS_PROXY pointing at the proxy's real address, selectors th
 from __future__ import annotations
 
 import copy
-import urllib.request
+
+# What Synapse calls to decide whether a host bypasses the proxy (not in typeshed).
+from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]
 
 import kubernetes_validate
 import pytest
@@ -83,7 +85,7 @@ def _synapse(docs: tuple[Manifest, ...]) -> list[Manifest]:
 
 def _bypassed(no_proxy: str, host: str) -> bool:
     """What Synapse decides: it calls urllib's proxy_bypass_environment with NO_PROXY."""
-    return bool(urllib.request.proxy_bypass_environment(host, proxies={"no": no_proxy}))
+    return bool(proxy_bypass_environment(host, proxies={"no": no_proxy}))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -137,7 +139,8 @@ def test_intercept_shares_only_the_ca_bundle_with_synapse() -> None:
 
 def test_central_egress_is_wired_together() -> None:
     docs = render("central-egress")
-    egress = next(d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] == "tombstone-egress")
+    deployments = {d["metadata"]["name"]: d for d in of_kind(docs, "Deployment")}
+    egress = deployments["tombstone-egress"]
     assert egress["spec"]["replicas"] >= 2
     labels = pod_labels(egress)
     (service,) = of_kind(docs, "Service")
@@ -175,8 +178,10 @@ def test_central_egress_is_wired_together() -> None:
     assert any(matches(p.get("podSelector", {}).get("matchLabels", {}), labels) for p in peers)
     egress_policy = policies["tombstone-egress"]
     assert matches(egress_policy["podSelector"]["matchLabels"], labels)
-    proxy_rule = next(r for r in egress_policy["ingress"] if {"port": 3128, "protocol": "TCP"} in r["ports"])
-    assert matches(proxy_rule["from"][0]["podSelector"]["matchLabels"], pod_labels(synapse_workload))
+    proxy_port_rule = {"port": 3128, "protocol": "TCP"}
+    (proxy_rule,) = [r for r in egress_policy["ingress"] if proxy_port_rule in r["ports"]]
+    clients = proxy_rule["from"][0]["podSelector"]["matchLabels"]
+    assert matches(clients, pod_labels(synapse_workload))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -188,8 +193,8 @@ def test_monitors_select_a_named_metrics_port(overlay: str) -> None:
         selector = monitor["spec"]["selector"]["matchLabels"]
         if monitor["kind"] == "PodMonitor":
             endpoints = monitor["spec"]["podMetricsEndpoints"]
-            ports = {p["name"] for c in containers(docs) if matches(selector, pod_labels(c.workload))
-                     for p in c.spec.get("ports", [])}  # fmt: skip
+            selected = [c for c in containers(docs) if matches(selector, pod_labels(c.workload))]
+            ports = {p["name"] for c in selected for p in c.spec.get("ports", [])}
         else:
             endpoints = monitor["spec"]["endpoints"]
             ports = {p["name"] for s in of_kind(docs, "Service")
@@ -197,4 +202,5 @@ def test_monitors_select_a_named_metrics_port(overlay: str) -> None:
                      for p in s["spec"]["ports"]}  # fmt: skip
         for endpoint in endpoints:
             assert endpoint["port"] in ports, f"{monitor['kind']} scrapes nothing: {ports}"
-            assert {"action": "replace", "targetLabel": "job", "replacement": "tombstone-sidecar"} in endpoint["relabelings"]
+            job = {"action": "replace", "targetLabel": "job", "replacement": "tombstone-sidecar"}
+            assert job in endpoint["relabelings"], "the rules and dashboard select this job"
