@@ -204,3 +204,10 @@ def test_monitors_select_a_named_metrics_port(overlay: str) -> None:
             assert endpoint["port"] in ports, f"{monitor['kind']} scrapes nothing: {ports}"
             job = {"action": "replace", "targetLabel": "job", "replacement": "tombstone-sidecar"}
             assert job in endpoint["relabelings"], "the rules and dashboard select this job"
+
+
+def test_synapse_ignores_cidrs_in_no_proxy_so_the_manifests_list_names() -> None:
+    """Why NO_PROXY lists names and no pod/service CIDRs: Synapse's bypass check matches
+    names only, so a CIDR entry would promise a bypass that never happens."""
+    assert not _bypassed("10.0.0.0/8", "10.1.2.3")
+    assert _bypassed(".svc", "auth.matrix.svc")
