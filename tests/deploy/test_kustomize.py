@@ -96,8 +96,10 @@ def test_synapse_no_proxy_keeps_cluster_names_direct_and_federation_proxied(over
         env = {e["name"]: e.get("value") for e in container["env"]}
         no_proxy = env["NO_PROXY"]
         assert no_proxy is not None
+        # ess-helm names services with a trailing dot (its clusterDomain is "cluster.local.").
         for internal in ("localhost", "127.0.0.1", "mas.matrix.svc",
-                         "synapse-main.matrix.svc.cluster.local"):  # fmt: skip
+                         "synapse-main.matrix.svc.cluster.local",
+                         "ess-matrix-authentication-service.ess.svc.cluster.local."):  # fmt: skip
             assert _bypassed(no_proxy, internal), internal
         for remote in ("matrix.org", "example.com", "fed.example.net"):
             assert not _bypassed(no_proxy, remote), remote
