@@ -13,7 +13,7 @@ import pytest
 
 from tests.deploy.launch import Localizer, Plan, get, running, volume_files
 from tests.deploy.manifests import Container, render, sidecar_containers
-from tests.deploy.tools import OVERLAYS
+from tests.deploy.tools import WORKLOAD_OVERLAYS
 from tests.integration.harness import read_head, sidecar_command
 from tests.support.redis_server import RedisServer
 
@@ -37,7 +37,7 @@ def _plan(container: Container, local: Localizer) -> Plan:
 
 
 def _servers() -> list[tuple[str, str]]:
-    return [(o, c.name) for o in OVERLAYS for c in sidecar_containers(render(o))
+    return [(o, c.name) for o in WORKLOAD_OVERLAYS for c in sidecar_containers(render(o))
             if c.spec["args"][0] == "run"]  # fmt: skip
 
 

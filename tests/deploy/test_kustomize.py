@@ -22,22 +22,29 @@ from tests.deploy.manifests import (
     render,
     sidecar_containers,
 )
-from tests.deploy.tools import KUBERNETES_VERSION, OVERLAYS
+from tests.deploy.operator_schemas import operator_schema_errors
+from tests.deploy.tools import KUBERNETES_VERSION, OVERLAYS, WORKLOAD_OVERLAYS
 
-OPERATOR_GROUP = "monitoring.coreos.com/"  # CRDs: no schema shipped; checked below by meaning
+OPERATOR_GROUP = "monitoring.coreos.com/"  # Prometheus Operator CRDs: see operator_schema_errors
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_and_validates(overlay: str) -> None:
     docs = render(overlay)
-    builtin = [d for d in docs if not d["apiVersion"].startswith(OPERATOR_GROUP)]
-    assert builtin, f"{overlay} rendered no Kubernetes objects"
-    for doc in builtin:
+    for doc in docs:
+        where = f"{overlay}: {doc['kind']}/{doc['metadata']['name']}"
+        if doc["apiVersion"].startswith(OPERATOR_GROUP):
+            assert operator_schema_errors(doc) == [], where
+            continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(f"{overlay}: {doc['kind']}/{doc['metadata']['name']}: {e.message}")
-    assert sidecar_containers(docs), f"{overlay} runs no tombstone-sidecar container"
+            pytest.fail(f"{where}: {e.message}")
+
+
+@pytest.mark.parametrize("overlay", WORKLOAD_OVERLAYS)
+def test_overlay_runs_the_sidecar(overlay: str) -> None:
+    assert sidecar_containers(render(overlay)), f"{overlay} runs no tombstone-sidecar container"
 
 
 def test_the_validator_rejects_what_kubernetes_would() -> None:
@@ -48,6 +55,21 @@ def test_the_validator_rejects_what_kubernetes_would() -> None:
         kubernetes_validate.validate(workload, KUBERNETES_VERSION, strict=True)
 
 
+def test_the_operator_schemas_reject_what_the_operator_would() -> None:
+    """A control for operator_schema_errors: an unknown field, a wrong enum value and a
+    malformed duration are all reported."""
+    (monitor,) = of_kind(render("monitoring"), "PodMonitor")
+    (rule,) = of_kind(render("monitoring"), "PrometheusRule")
+    unknown = copy.deepcopy(monitor)
+    unknown["spec"]["podMetricsEndpoints"][0]["prot"] = "tombstone-ops"
+    action = copy.deepcopy(monitor)
+    action["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["action"] = "replacee"
+    duration = copy.deepcopy(rule)
+    duration["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
+    for broken in (unknown, action, duration):
+        assert operator_schema_errors(broken), broken["kind"]
+
+
 def _probe_port_exists(container: Manifest, probe: str, path: str) -> None:
     spec = container[probe]["httpGet"]
     assert spec["path"] == path
@@ -55,7 +77,7 @@ def _probe_port_exists(container: Manifest, probe: str, path: str) -> None:
     assert spec["port"] in names, f"{probe} names port {spec['port']}, not one of {names}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", WORKLOAD_OVERLAYS)
 def test_sidecar_probes_and_hardening(overlay: str) -> None:
     for sidecar in sidecar_containers(render(overlay)):
         if sidecar.spec["args"][0] != "run":
@@ -88,7 +110,7 @@ def _bypassed(no_proxy: str, host: str) -> bool:
     return bool(proxy_bypass_environment(host, proxies={"no": no_proxy}))
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", WORKLOAD_OVERLAYS)
 def test_synapse_no_proxy_keeps_cluster_names_direct_and_federation_proxied(overlay: str) -> None:
     synapse = _synapse(render(overlay))
     assert synapse
@@ -186,7 +208,7 @@ def test_central_egress_is_wired_together() -> None:
     assert matches(clients, pod_labels(synapse_workload))
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", WORKLOAD_OVERLAYS)
 def test_monitors_select_a_named_metrics_port(overlay: str) -> None:
     docs = render(overlay)
     monitors = of_kind(docs, "PodMonitor") + of_kind(docs, "ServiceMonitor")

@@ -18,8 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 KUSTOMIZE = DEPLOY / "kustomize"
-# Every overlay a newcomer may start from; each must render and validate.
-OVERLAYS = ("native-sidecar", "intercept", "central-egress")
+# Every overlay a newcomer may start from; each must render and validate. All but
+# "monitoring" (PodMonitor and rules for Helm installs) run the sidecar.
+WORKLOAD_OVERLAYS = ("native-sidecar", "intercept", "central-egress")
+OVERLAYS = (*WORKLOAD_OVERLAYS, "monitoring")
 KUBERNETES_VERSION = "1.37.0"
 
 _HOW = {
