@@ -19,6 +19,7 @@ class Stage:
     entrypoint: list[str] = field(default_factory=list)
     cmd: list[str] = field(default_factory=list)
     user: str = ""
+    healthcheck: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
     copies: list[list[str]] = field(default_factory=list)  # [--from=..., src..., dest]
 
@@ -61,6 +62,8 @@ def stages(path: Path = DOCKERFILE) -> list[Stage]:
             value = json.loads(rest)  # exec form only: no shell in between
             assert isinstance(value, list), f"{keyword} must be in exec (JSON) form"
             setattr(found[-1], keyword.lower(), [str(v) for v in value])
+        elif keyword == "HEALTHCHECK":
+            found[-1].healthcheck = [str(v) for v in json.loads(rest.split(" CMD ", 1)[1])]
         elif keyword == "USER":
             found[-1].user = rest
         elif keyword == "VOLUME":

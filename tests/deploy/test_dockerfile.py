@@ -65,6 +65,11 @@ def test_entrypoint_and_cmd_start_the_real_sidecar(tmp_path: Path) -> None:
         ops = plan.ports["--ops-listen"]
         assert get(ops, "/healthz")[0] == 200
         assert get(ops, "/readyz")[0] == 200
+        # The image's HEALTHCHECK command (its port moved like the CMD's) passes.
+        image_port = final.cmd[final.cmd.index("--ops-listen") + 1].rsplit(":", 1)[1]
+        check = [a.replace(f":{image_port}/", f":{ops}/") for a in final.healthcheck]
+        assert check[0] == "python" and check != final.healthcheck, final.healthcheck
+        run([sys.executable, *check[1:]], timeout=30)
     # The state (verdicts.sqlite3) went to the state volume, nothing to the read-only root.
     state = Path(local.value(final.env["TOMBSTONE_STATE_DIR"]))
     assert (state / "verdicts.sqlite3").exists(), sorted(p.name for p in state.iterdir())
