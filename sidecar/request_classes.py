@@ -57,6 +57,8 @@ def parse_override(text: str) -> tuple[str, int]:
     cls = cls.strip().lower()
     if not sep or cls not in DEFAULT_STATUS:
         raise ValueError(f"{text!r}: expected CLASS=STATUS with CLASS one of {', '.join(CLASSES)}")
-    if not status.strip().isdigit() or not 400 <= int(status) <= 599:
-        raise ValueError(f"{text!r}: STATUS must be 400-599")
+    status = status.strip()
+    # isdigit() alone admits '²' and other digits int() refuses: ASCII digits only
+    if not (status.isascii() and status.isdigit()) or not 400 <= int(status) <= 599:
+        raise ValueError(f"{text!r}: STATUS must be a number 400-599")
     return cls, int(status)

@@ -358,6 +358,13 @@ def test_each_bad_value_names_its_option(name: str, value: Any) -> None:
     assert "\n" not in str(error)
 
 
+@pytest.mark.parametrize("status", ["²", "٤١٠", "abc", "399", "600", ""])
+def test_answer_status_must_be_plain_digits_400_599(status: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        Settings.from_raw({"answer": [f"user={status}"]})
+    assert str(excinfo.value) == f"--answer: 'user={status}': STATUS must be a number 400-599"
+
+
 def test_max_ttl_shorter_than_min_ttl_is_rejected() -> None:
     with pytest.raises(ConfigError) as excinfo:
         Settings.from_raw({"min_ttl": "1h", "max_ttl": "5m"})
