@@ -622,16 +622,16 @@ class TombstoneAddon:
     def _probe(self, name: str, target: tuple[str, int], verdict: Verdict) -> None:
         """First sight of a live name: learn in the background whether it answers 410."""
         if self.prober is not None and verdict.state is State.ALIVE and self.prober.due(name):
-            self.prober.schedule(name, target, self._probed)
-            if self.lifter is not None:
-                self.lifter.record_keys(name, target)
+            self.prober.schedule(name, target, lambda n, r: self._probed(n, r, target))
 
-    def _probed(self, name: str, result: ProbeResult) -> None:
+    def _probed(self, name: str, result: ProbeResult, target: tuple[str, int]) -> None:
         assert self.policy is not None
         if result.outcome == "gone":
             self.policy.learn_gone(name, result.lifetime, result.detail)
-        else:
-            log.debug("probe of %s: %s", name, result.detail)
+            return
+        log.debug("probe of %s: %s", name, result.detail)
+        if result.outcome == "answered" and self.lifter is not None:
+            self.lifter.record_keys(name, target)  # alive: what identity it has now
 
     def _refuse_connect(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
         """Refuse a CONNECT to a gone destination as --refusal says.

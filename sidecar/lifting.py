@@ -161,7 +161,9 @@ class Lifter:
                 f"tombstone-sidecar verdicts forget {name}" if held else
                 "Not held (no --hold-reborn): traffic to it flows again.",
             )  # fmt: skip
-            return f"held: back with new signing keys ({detail}); lift with ops DELETE"
+            if held:
+                return f"held: back with new signing keys ({detail}); lift with ops DELETE"
+            return None
         log.info("%s is back (was %s): %s", name, was, detail)
         return None
 
