@@ -122,13 +122,14 @@ class Lifter:
         known = alive.addresses if target[0] == name else None
         current: KeyRecord | None = None
         problem = ""
-        if self.fetcher is not None:
+        # Nothing recorded, nothing to compare: then no request of our own to the server
+        # (unless an operator just released it: its keys now are the ones to remember).
+        wanted = record is not None or name in self._released
+        if wanted and self.fetcher is not None:
             try:
                 current = await self.fetcher.fetch(name, target, now, known)
             except (KeyDocumentError, OSError, TimeoutError, ValueError) as e:
                 problem = str(e) or type(e).__name__
-        else:
-            problem = "key fetching is off"
         if name in self._released:
             self._released.discard(name)
             if current is not None:
@@ -164,7 +165,8 @@ class Lifter:
             if held:
                 return f"held: back with new signing keys ({detail}); lift with ops DELETE"
             return None
-        log.info("%s is back (was %s): %s", name, was, detail)
+        # The policy logs the lift itself: one line per verdict change.
+        log.debug("%s is back (was %s): %s", name, was, detail)
         return None
 
     # -- Synapse ------------------------------------------------------------------------
