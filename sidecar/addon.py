@@ -421,7 +421,9 @@ class TombstoneAddon:
             return
         entry = self.policy.cached(name)
         if entry is not None and entry.verdict.state is State.ALIVE:
-            target = (normalize_host(flow.request.host), flow.request.port)
+            port = flow.request.port
+            pinned = self.upstream_names.get(flow.client_conn, {}).get((flow.request.host, port))
+            target = (pinned or normalize_host(flow.request.host), port)  # a name, not the IP
             self.lifter.observe_keys(name, flow.response.content or b"", target)
 
     def _destination(self, flow: http.HTTPFlow) -> str:

@@ -10,6 +10,7 @@ re-keyed or not, tombstone removed, lifted — and then alerted on, held, releas
 from __future__ import annotations
 
 import json
+import ssl
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -182,3 +183,45 @@ def test_without_hold_a_rekeyed_server_is_alerted_on_and_let_through(
     assert event["key_changed"] == "true" and not event["held"]
     assert sidecar.metric("tombstone_resurrections_total", key_changed="true") == 1
     assert "Not held (no --hold-reborn)" in sidecar.log()
+
+
+def test_intercept_mode_records_the_keys_synapse_fetched_and_catches_the_rekey(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    remote: Remote,
+    ops_token: Path,
+    unique: Callable[[str], str],
+) -> None:
+    """No probes: the keys are the ones the homeserver itself fetched through the sidecar."""
+    sidecar = sidecar_factory("--mode", "intercept", "--upstream-ca", str(ca.ca_pem_path),
+                              "--ops-token-file", str(ops_token), "--min-ttl", "1s",
+                              "--max-ttl", "1s", "--hold-reborn")  # fmt: skip
+    trust = ssl.create_default_context(cafile=str(sidecar.state_dir / "ca" /
+                                                  "mitmproxy-ca-cert.pem"))  # fmt: skip
+    name = unique("intercepted")
+    target = f"{name}:{remote.upstream.port}"
+    remote.keys[name] = SigningKey(name)
+    zone.add(name, "A", REMOTE_IP, ttl=1)
+
+    def key_request() -> int:
+        status, _, _ = sidecar.https_get(target, name, trust, KEY_PATH)
+        return status
+
+    assert key_request() == 200  # what Synapse does before it verifies the server's events
+    zone.add(name, "TXT", "v=matrix;gone", ttl=1)
+    assert wait_until(lambda: key_request() != 200, timeout=15, interval=0.3)
+    remote.keys[name] = SigningKey(name)
+    untombstone(zone, name)
+
+    def held() -> bool:
+        key_request()
+        return resurrections(sidecar)["total"] == 1
+
+    assert wait_until(held, timeout=15, interval=0.3)
+    event = resurrections(sidecar)["resurrections"][0]  # type: ignore[index]
+    assert event["key_changed"] == "true" and event["held"]
+    assert key_request() != 200
+    checks = [r for r in remote.upstream.requests
+              if r.headers.get("user-agent") == "tombstone-sidecar-keys"]  # fmt: skip
+    assert len(checks) == 1  # the lift's own check; every other fetch was the client's
