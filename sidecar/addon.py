@@ -190,8 +190,7 @@ class TombstoneAddon:
         gc.collect()
         gc.freeze()
         self.loaded.set()
-        if self.lifter.admin is not None:
-            self._poller = asyncio.create_task(self.lifter.poll_synapse(self.policy))
+        self._poller = asyncio.create_task(self.lifter.poll_synapse(lambda: self.policy))
         self._list_stamp = self._list_files_stamp()
         self._watcher = asyncio.create_task(self._watch_list_files())
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -610,6 +609,11 @@ class TombstoneAddon:
             context.load_verify_locations(settings.upstream_ca)
         fetcher = KeyFetcher(context, settings.probe_timeout, self._addresses_of,
                              self._allowed_address)  # fmt: skip
+        if previous is not None:  # a running poller and pending holds keep their Lifter
+            previous.fetcher, previous.admin = fetcher, admin
+            previous.hold_reborn = settings.hold_reborn
+            previous.poll_interval = settings.synapse_admin_poll
+            return previous
         return Lifter(self.metrics, book, fetcher=fetcher, admin=admin,
                       hold_reborn=settings.hold_reborn,
                       poll_interval=settings.synapse_admin_poll)  # fmt: skip

@@ -190,18 +190,22 @@ class Lifter:
 
         self._spawn(run())
 
-    async def poll_synapse(self, policy: Policy) -> None:
-        """Every poll interval: look for gone names Synapse has stopped backing off."""
+    async def poll_synapse(self, current: Callable[[], Policy | None]) -> None:
+        """Every poll interval: look for gone names Synapse has stopped backing off (the
+        policy is looked up each time: a reconfiguration may replace it)."""
         while True:
-            await self.poll_once(policy)
+            policy = current()
+            if policy is not None:
+                await self.poll_once(policy)
             await asyncio.sleep(self.poll_interval)
 
     async def poll_once(self, policy: Policy) -> list[str]:
         """One poll; the names whose verdicts it started re-checking."""
-        if self.admin is None:
+        admin = self.admin
+        if admin is None:  # turned off by a reconfiguration
             return []
         try:
-            rows, truncated = await self.admin.destinations()
+            rows, truncated = await admin.destinations()
         except AdminError:
             return []  # logged once per state change by the client
         gone = {
