@@ -29,12 +29,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.actions import join
+from tests.e2e.actions import join, send_text
 from tests.e2e.world import LIVE_IP, World
 from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.procs import wait_until
 
 BACK = "back.test"  # tombstoned, then back: only this test names it
+TIED = "member-txt.test"  # a dead server with a member in rooms Synapse joins
 OPS_TOKEN = "admin-e2e-ops-token-0123456789"
 ADMIN = "http://127.0.0.1:8008"
 
@@ -129,10 +130,22 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
                              result="ok") == 1  # fmt: skip
         assert f"{BACK} lifted: Synapse's backoff for it was reset" in linked.log()
 
-        # The joined listing: our verdicts with Synapse's view of each name.
+        # The joined listing: our verdicts with Synapse's view of each name. A fresh room
+        # shared with a dead server (a @bob of member-txt.test) ties Synapse to it.
+        joined = join(client, world.live.add_shared_room("t1-ties"))
+        assert joined.status == 200, joined
+        sent = send_text(client, str(joined.body["room_id"]), "anyone there?")
+        assert sent.status == 200, sent  # a transaction for every server in the room
+        assert not linked.tunnel_opens(f"{TIED}:8448")  # gone here (TXT)
         ops(linked, "PUT", "/v1/verdicts/never-seen.test", b"{}")
-        rooms = admin.get(f"/_synapse/admin/v1/federation/destinations/{BACK}/rooms",
-                          headers=headers).json()["total"]  # fmt: skip
+
+        def rooms(name: str) -> int:
+            path = f"/_synapse/admin/v1/federation/destinations/{name}/rooms"
+            reply = admin.get(path, headers=headers)
+            return int(reply.json()["total"]) if reply.status_code == 200 else 0
+
+        assert wait_until(lambda: rooms(TIED) >= 1, timeout=15, interval=0.2)
+        tied_rooms, back_rooms = rooms(TIED), rooms(BACK)
     argv = [*sidecar_command(), "verdicts", "list", "--synapse", "--ops-listen",
             f"127.0.0.1:{linked.ops_port}", "--synapse-admin-url", ADMIN,
             "--synapse-admin-token-file", str(token)]  # fmt: skip
@@ -141,11 +154,13 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
     assert listed.returncode == 0, listed.stderr
     by_name = {v["destination"]: v for v in json.loads(listed.stdout)["verdicts"]}
     assert by_name[BACK]["synapse"]["retry_interval_ms"] == 0
-    assert by_name[BACK]["synapse"]["rooms"] == rooms
+    assert by_name[BACK]["synapse"]["rooms"] == back_rooms
+    assert by_name[TIED]["state"] == "gone" and by_name[TIED]["synapse"]["rooms"] == tied_rooms
     assert by_name["never-seen.test"]["synapse"] is None  # Synapse never had a row for it
     table = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
     assert table.returncode == 0, table.stderr
     assert "ROOMS" in table.stdout.splitlines()[0]
+    record("t1 verdicts list --synapse", "\n" + table.stdout)
     assert any(line.startswith(BACK) and "sending" in line for line in table.stdout.splitlines())
     assert "WARNING" not in linked.log()
 
