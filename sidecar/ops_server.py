@@ -276,7 +276,6 @@ class OpsServer:
                  " (hold released)" if released else "", entry.verdict.state)  # fmt: skip
         return _json(200, verdict_json(entry))
 
-
     def _resurrections(self) -> Reply:
         lifter = self._addon.lifter
         events = lifter.book.resurrections if lifter is not None else []

@@ -34,7 +34,7 @@ from tests.e2e.world import LIVE_IP, World
 from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.procs import wait_until
 
-BACK = "back.test"  # tombstoned, then back: only this test names it
+BACK = "resumed.test"  # tombstoned, then back: only this test names it
 TIED = "member-txt.test"  # a dead server with a member in rooms Synapse joins
 OPS_TOKEN = "admin-e2e-ops-token-0123456789"
 ADMIN = "http://127.0.0.1:8008"
