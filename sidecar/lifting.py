@@ -111,6 +111,10 @@ class Lifter:
             return True
         return False
 
+    def release_done(self, name: str) -> None:
+        """The operator's re-check is over: a later lift of `name` is compared again."""
+        self._released.discard(name)
+
     async def guard(self, name: str, previous: Verdict, alive: Verdict) -> str | None:
         """`name` is about to be lifted (it was `previous`, DNS now says `alive`): compare
         its keys; the evidence for a hold, or None to lift. Never raises."""

@@ -271,7 +271,11 @@ class OpsServer:
                                         "(the file is reloaded on change)"})  # fmt: skip
         lifter = self._addon.lifter
         released = lifter.release(name) if lifter is not None else False
-        entry = await policy.recheck(name)
+        try:
+            entry = await policy.recheck(name)
+        finally:
+            if lifter is not None:
+                lifter.release_done(name)
         log.info("%s forgotten through the ops API%s; now %s", name,
                  " (hold released)" if released else "", entry.verdict.state)  # fmt: skip
         return _json(200, verdict_json(entry))
