@@ -126,8 +126,10 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
         assert wait_until(lambda: not backing_off(world, BACK), timeout=10, interval=0.02)
         record("t1 reset on lift", f"ops DELETE -> Synapse's destinations row cleared in "
                f"{(time.monotonic() - lifted_at) * 1000:.0f} ms")
-        assert linked.metric("tombstone_synapse_admin_requests_total", op="reset_connection",
-                             result="ok") == 1  # fmt: skip
+        # Synapse clears the row before its answer reaches the sidecar: wait for both.
+        assert wait_until(lambda: linked.metric("tombstone_synapse_admin_requests_total",
+                                                op="reset_connection", result="ok") == 1,
+                          timeout=10)  # fmt: skip
         assert f"{BACK} lifted: Synapse's backoff for it was reset" in linked.log()
 
         # The joined listing: our verdicts with Synapse's view of each name. A fresh room
