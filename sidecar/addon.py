@@ -19,10 +19,12 @@ import logging
 import os
 import re
 import signal
+import ssl
 import time
 import weakref
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import cast
 
 from mitmproxy import connection, ctx, exceptions, http, tls
@@ -34,6 +36,9 @@ from sidecar.addresses import AddressPolicy
 from sidecar.breaker import Breaker, BreakerSettings, Gate
 from sidecar.dns_client import DnsClient
 from sidecar.gone_http import GoneTtl
+from sidecar.identity import FILE_NAME as KEYS_FILE
+from sidecar.identity import KEY_PATH, KeyBook, KeyFetcher
+from sidecar.lifting import Lifter
 from sidecar.metrics import Metrics
 from sidecar.names import InvalidName, is_ip_literal, normalize_host, parse_authority
 from sidecar.ops_server import OpsServer
@@ -41,7 +46,8 @@ from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
 from sidecar.policy import Policy, TtlBounds
 from sidecar.probe import Prober, ProbeResult, ProbeSettings
 from sidecar.proxy_auth import ProxyAuth
-from sidecar.store import open_store
+from sidecar.store import default_state_dir, open_store
+from sidecar.synapse_admin import AdminEndpoint, SynapseAdmin
 from sidecar.verdicts import Entry, State, Verdict
 from sidecar.xmatrix import XMatrixError
 
@@ -109,6 +115,8 @@ class TombstoneAddon:
         self.fatal: str | None = None  # why the sidecar had to stop, for the CLI's exit message
         self.loaded = asyncio.Event()  # stored verdicts are in the cache: decisions may start
         self._watcher: asyncio.Task[None] | None = None
+        self.lifter: Lifter | None = None
+        self._poller: asyncio.Task[None] | None = None
         self._list_stamp: tuple[float, ...] = ()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -163,6 +171,9 @@ class TombstoneAddon:
         self.gone_ttl = GoneTtl(settings.gone_ttl, settings.min_gone_ttl, settings.max_gone_ttl)
         self.prober = self._make_prober(settings) if settings.probe else None
         self.policy.prober = self.prober
+        self.lifter = self._make_lifter(settings, self.lifter)
+        self.policy.lift_guard = self.lifter.guard
+        self.policy.on_lifted = self.lifter.lifted
         self.metrics.watch_verdicts(self._verdict_counts)
         self.settings = settings
         if not settings.enforce and (previous is None or previous.enforce):
@@ -176,9 +187,12 @@ class TombstoneAddon:
             self.policy.accept(verdict, quiet=True)
         # The loaded verdicts live long; keep them out of the cyclic GC's full collections,
         # which otherwise stall the event loop ~80 ms per 100k objects (tests/bench).
+        assert self.lifter is not None
+        self.lifter.book.load()
         gc.collect()
         gc.freeze()
         self.loaded.set()
+        self._poller = asyncio.create_task(self.lifter.poll_synapse(lambda: self.policy))
         self._list_stamp = self._list_files_stamp()
         self._watcher = asyncio.create_task(self._watch_list_files())
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
@@ -200,6 +214,11 @@ class TombstoneAddon:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+        if self._poller is not None:
+            self._poller.cancel()
+            self._poller = None
+        if self.lifter is not None:
+            await self.lifter.close()
         if self.ops is not None:
             await self.ops.stop()
             self.ops = None
@@ -380,6 +399,9 @@ class TombstoneAddon:
         response = flow.response
         if response is None or flow.metadata.get(LOCAL_ANSWER):
             return
+        if response.status_code == 200 and flow.request.path.startswith(KEY_PATH):
+            self._observe_keys(flow)
+            return
         if not gone_http.is_tombstone(response.status_code, flow.request.path):
             return
         try:
@@ -391,6 +413,20 @@ class TombstoneAddon:
         where = f"https://{flow.request.host_header or flow.request.host}"
         path = flow.request.path.split("?", 1)[0]
         self.policy.learn_gone(name, seconds, gone_http.evidence(410, path, where, seconds))
+
+    def _observe_keys(self, flow: http.HTTPFlow) -> None:
+        """Intercept mode: record the signing keys an alive server published to Synapse."""
+        assert self.policy is not None and self.lifter is not None and flow.response is not None
+        try:
+            name = self._destination(flow)
+        except (InvalidName, XMatrixError):
+            return
+        entry = self.policy.cached(name)
+        if entry is not None and entry.verdict.state is State.ALIVE:
+            port = flow.request.port
+            pinned = self.upstream_names.get(flow.client_conn, {}).get((flow.request.host, port))
+            target = (pinned or normalize_host(flow.request.host), port)  # a name, not the IP
+            self.lifter.observe_keys(name, flow.response.content or b"", target)
 
     def _destination(self, flow: http.HTTPFlow) -> str:
         """X-Matrix `destination`, else the Host header, else the request's host."""
@@ -559,20 +595,52 @@ class TombstoneAddon:
         )
         return Prober(probe, self.metrics, self.addresses, self._addresses_of)
 
+    def _make_lifter(self, settings: Settings, previous: Lifter | None) -> Lifter:
+        """Key checks and the Synapse link; the key book survives a reconfiguration."""
+        admin = None
+        if settings.synapse_admin_url and settings.synapse_admin_token:
+            endpoint = AdminEndpoint.parse(settings.synapse_admin_url)
+            admin = SynapseAdmin(endpoint, settings.synapse_admin_token, self.metrics)
+        if previous is not None:
+            book = previous.book
+        elif settings.store == "memory":
+            book = KeyBook(None)
+        else:
+            book = KeyBook(Path(settings.state_dir or default_state_dir()) / KEYS_FILE)
+        context = ssl.create_default_context()
+        if settings.upstream_ca:
+            context.load_verify_locations(settings.upstream_ca)
+        fetcher = KeyFetcher(context, settings.probe_timeout, self._addresses_of,
+                             self._allowed_address)  # fmt: skip
+        if previous is not None:  # a running poller and pending holds keep their Lifter
+            previous.fetcher, previous.admin = fetcher, admin
+            previous.hold_reborn = settings.hold_reborn
+            previous.poll_interval = settings.synapse_admin_poll
+            return previous
+        return Lifter(self.metrics, book, fetcher=fetcher, admin=admin,
+                      hold_reborn=settings.hold_reborn,
+                      poll_interval=settings.synapse_admin_poll)  # fmt: skip
+
+    def _allowed_address(self, addresses: tuple[str, ...]) -> str | None:
+        address, _ = self.addresses.choose(addresses)
+        return address
+
     async def _addresses_of(self, host: str) -> tuple[str, ...]:
         return (await self._decide(host)).verdict.addresses
 
     def _probe(self, name: str, target: tuple[str, int], verdict: Verdict) -> None:
         """First sight of a live name: learn in the background whether it answers 410."""
         if self.prober is not None and verdict.state is State.ALIVE and self.prober.due(name):
-            self.prober.schedule(name, target, self._probed)
+            self.prober.schedule(name, target, lambda n, r: self._probed(n, r, target))
 
-    def _probed(self, name: str, result: ProbeResult) -> None:
+    def _probed(self, name: str, result: ProbeResult, target: tuple[str, int]) -> None:
         assert self.policy is not None
         if result.outcome == "gone":
             self.policy.learn_gone(name, result.lifetime, result.detail)
-        else:
-            log.debug("probe of %s: %s", name, result.detail)
+            return
+        log.debug("probe of %s: %s", name, result.detail)
+        if result.outcome == "answered" and self.lifter is not None:
+            self.lifter.record_keys(name, target)  # alive: what identity it has now
 
     def _refuse_connect(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
         """Refuse a CONNECT to a gone destination as --refusal says.

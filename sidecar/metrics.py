@@ -139,6 +139,25 @@ class Metrics:
             "Proxy requests refused with 407 (missing or wrong Proxy-Authorization).",
             registry=r,
         )
+        self.resurrections = Counter(
+            "tombstone_resurrections_total",
+            "Gone destinations lifted, by whether their signing keys changed since they were "
+            "alive (true: a new identity; unknown: nothing recorded or not fetchable).",
+            ["key_changed"],
+            registry=r,
+        )
+        self.resumed_early = Counter(
+            "tombstone_resumed_early_total",
+            "Gone verdicts re-checked early because Synapse stopped backing off the name.",
+            registry=r,
+        )
+        self.synapse_admin_requests = Counter(
+            "tombstone_synapse_admin_requests_total",
+            "Calls to Synapse's admin API (--synapse-admin-url), by operation and result.",
+            ["op", "result"],
+            registry=r,
+        )
+        self._synapse_admin_up: Gauge | None = None
         self.build_info = Gauge(
             "tombstone_build_info",
             "Build information; always 1.",
@@ -151,6 +170,18 @@ class Metrics:
         # Hot-path children, resolved once: a label lookup costs a lock and a dict probe.
         self.decision_by_stage = {s: self.decision_seconds.labels(s) for s in STAGES}
         self.forwarded_by_stage = {s: self.forwarded.labels(s) for s in STAGES}
+
+    @property
+    def synapse_admin_up(self) -> Gauge:
+        """`tombstone_synapse_admin_up`, exported only once an admin URL is configured (a
+        0 from a sidecar without one would read as an outage)."""
+        if self._synapse_admin_up is None:
+            self._synapse_admin_up = Gauge(
+                "tombstone_synapse_admin_up",
+                "1 while Synapse's admin API answers with the configured token, else 0.",
+                registry=self.registry,
+            )
+        return self._synapse_admin_up
 
     def _current_verdict_counts(self) -> Iterable[tuple[tuple[str, str], int]]:
         return self._verdict_counts()

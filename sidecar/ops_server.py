@@ -11,6 +11,9 @@ API (JSON):
   GET    /v1/verdicts/{name}                            one verdict with its evidence
   PUT    /v1/verdicts/{name}  {"ttl": "30d", "comment": "..."}   mark gone (operator)
   DELETE /v1/verdicts/{name}                            forget and check again now
+                                                        (and release a --hold-reborn hold)
+  GET    /v1/resurrections                              gone servers that came back
+  GET    /v1/synapse                                    the admin API link, last poll
 """
 
 from __future__ import annotations
@@ -157,7 +160,12 @@ class OpsServer:
             return self._readyz()
         if path == "/v1/verdicts":
             return self._list(query)
-        endpoints = ["/metrics", "/healthz", "/readyz", "/v1/verdicts"]
+        if path == "/v1/resurrections":
+            return self._resurrections()
+        if path == "/v1/synapse":
+            return self._synapse()
+        endpoints = ["/metrics", "/healthz", "/readyz", "/v1/verdicts", "/v1/resurrections",
+                     "/v1/synapse"]  # fmt: skip
         return _json(404, {"error": f"no such endpoint {path[:100]!r}", "endpoints": endpoints})
 
     def _authorize(self, headers: dict[str, str]) -> Reply | None:
@@ -261,9 +269,39 @@ class OpsServer:
         if policy.is_listed(name):
             return _json(409, {"error": f"{name} is on --deny/--deny-file; remove it there "
                                         "(the file is reloaded on change)"})  # fmt: skip
-        entry = await policy.recheck(name)
-        log.info("%s forgotten through the ops API; now %s", name, entry.verdict.state)
+        lifter = self._addon.lifter
+        released = lifter.release(name) if lifter is not None else False
+        try:
+            entry = await policy.recheck(name)
+        finally:
+            if lifter is not None:
+                lifter.release_done(name)
+        log.info("%s forgotten through the ops API%s; now %s", name,
+                 " (hold released)" if released else "", entry.verdict.state)  # fmt: skip
         return _json(200, verdict_json(entry))
+
+    def _resurrections(self) -> Reply:
+        lifter = self._addon.lifter
+        events = lifter.book.resurrections if lifter is not None else []
+        held = sorted(lifter.book.held) if lifter is not None else []
+        return _json(200, {"total": len(events), "held": held,
+                           "resurrections": [e.to_json() for e in reversed(events)]})  # fmt: skip
+
+    def _synapse(self) -> Reply:
+        lifter = self._addon.lifter
+        admin = lifter.admin if lifter is not None else None
+        if lifter is None or admin is None:
+            return _json(404, {"error": "no --synapse-admin-url configured"})
+        view = lifter.view
+        return _json(200, {
+            "url": str(admin.endpoint),
+            "state": admin.state,
+            "detail": admin.detail,
+            "polled_at": view.polled_at,
+            "destinations": view.destinations,
+            "truncated": view.truncated,
+            "backing_off_gone": list(view.backing_off_gone),
+        })  # fmt: skip
 
 
 def _json(status: int, payload: dict[str, Any]) -> Reply:

@@ -267,6 +267,34 @@ OPTIONS: tuple[Option, ...] = (
         flag=True,
     ),
     Option(
+        "synapse_admin_url",
+        "",
+        "Synapse's base URL for its admin API (e.g. http://127.0.0.1:8008): a lifted verdict "
+        "resets Synapse's backoff for the name; Synapse's destinations are polled to resume "
+        "early. Needs --synapse-admin-token-file.",
+        "URL",
+    ),
+    Option(
+        "synapse_admin_token_file",
+        "",
+        "File holding a Synapse admin user's access token, for --synapse-admin-url.",
+        "FILE",
+    ),
+    Option(
+        "synapse_admin_poll",
+        "30s",
+        "How often Synapse's destinations are polled (paginated) for gone names it stopped "
+        "backing off.",
+        "DURATION",
+    ),
+    Option(
+        "hold_reborn",
+        False,
+        "Keep suppressing a gone server that comes back with new signing keys until an "
+        "operator lifts it (ops DELETE / `verdicts forget`).",
+        flag=True,
+    ),
+    Option(
         "proxy_auth_file",
         "",
         "File of user:password lines; every proxy request must then carry matching Basic "
@@ -461,6 +489,16 @@ def read_token_file(path: str) -> str:
     return token
 
 
+def parse_admin_url(text: object) -> str:
+    """`http(s)://host[:port][/prefix]`, or empty for no admin API."""
+    value = str(text or "").strip()
+    if value:
+        from sidecar.synapse_admin import AdminEndpoint
+
+        return str(AdminEndpoint.parse(value))
+    return ""
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated options, typed; built only by `from_raw`."""
@@ -506,6 +544,10 @@ class Settings:
     upstream_ca: str
     mode: str
     answer_status: dict[str, int]
+    synapse_admin_url: str = ""
+    synapse_admin_token: str | None = None
+    synapse_admin_poll: float = 30.0
+    hold_reborn: bool = False
 
     def read_lists(self) -> tuple[frozenset[str], frozenset[str]]:
         """Deny and allow lists: the flags plus the files as they are now (ValueError if bad)."""
@@ -569,6 +611,12 @@ class Settings:
         if level not in LOG_LEVELS:
             raise ConfigError("log_level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
         ops = str(get("ops_listen") or "").strip()
+        admin_url = check("synapse_admin_url", parse_admin_url)
+        admin_token_file = str(get("synapse_admin_token_file") or "")
+        if admin_url and not admin_token_file:
+            raise ConfigError("synapse_admin_url", "needs --synapse-admin-token-file too")
+        if admin_token_file and not admin_url:
+            raise ConfigError("synapse_admin_token_file", "needs --synapse-admin-url too")
         return cls(
             listen=check("listen", parse_listen),
             ops_listen=check("ops_listen", parse_listen) if ops else None,
@@ -611,6 +659,12 @@ class Settings:
             upstream_ca=check("upstream_ca", read_ca_file) if get("upstream_ca") else "",
             mode=check("mode", parse_mode),
             answer_status={**DEFAULT_STATUS, **dict(each("answer", parse_override))},
+            synapse_admin_url=admin_url,
+            synapse_admin_token=(
+                check("synapse_admin_token_file", read_token_file) if admin_token_file else None
+            ),
+            synapse_admin_poll=check("synapse_admin_poll", parse_duration),
+            hold_reborn=check("hold_reborn", parse_bool),
         )
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sidecar import signals
@@ -29,6 +29,11 @@ log = logging.getLogger("sidecar.policy")
 UNDECIDED_RETRY_SECONDS = 30.0  # ask a failing resolver again after this, not per request
 OPERATOR_TTL_SECONDS = 10 * 365 * 86400.0  # deny-list verdicts last as long as the list says so
 DNS_FAILURE_LOG_INTERVAL = 60.0  # one warning a minute while the resolver fails, not one per name
+
+# Before a suppressing verdict is lifted (name, old, new alive): evidence to hold it, or None.
+LiftGuard = Callable[[str, Verdict, Verdict], Awaitable[str | None]]
+# After a suppressing verdict was replaced by an alive one: (old, new).
+Lifted = Callable[[Verdict, Verdict], None]
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,9 @@ class Policy:
         self.allow = allow
         self._operator: dict[str, Entry] = {}  # the static deny lists (flags, files)
         self._manual: dict[str, Entry] = {}  # marked gone through the ops API: stored, shared
+        self.lift_guard: LiftGuard | None = None  # resurrection check (sidecar.lifting)
+        self.on_lifted: Lifted | None = None  # Synapse reset_connection (sidecar.lifting)
+        self._lifting: dict[str, Verdict] = {}  # what a re-check forgot, until it is judged
         self.set_deny(deny)
         metrics.watch_verdicts(self.counts)
 
@@ -138,9 +146,15 @@ class Policy:
 
     async def recheck(self, name: str) -> Entry:
         """Forget what is known about `name` (here and in the store) and judge it afresh."""
+        previous = self._manual.get(name) or self.cache.get(name)
+        if previous is not None and previous.verdict.suppresses:
+            self._lifting[name] = previous.verdict
         self.forget(name)
         self.store.forget(name)
-        return await self.decide(name)
+        try:
+            return await self.decide(name)
+        finally:
+            self._lifting.pop(name, None)
 
     def forget(self, name: str) -> None:
         self.cache.forget(name)
@@ -201,6 +215,7 @@ class Policy:
             if entry is not None:
                 return entry
         previous = self.cache.get(name)
+        was = previous.verdict if previous is not None else self._lifting.pop(name, None)
         try:
             report = await signals.evaluate(self.dns, name)
             verdict = self.judge(report)
@@ -211,6 +226,15 @@ class Policy:
                 and self.prober is not None
             ):
                 verdict = await self._recheck_http(name, verdict)
+            if (
+                was is not None
+                and was.suppresses
+                and verdict.state is State.ALIVE
+                and self.lift_guard is not None
+            ):
+                hold = await self.lift_guard(name, was, verdict)
+                if hold is not None:
+                    return self.mark_gone(name, OPERATOR_TTL_SECONDS, hold)
         except Exception as e:  # a bug here must not become a tombstone: fail open
             log.exception("checking %s failed; forwarding it without a verdict", name)
             now = self._clock()
@@ -222,7 +246,7 @@ class Policy:
                 now,
                 now + UNDECIDED_RETRY_SECONDS,
             )
-        return self._store(verdict)
+        return self._store(verdict, was)
 
     async def _recheck_http(self, name: str, alive: Verdict) -> Verdict:
         """An expired 410 verdict, DNS clean: ask the server again before lifting it."""
@@ -282,7 +306,8 @@ class Policy:
         return Verdict(name, State.UNDECIDED, None, why, now, now + UNDECIDED_RETRY_SECONDS,
                        report.addresses)  # fmt: skip
 
-    def _store(self, verdict: Verdict) -> Entry:
+    def _store(self, verdict: Verdict, was: Verdict | None = None) -> Entry:
+        """Cache (and save) `verdict`; `was` is what it replaces when a re-check forgot it."""
         previous = self.cache.get(verdict.destination)
         if (
             previous is not None
@@ -293,7 +318,7 @@ class Policy:
             previous.next_refresh = self._clock() + UNDECIDED_RETRY_SECONDS
             return previous
         entry = self.cache.put(verdict)
-        old = previous.verdict if previous is not None else None
+        old = previous.verdict if previous is not None else was
         if verdict.state is not State.UNDECIDED:
             self.store.save(verdict)
         self._changed(old, verdict)
@@ -306,6 +331,8 @@ class Policy:
         if old_state is State.UNDECIDED:
             old_state = None
         self._metrics.verdict_changes.labels(old_state or "none", new.state).inc()
+        if old is not None and old.suppresses and new.state is State.ALIVE and self.on_lifted:
+            self.on_lifted(old, new)
         if new.state is State.ALIVE and old_state is None:
             log.debug("%s", new.describe())
         elif new.state is State.ALIVE:

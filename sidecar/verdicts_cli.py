@@ -40,6 +40,12 @@ def add_commands(
     listing.add_argument("--signal", help="e.g. dns_txt_gone, nxdomain, operator")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     listing.add_argument("--offset", type=int, default=0)
+    listing.add_argument(
+        "--synapse",
+        action="store_true",
+        help="join Synapse's view of each destination (backoff, failing since, shared rooms) "
+        "from its admin API (--synapse-admin-url, --synapse-admin-token-file)",
+    )
     show = commands.add_parser("show", help="one verdict with its evidence")
     forget = commands.add_parser("forget", help="forget a verdict and check the name again now")
     deny = commands.add_parser("deny", help="mark a server gone (signal operator)")
@@ -64,6 +70,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             query = {"limit": args.limit, "offset": args.offset, "state": args.state,
                      "signal": args.signal}  # fmt: skip
             result = client.call("GET", "/v1/verdicts", query=query)
+            if getattr(args, "synapse", False):
+                return _list_with_synapse(result, settings, args.json)
             print(json.dumps(result, indent=2) if args.json else _table(result))
             return EXIT_OK
         path = "/v1/verdicts/" + urllib.parse.quote(args.name, safe="")
@@ -146,6 +154,18 @@ def _table(result: dict[str, Any]) -> str:
     if total > shown:
         lines.append(f"({shown} of {total}; use --offset/--limit for more)")
     return "\n".join(lines)
+
+
+def _list_with_synapse(result: dict[str, Any], settings: Settings, as_json: bool) -> int:
+    from sidecar import synapse_view
+
+    if not settings.synapse_admin_url or not settings.synapse_admin_token:
+        print("tombstone-sidecar: error: --synapse needs --synapse-admin-url and "
+              "--synapse-admin-token-file", file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
+    joined = synapse_view.join(result, settings.synapse_admin_url, settings.synapse_admin_token)
+    print(json.dumps(joined, indent=2) if as_json else synapse_view.table(joined))
+    return EXIT_OK
 
 
 def _details(v: dict[str, Any]) -> str:

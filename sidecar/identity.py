@@ -1,0 +1,297 @@
+"""Signing keys per server name, and resurrection alerts (issue 9, part 3).
+
+A domain that comes back after its tombstone may have a new owner. While a server is
+alive, the sidecar records the ed25519 keys it publishes at `/_matrix/key/v2/server`
+(seen through the sidecar in intercept mode, or fetched next to a pass-through probe);
+only self-signed documents for the name they were fetched for count. When a gone verdict
+is about to be lifted, the keys are fetched again: a server that kept at least one of the
+recorded keys (in `verify_keys`, or in `old_verify_keys` after a proper rotation) is the
+same server; one that publishes none of them is a **resurrection with a new identity**.
+
+This is an alert, not a shield: the sidecar sees only the homeserver's outbound traffic,
+so it cannot stop a reborn server's inbound events, and a server that never talked
+through the sidecar while alive has no record to compare.
+
+Records live in `signing-keys.json` beside the verdict file in --state-dir (none with
+`--store memory`), written behind, atomically, at most once per WRITE_DELAY_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from sidecar import http1
+
+log = logging.getLogger("sidecar.identity")
+
+KEY_PATH = "/_matrix/key/v2/server"
+FILE_NAME = "signing-keys.json"
+MAX_KEY_DOCUMENT_BYTES = 64 * 1024  # a key document is a few hundred bytes
+MAX_RECORDS = 100_000  # names whose keys are remembered; the oldest go first beyond this
+MAX_RESURRECTIONS = 1000  # kept for /v1/resurrections; the oldest go first
+WRITE_DELAY_SECONDS = 2.0  # gather new records this long into one file write
+RECORD_REFRESH_SECONDS = 3600.0  # re-fetch an alive server's keys at most this often
+
+Resolve = Callable[[str], Awaitable[tuple[str, ...]]]
+
+
+class KeyDocumentError(ValueError):
+    """Why a key document cannot be used as evidence of identity."""
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """The keys a server published while alive, and where they were fetched."""
+
+    server_name: str
+    keys: tuple[tuple[str, str], ...]  # (key id, unpadded base64 public key), sorted
+    old_keys: tuple[tuple[str, str], ...]  # old_verify_keys: retired but still its own
+    seen_at: float
+    target: tuple[str, int] | None = None  # host, port the document came from
+
+    def same_identity(self, now: KeyRecord) -> bool:
+        """True when `now` still vouches for a recorded key (current or rotated out)."""
+        return bool(set(self.keys) & (set(now.keys) | set(now.old_keys)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "server_name": self.server_name,
+            "keys": dict(self.keys),
+            "old_keys": dict(self.old_keys),
+            "seen_at": self.seen_at,
+            "target": list(self.target) if self.target else None,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> KeyRecord:
+        if not isinstance(data, dict) or not isinstance(data.get("server_name"), str):
+            raise ValueError("not a key record")
+        target = data.get("target")
+        return cls(
+            data["server_name"],
+            tuple(sorted((str(k), str(v)) for k, v in dict(data.get("keys") or {}).items())),
+            tuple(sorted((str(k), str(v)) for k, v in dict(data.get("old_keys") or {}).items())),
+            float(data.get("seen_at", 0.0)),
+            (str(target[0]), int(target[1])) if target else None,
+        )
+
+
+@dataclass(frozen=True)
+class Resurrection:
+    """A gone destination that came back: with its old keys, new ones, or unknown ones."""
+
+    destination: str
+    key_changed: str  # "true" | "false" | "unknown"
+    detail: str
+    observed_at: float
+    held: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "destination": self.destination,
+            "key_changed": self.key_changed,
+            "detail": self.detail,
+            "observed_at": self.observed_at,
+            "held": self.held,
+        }
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True,
+                      allow_nan=False).encode()  # fmt: skip
+
+
+def parse_key_document(
+    body: bytes, names: frozenset[str], target: tuple[str, int] | None, now: float
+) -> KeyRecord:
+    """A `/_matrix/key/v2/server` answer whose `server_name` is one of `names` and which
+    is signed by one of its own `verify_keys`; KeyDocumentError otherwise."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise KeyDocumentError(f"not JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise KeyDocumentError("not a JSON object")
+    server = doc.get("server_name")
+    if not isinstance(server, str) or server.lower() not in names:
+        raise KeyDocumentError(f"server_name {str(server)[:100]!r} is not {sorted(names)}")
+    keys = _key_map(doc.get("verify_keys"), "verify_keys")
+    old = _key_map(doc.get("old_verify_keys") or {}, "old_verify_keys")
+    if not keys:
+        raise KeyDocumentError("no verify_keys")
+    signatures = doc.get("signatures")
+    mine = signatures.get(server) if isinstance(signatures, dict) else None
+    if not isinstance(mine, dict):
+        raise KeyDocumentError("not signed by the server itself")
+    signable = _canonical({k: v for k, v in doc.items() if k not in ("signatures", "unsigned")})
+    for key_id, signature in mine.items():
+        if key_id not in keys or not isinstance(signature, str):
+            continue
+        try:
+            Ed25519PublicKey.from_public_bytes(_unb64(keys[key_id])).verify(
+                _unb64(signature), signable
+            )
+        except (InvalidSignature, ValueError, binascii.Error):
+            continue
+        return KeyRecord(server.lower(), tuple(sorted(keys.items())), tuple(sorted(old.items())),
+                         now, target)  # fmt: skip
+    raise KeyDocumentError("no valid self-signature by a key in verify_keys")
+
+
+def _key_map(value: Any, field_name: str) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise KeyDocumentError(f"{field_name} is not an object")
+    keys = {}
+    for key_id, entry in value.items():
+        key = entry.get("key") if isinstance(entry, dict) else None
+        if isinstance(key_id, str) and key_id.startswith("ed25519:") and isinstance(key, str):
+            keys[key_id] = key
+    return keys
+
+
+@dataclass
+class KeyBook:
+    """Recorded keys by server name, resurrections seen, and names held for an operator."""
+
+    path: Path | None
+    records: dict[str, KeyRecord] = field(default_factory=dict)
+    resurrections: list[Resurrection] = field(default_factory=list)
+    held: set[str] = field(default_factory=set)
+    _dirty: bool = False
+    _writer: asyncio.Task[None] | None = None
+
+    def load(self) -> None:
+        """Read the file; a missing one is empty, a broken one is set aside with a warning."""
+        if self.path is None or not self.path.exists():
+            return
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            records = [KeyRecord.from_json(r) for r in data.get("records", [])]
+            held = {str(n) for n in data.get("held", [])}
+        except (OSError, ValueError, TypeError, AttributeError, IndexError) as e:
+            aside = self.path.with_suffix(f".broken-{int(time.time())}")
+            log.warning("cannot read %s (%s); moved it to %s, starting without recorded keys",
+                        self.path, e, aside)  # fmt: skip
+            self.path.replace(aside)
+            return
+        self.records = {r.server_name: r for r in records[-MAX_RECORDS:]}
+        self.held = held
+        if self.records:
+            log.info("%d servers' signing keys loaded from %s", len(self.records), self.path)
+
+    def record(self, found: KeyRecord) -> None:
+        previous = self.records.pop(found.server_name, None)
+        if previous is not None and (previous.keys, previous.old_keys) == (found.keys,
+                                                                           found.old_keys):
+            found = KeyRecord(found.server_name, found.keys, found.old_keys, found.seen_at,
+                              found.target or previous.target)  # fmt: skip
+        elif previous is not None:
+            log.info("%s publishes new signing keys while alive: %s", found.server_name,
+                     ", ".join(k for k, _ in found.keys))  # fmt: skip
+        self.records[found.server_name] = found
+        while len(self.records) > MAX_RECORDS:
+            self.records.pop(next(iter(self.records)))
+        self.changed()
+
+    def due(self, name: str, now: float) -> bool:
+        record = self.records.get(name)
+        return record is None or now - record.seen_at >= RECORD_REFRESH_SECONDS
+
+    def add_resurrection(self, event: Resurrection) -> None:
+        self.resurrections.append(event)
+        del self.resurrections[:-MAX_RESURRECTIONS]
+        if event.held:
+            self.held.add(event.destination)
+            self.changed()
+
+    def release(self, name: str) -> bool:
+        """An operator lifted a held name: its new keys become the recorded ones."""
+        if name not in self.held:
+            return False
+        self.held.discard(name)
+        self.records.pop(name, None)  # re-recorded from the lift's fetch
+        self.changed()
+        return True
+
+    def changed(self) -> None:
+        self._dirty = True
+        if self.path is not None and self._writer is None:
+            with contextlib.suppress(RuntimeError):  # no loop (a unit test): write at close
+                self._writer = asyncio.get_running_loop().create_task(self._write_later())
+
+    async def _write_later(self) -> None:
+        try:
+            await asyncio.sleep(WRITE_DELAY_SECONDS)
+            await asyncio.get_running_loop().run_in_executor(None, self.flush)
+        finally:
+            self._writer = None
+
+    def flush(self) -> None:
+        """Write the file now (atomically); a failure is a warning, the records stay."""
+        if self.path is None or not self._dirty:
+            return
+        self._dirty = False
+        data = {"records": [r.to_json() for r in list(self.records.values())],
+                "held": sorted(self.held)}  # fmt: skip
+        temporary = self.path.with_suffix(".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(temporary, self.path)
+        except OSError as e:
+            self._dirty = True
+            log.warning("cannot write %s: %s; keeping signing keys in memory", self.path, e)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        self.flush()
+
+
+class KeyFetcher:
+    """Fetches `/_matrix/key/v2/server` the way a remote homeserver would (TLS verified)."""
+
+    def __init__(self, context: ssl.SSLContext, timeout: float, resolve: Resolve,
+                 choose: Callable[[tuple[str, ...]], str | None]) -> None:  # fmt: skip
+        self._context = context
+        self._timeout = timeout
+        self._resolve = resolve
+        self._choose = choose
+
+    async def fetch(self, name: str, target: tuple[str, int], now: float,
+                    addresses: tuple[str, ...] | None = None) -> KeyRecord:  # fmt: skip
+        """`name`'s keys from `target` (TLS SNI and Host: the server name, as Synapse sends
+        them); `addresses` are the target's when the caller knows them already.
+        KeyDocumentError (or OSError, ssl.SSLError, TimeoutError) says why not."""
+        host, port = target
+        address = self._choose(addresses if addresses is not None else await self._resolve(host))
+        if address is None:
+            raise KeyDocumentError(f"{host}: no address the policy allows")
+        reply = await http1.request(
+            address, port, "GET", KEY_PATH, host_header=name if port == 443 else f"{name}:{port}",
+            headers={"User-Agent": "tombstone-sidecar-keys"}, tls=self._context,
+            server_hostname=name, seconds=self._timeout, limit=MAX_KEY_DOCUMENT_BYTES,
+        )  # fmt: skip
+        if reply.status != 200:
+            raise KeyDocumentError(f"https://{host}:{port}{KEY_PATH} answered {reply.status}")
+        return parse_key_document(reply.body, frozenset({name}), target, now)

@@ -1,0 +1,267 @@
+"""What happens around a lifted verdict: identity check, Synapse's backoff, resume early.
+
+- Before a gone verdict is lifted, `guard` compares the server's signing keys with those
+  recorded while it was alive (sidecar.identity) and, with `--hold-reborn`, keeps a
+  re-keyed server suppressed until an operator lifts it (ops DELETE).
+- After it is lifted, `lifted` asks Synapse (`--synapse-admin-url`) to reset its backoff
+  for the name, so federation resumes now instead of after up to a week.
+- `poll_synapse` watches Synapse's destinations: when one we hold gone stops backing off
+  in Synapse (inbound traffic from it reset its timings: MSC4188 "resume early"), the
+  verdict is checked again at once instead of at its TTL.
+
+None of it changes a proxy decision except the explicit hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sidecar.identity import KeyBook, KeyDocumentError, KeyFetcher, KeyRecord, Resurrection
+from sidecar.metrics import Metrics
+from sidecar.names import InvalidName, parse_authority
+from sidecar.signals import Signal
+from sidecar.synapse_admin import AdminError, SynapseAdmin
+from sidecar.verdicts import Verdict
+
+if TYPE_CHECKING:
+    from sidecar.policy import Policy
+
+log = logging.getLogger("sidecar.lifting")
+
+DEFAULT_KEY_PORT = 8448  # where a name without a recorded target is asked for its keys
+YIELD_EVERY = 200  # destinations compared per turn of the event loop (~2 ms at most)
+
+
+@dataclass(frozen=True)
+class SynapseView:
+    """What the last poll of Synapse's destinations saw, for /v1/synapse."""
+
+    polled_at: float | None
+    destinations: int
+    truncated: bool
+    backing_off_gone: tuple[str, ...]  # gone here, and Synapse backs off them
+
+
+class Lifter:
+    """Identity checks, holds, Synapse resets and resume-early polling for one sidecar."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        book: KeyBook,
+        *,
+        fetcher: KeyFetcher | None = None,
+        admin: SynapseAdmin | None = None,
+        hold_reborn: bool = False,
+        poll_interval: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.metrics = metrics
+        self.book = book
+        self.fetcher = fetcher
+        self.admin = admin
+        self.hold_reborn = hold_reborn
+        self.poll_interval = poll_interval
+        self._clock = clock
+        self._released: set[str] = set()
+        self._backing_off: dict[str, bool] = {}
+        self.view = SynapseView(None, 0, False, ())
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._recording: set[str] = set()
+
+    # -- identity -------------------------------------------------------------------------
+
+    def observe_keys(self, name: str, body: bytes, target: tuple[str, int] | None) -> None:
+        """A key document seen through the sidecar (intercept mode) for an alive name."""
+        try:
+            found = _parse(body, name, target, self._clock())
+        except KeyDocumentError as e:
+            log.debug("not recording keys of %s: %s", name, e)
+            return
+        self.book.record(found)
+
+    def record_keys(self, name: str, target: tuple[str, int]) -> None:
+        """Next to a pass-through probe of an alive name: fetch and record its keys."""
+        if self.fetcher is None or name in self._recording or not self.book.due(name,
+                                                                                self._clock()):
+            return
+        self._recording.add(name)
+
+        async def run() -> None:
+            try:
+                assert self.fetcher is not None
+                self.book.record(await self.fetcher.fetch(name, target, self._clock()))
+            except (KeyDocumentError, OSError, TimeoutError, ValueError) as e:
+                log.debug("could not record the signing keys of %s: %s", name, e)
+            finally:
+                self._recording.discard(name)
+
+        self._spawn(run())
+
+    def release(self, name: str) -> bool:
+        """An operator lifts `name` (ops DELETE): if it was held, accept its new identity."""
+        if self.book.release(name):
+            self._released.add(name)
+            log.warning("%s released by an operator: its new signing keys are accepted", name)
+            return True
+        return False
+
+    def release_done(self, name: str) -> None:
+        """The operator's re-check is over: a later lift of `name` is compared again."""
+        self._released.discard(name)
+
+    async def guard(self, name: str, previous: Verdict, alive: Verdict) -> str | None:
+        """`name` is about to be lifted (it was `previous`, DNS now says `alive`): compare
+        its keys; the evidence for a hold, or None to lift. Never raises."""
+        now = self._clock()
+        record = self.book.records.get(name)
+        target = record.target if record is not None and record.target else (name,
+                                                                              DEFAULT_KEY_PORT)
+        # The name is being judged right now: its fresh addresses, never a lookup (that
+        # would wait for this very judgement).
+        known = alive.addresses if target[0] == name else None
+        current: KeyRecord | None = None
+        problem = ""
+        # Nothing recorded, nothing to compare: then no request of our own to the server
+        # (unless an operator just released it: its keys now are the ones to remember).
+        wanted = record is not None or name in self._released
+        if wanted and self.fetcher is not None:
+            try:
+                current = await self.fetcher.fetch(name, target, now, known)
+            except (KeyDocumentError, OSError, TimeoutError, ValueError) as e:
+                problem = str(e) or type(e).__name__
+        if name in self._released:
+            self._released.discard(name)
+            if current is not None:
+                self.book.record(current)
+            return None
+        if record is None or current is None:
+            changed = "unknown"
+            detail = ("no signing keys were recorded while it was alive"
+                      if record is None else f"its keys could not be fetched now: {problem}")
+        elif record.same_identity(current):
+            changed, detail = "false", f"same signing keys ({_ids(current)})"
+        else:
+            changed = "true"
+            detail = (f"new signing keys {_ids(current)}; while alive it had {_ids(record)} "
+                      f"(recorded {time.strftime('%Y-%m-%d %H:%M', time.gmtime(record.seen_at))}"
+                      " UTC)")
+        if current is not None and changed != "true":
+            self.book.record(current)
+        held = changed == "true" and self.hold_reborn
+        self.metrics.resurrections.labels(changed).inc()
+        self.book.add_resurrection(Resurrection(name, changed, detail, now, held))
+        was = f"{previous.signal}: {previous.evidence}"
+        if changed == "true":
+            log.warning(
+                "RESURRECTION WITH A NEW IDENTITY: %s was gone (%s) and is back with %s. "
+                "Whoever runs it now is not who ran it before; review its users' power in "
+                "shared rooms. %s",
+                name, was, detail,
+                "Still suppressed (--hold-reborn) until an operator lifts it: "
+                f"tombstone-sidecar verdicts forget {name}" if held else
+                "Not held (no --hold-reborn): traffic to it flows again.",
+            )  # fmt: skip
+            if held:
+                return f"held: back with new signing keys ({detail}); lift with ops DELETE"
+            return None
+        # The policy logs the lift itself: one line per verdict change.
+        log.debug("%s is back (was %s): %s", name, was, detail)
+        return None
+
+    # -- Synapse ------------------------------------------------------------------------
+
+    def lifted(self, old: Verdict, new: Verdict) -> None:
+        """A verdict was lifted: ask Synapse to stop backing off the name (background)."""
+        if self.admin is None:
+            return
+        admin, name = self.admin, new.destination
+
+        async def run() -> None:
+            try:
+                result = await admin.reset_connection(name)
+            except AdminError as e:
+                log.debug("could not reset Synapse's backoff for %s: %s", name, e)
+                return
+            if result == "ok":
+                log.info("%s lifted: Synapse's backoff for it was reset (reset_connection)", name)
+            else:
+                log.debug("%s lifted: Synapse was not backing off it", name)
+
+        self._spawn(run())
+
+    async def poll_synapse(self, current: Callable[[], Policy | None]) -> None:
+        """Every poll interval: look for gone names Synapse has stopped backing off (the
+        policy is looked up each time: a reconfiguration may replace it)."""
+        while True:
+            policy = current()
+            if policy is not None:
+                await self.poll_once(policy)
+            await asyncio.sleep(self.poll_interval)
+
+    async def poll_once(self, policy: Policy) -> list[str]:
+        """One poll; the names whose verdicts it started re-checking."""
+        admin = self.admin
+        if admin is None:  # turned off by a reconfiguration
+            return []
+        try:
+            rows, truncated = await admin.destinations()
+        except AdminError:
+            return []  # logged once per state change by the client
+        seen: dict[str, bool] = {}
+        resumed: list[str] = []
+        for number, row in enumerate(rows, 1):
+            if number % YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # the proxy shares this event loop
+            try:
+                name = parse_authority(row.destination).host
+            except InvalidName:
+                continue
+            # Only what the cache judged gone (never operator verdicts): a dict probe per
+            # row, not a scan of the whole cache.
+            entry = policy.cache.get(name) if name in policy.cache else None
+            if entry is None or not entry.verdict.suppresses:
+                continue
+            if entry.verdict.signal == Signal.OPERATOR:
+                continue
+            backing_off = row.backing_off or seen.get(name, False)
+            seen[name] = backing_off
+            if self._backing_off.get(name) and not backing_off and name not in resumed:
+                resumed.append(name)
+        self._backing_off = seen
+        self.view = SynapseView(self._clock(), len(rows), truncated,
+                                tuple(sorted(n for n, b in seen.items() if b)))  # fmt: skip
+        for name in resumed:
+            self.metrics.resumed_early.inc()
+            log.info("Synapse stopped backing off %s (inbound traffic from it reset its retry "
+                     "timings): checking the verdict now, not at its TTL", name)  # fmt: skip
+            self._spawn(policy.recheck(name))
+        return resumed
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.book.close()
+
+
+def _parse(body: bytes, name: str, target: tuple[str, int] | None, now: float) -> KeyRecord:
+    from sidecar.identity import parse_key_document
+
+    return parse_key_document(body, frozenset({name}), target, now)
+
+
+def _ids(record: KeyRecord) -> str:
+    return ", ".join(f"{key_id} {key[:8]}…" for key_id, key in record.keys)

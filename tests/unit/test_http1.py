@@ -1,0 +1,59 @@
+"""The small HTTP/1.1 client against a real loopback server speaking each body framing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sidecar import http1
+
+
+async def exchange(answer: bytes, limit: int = 1000) -> http1.HttpReply:
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        return await http1.request("127.0.0.1", port, "GET", "/x", host_header="h",
+                                   seconds=5, limit=limit)  # fmt: skip
+    finally:
+        server.close()
+        await server.wait_closed()
+        assert received and received[0].startswith(b"GET /x HTTP/1.1\r\nHost: h\r\n")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\n{\"a\":1}",
+    ],
+    ids=["content-length", "chunked", "until-close"],
+)
+def test_each_body_framing_reads_the_same(answer: bytes) -> None:
+    reply = asyncio.run(exchange(answer))
+    assert (reply.status, reply.body) == (200, b'{"a":1}')
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort",
+        b"SSH-2.0-OpenSSH\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 2000,
+    ],
+    ids=["too-large", "cut-short", "not-http", "too-large-until-close"],
+)
+def test_bad_answers_are_value_errors(answer: bytes) -> None:
+    with pytest.raises(ValueError):
+        asyncio.run(exchange(answer))
