@@ -71,8 +71,13 @@ examples:
   tombstone-sidecar verdicts deny old.example.org --ttl 30d --comment "shut down 2026-11"
   tombstone-sidecar verdicts forget old.example.org      # check it again now
 """
-VERDICTS_OPTIONS = ("config", "ops_listen", "ops_token_file", "synapse_admin_url",
-                    "synapse_admin_token_file")  # the last two for `list --synapse`
+VERDICTS_OPTIONS = (
+    "config",
+    "ops_listen",
+    "ops_token_file",
+    "synapse_admin_url",
+    "synapse_admin_token_file",
+)  # the last two for `list --synapse`
 
 
 class _Parser(argparse.ArgumentParser):

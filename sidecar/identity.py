@@ -200,8 +200,10 @@ class KeyBook:
 
     def record(self, found: KeyRecord) -> None:
         previous = self.records.pop(found.server_name, None)
-        if previous is not None and (previous.keys, previous.old_keys) == (found.keys,
-                                                                           found.old_keys):
+        if previous is not None and (previous.keys, previous.old_keys) == (
+            found.keys,
+            found.old_keys,
+        ):
             found = KeyRecord(found.server_name, found.keys, found.old_keys, found.seen_at,
                               found.target or previous.target)  # fmt: skip
         elif previous is not None:

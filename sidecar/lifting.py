@@ -87,8 +87,11 @@ class Lifter:
 
     def record_keys(self, name: str, target: tuple[str, int]) -> None:
         """Next to a pass-through probe of an alive name: fetch and record its keys."""
-        if self.fetcher is None or name in self._recording or not self.book.due(name,
-                                                                                self._clock()):
+        if (
+            self.fetcher is None
+            or name in self._recording
+            or not self.book.due(name, self._clock())
+        ):
             return
         self._recording.add(name)
 
@@ -120,8 +123,7 @@ class Lifter:
         its keys; the evidence for a hold, or None to lift. Never raises."""
         now = self._clock()
         record = self.book.records.get(name)
-        target = record.target if record is not None and record.target else (name,
-                                                                              DEFAULT_KEY_PORT)
+        target = record.target if record is not None and record.target else (name, DEFAULT_KEY_PORT)
         # The name is being judged right now: its fresh addresses, never a lookup (that
         # would wait for this very judgement).
         known = alive.addresses if target[0] == name else None
@@ -142,15 +144,20 @@ class Lifter:
             return None
         if record is None or current is None:
             changed = "unknown"
-            detail = ("no signing keys were recorded while it was alive"
-                      if record is None else f"its keys could not be fetched now: {problem}")
+            detail = (
+                "no signing keys were recorded while it was alive"
+                if record is None
+                else f"its keys could not be fetched now: {problem}"
+            )
         elif record.same_identity(current):
             changed, detail = "false", f"same signing keys ({_ids(current)})"
         else:
             changed = "true"
-            detail = (f"new signing keys {_ids(current)}; while alive it had {_ids(record)} "
-                      f"(recorded {time.strftime('%Y-%m-%d %H:%M', time.gmtime(record.seen_at))}"
-                      " UTC)")
+            detail = (
+                f"new signing keys {_ids(current)}; while alive it had {_ids(record)} "
+                f"(recorded {time.strftime('%Y-%m-%d %H:%M', time.gmtime(record.seen_at))}"
+                " UTC)"
+            )
         if current is not None and changed != "true":
             self.book.record(current)
         held = changed == "true" and self.hold_reborn

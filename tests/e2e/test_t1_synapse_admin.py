@@ -106,10 +106,14 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
                            json={}, headers=headers)  # fmt: skip
         assert reset.status_code == 200, reset.text
         reset_at = time.monotonic()
-        assert wait_until(lambda: verdict_state(linked, BACK) == "alive", timeout=15,
-                          interval=0.05)  # fmt: skip  (the TXT verdict's TTL is 300 s)
-        record("t1 resume early", f"Synapse's backoff reset -> verdict alive in "
-               f"{(time.monotonic() - reset_at) * 1000:.0f} ms (poll 0.5 s; TTL was 300 s)")
+        assert wait_until(
+            lambda: verdict_state(linked, BACK) == "alive", timeout=15, interval=0.05
+        )  # fmt: skip  (the TXT verdict's TTL is 300 s)
+        record(
+            "t1 resume early",
+            f"Synapse's backoff reset -> verdict alive in "
+            f"{(time.monotonic() - reset_at) * 1000:.0f} ms (poll 0.5 s; TTL was 300 s)",
+        )
         assert linked.metric("tombstone_resumed_early_total") == 1
         assert f"Synapse stopped backing off {BACK}" in linked.log()
         # Lifted while Synapse was not backing off: Synapse refuses the reset, honestly.
@@ -124,8 +128,11 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
         lifted_at = time.monotonic()
         assert ops(linked, "DELETE", f"/v1/verdicts/{BACK}")["state"] == "alive"
         assert wait_until(lambda: not backing_off(world, BACK), timeout=10, interval=0.02)
-        record("t1 reset on lift", f"ops DELETE -> Synapse's destinations row cleared in "
-               f"{(time.monotonic() - lifted_at) * 1000:.0f} ms")
+        record(
+            "t1 reset on lift",
+            f"ops DELETE -> Synapse's destinations row cleared in "
+            f"{(time.monotonic() - lifted_at) * 1000:.0f} ms",
+        )
         # Synapse clears the row before its answer reaches the sidecar: wait for both.
         assert wait_until(lambda: linked.metric("tombstone_synapse_admin_requests_total",
                                                 op="reset_connection", result="ok") == 1,

@@ -32,10 +32,9 @@ async def exchange(answer: bytes, limit: int = 1000) -> http1.HttpReply:
 @pytest.mark.parametrize(
     "answer",
     [
-        b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
-        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"3\r\n{\"a\r\n4\r\n\":1}\r\n0\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\n\r\n{\"a\":1}",
+        b'HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n{"a":1}',
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{"a\r\n4\r\n":1}\r\n0\r\n\r\n',
+        b'HTTP/1.1 200 OK\r\n\r\n{"a":1}',
     ],
     ids=["content-length", "chunked", "until-close"],
 )

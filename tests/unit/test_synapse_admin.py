@@ -25,7 +25,8 @@ def test_admin_urls_are_taken_apart(url: str, where: tuple[object, ...]) -> None
 
 
 @pytest.mark.parametrize(
-    "url", ["127.0.0.1:8008", "ftp://x", "http://", "http://h:99999", "http://u:p@h/", "http://h/?q"]
+    "url",
+    ["127.0.0.1:8008", "ftp://x", "http://", "http://h:99999", "http://u:p@h/", "http://h/?q"],
 )
 def test_bad_admin_urls_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
