@@ -7,7 +7,8 @@ request. Reading is open (scrapers and probes need no secret); changing a verdic
 DELETE) needs the bearer token from `--ops-token-file`.
 
 API (JSON):
-  GET    /v1/verdicts?state=&signal=&limit=&offset=   list, filtered and paginated
+  GET    /v1/verdicts?state=&signal=&sort=&limit=&offset=   list, filtered, paginated;
+                                                        sort=suppressed: most refused first
   GET    /v1/verdicts/{name}                            one verdict with its evidence
   PUT    /v1/verdicts/{name}  {"ttl": "30d", "comment": "..."}   mark gone (operator)
   DELETE /v1/verdicts/{name}                            forget and check again now
@@ -42,6 +43,7 @@ MAX_BODY_BYTES = 64 * 1024  # a PUT body is a TTL and a comment
 REQUEST_DEADLINE_SECONDS = 10.0  # a client that dribbles its request is dropped
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
+LIST_ORDERS = ("name", "suppressed")  # by server name, or most refused first
 DEFAULT_OPERATOR_TTL = "3650d"  # an operator's "gone" holds until they DELETE it
 MAX_COMMENT = 500
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
@@ -207,6 +209,9 @@ class OpsServer:
             return _json(503, {"error": "not configured yet"})
         state = query.get("state", [None])[0]
         signal = query.get("signal", [None])[0]
+        order = query.get("sort", ["name"])[0]
+        if order not in LIST_ORDERS:
+            return _json(400, {"error": f"sort must be one of {', '.join(LIST_ORDERS)}"})
         if state is not None and state not in {s.value for s in State}:
             return _json(
                 400, {"error": f"state must be one of {', '.join(s.value for s in State)}"}
@@ -221,7 +226,10 @@ class OpsServer:
             if (state is None or e.verdict.state == state)
             and (signal is None or e.verdict.signal == signal)
         ]  # fmt: skip
-        chosen.sort(key=lambda e: e.verdict.destination)
+        if order == "suppressed":  # the dead servers this homeserver tries hardest to reach
+            chosen.sort(key=lambda e: (-e.suppressed_count, e.verdict.destination))
+        else:
+            chosen.sort(key=lambda e: e.verdict.destination)
         page = chosen[offset : offset + limit]
         return _json(200, {"total": len(chosen), "offset": offset, "limit": limit,
                            "verdicts": [verdict_json(e) for e in page]})  # fmt: skip

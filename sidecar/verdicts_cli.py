@@ -41,6 +41,13 @@ def add_commands(
     listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     listing.add_argument("--offset", type=int, default=0)
     listing.add_argument(
+        "--sort",
+        choices=["name", "suppressed"],
+        default="name",
+        help="order: by server name (default), or `suppressed`: the dead servers this "
+        "homeserver tries hardest to reach first",
+    )
+    listing.add_argument(
         "--synapse",
         action="store_true",
         help="join Synapse's view of each destination (backoff, failing since, shared rooms) "
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.verdicts_command == "list":
             query = {"limit": args.limit, "offset": args.offset, "state": args.state,
-                     "signal": args.signal}  # fmt: skip
+                     "signal": args.signal, "sort": args.sort}  # fmt: skip
             result = client.call("GET", "/v1/verdicts", query=query)
             if getattr(args, "synapse", False):
                 return _list_with_synapse(result, settings, args.json)

@@ -208,6 +208,31 @@ def test_verdicts_cli_end_to_end_and_operator_verdicts_survive_restart(
     assert unreachable.returncode == 3 and "cannot reach the sidecar" in unreachable.stderr
 
 
+def test_verdicts_list_sorted_by_suppressed_puts_the_most_refused_server_first(
+    sidecar_factory: Callable[..., Sidecar], zone: Zone, unique: Callable[[str], str]
+) -> None:
+    sidecar = sidecar_factory()
+    names = [unique("hammered"), unique("sometimes"), unique("once")]
+    for name, tries in zip(names, (5, 3, 1), strict=True):
+        zone.nxdomain(name)
+        for _ in range(tries):
+            assert sidecar.connect(f"{name}:8448").status == 502
+
+    listing = subprocess.run(
+        [*sidecar_command(), "verdicts", "list", "--sort", "suppressed", "--state", "gone",
+         "--json", "--ops-listen", f"127.0.0.1:{sidecar.ops_port}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+    assert listing.returncode == 0, listing.stderr
+    rows = [
+        (v["destination"], v["suppressed_count"]) for v in json.loads(listing.stdout)["verdicts"]
+    ]
+    assert rows[:3] == list(zip(names, (5, 3, 1), strict=True))
+    status, body = sidecar.ops("/v1/verdicts?sort=loudest")
+    assert status == 400 and b"sort must be one of name, suppressed" in body
+
+
 # -- operator lists ------------------------------------------------------------------------
 
 
