@@ -39,6 +39,7 @@ from sidecar.gone_http import GoneTtl
 from sidecar.identity import FILE_NAME as KEYS_FILE
 from sidecar.identity import KEY_PATH, KeyBook, KeyFetcher
 from sidecar.lifting import Lifter
+from sidecar.loop_lag import watch_loop_lag
 from sidecar.metrics import Metrics
 from sidecar.names import InvalidName, is_ip_literal, normalize_host, parse_authority
 from sidecar.ops_server import OpsServer
@@ -117,6 +118,7 @@ class TombstoneAddon:
         self._watcher: asyncio.Task[None] | None = None
         self.lifter: Lifter | None = None
         self._poller: asyncio.Task[None] | None = None
+        self._lag: asyncio.Task[None] | None = None
         self._list_stamp: tuple[float, ...] = ()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -195,6 +197,7 @@ class TombstoneAddon:
         self._poller = asyncio.create_task(self.lifter.poll_synapse(lambda: self.policy))
         self._list_stamp = self._list_files_stamp()
         self._watcher = asyncio.create_task(self._watch_list_files())
+        self._lag = asyncio.create_task(watch_loop_lag(self.metrics))
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_lists)
         if self.settings.ops_listen is not None:
@@ -217,6 +220,9 @@ class TombstoneAddon:
         if self._poller is not None:
             self._poller.cancel()
             self._poller = None
+        if self._lag is not None:
+            self._lag.cancel()
+            self._lag = None
         if self.lifter is not None:
             await self.lifter.close()
         if self.ops is not None:

@@ -37,6 +37,8 @@ DECISION_BUCKETS = (
 disable_created_metrics()
 
 DNS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# Every connection waits while the loop is stalled (a full GC of a big cache, a slow hook).
+LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metrics:
@@ -86,6 +88,12 @@ class Metrics:
             "Time to decide on one connection or request (cache hit or DNS lookup).",
             ["stage"],
             buckets=DECISION_BUCKETS,
+            registry=r,
+        )
+        self.event_loop_lag_seconds = Histogram(
+            "tombstone_event_loop_lag_seconds",
+            "How late the event loop woke a timer: every connection waits this long too.",
+            buckets=LAG_BUCKETS,
             registry=r,
         )
         self.upstream_errors = Counter(

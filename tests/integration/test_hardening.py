@@ -259,3 +259,30 @@ def test_second_signal_exits_at_once(
         time.sleep(0.3)
     assert sidecar.process.proc.wait(timeout=15) == 0
     assert "SIGTERM again: exiting now" in sidecar.log()
+
+
+def test_a_stalled_event_loop_shows_in_the_lag_metric_and_one_warning(
+    sidecar_factory: Callable[..., Sidecar],
+) -> None:
+    sidecar = sidecar_factory("--deny", "gone.hs.test")
+    assert wait_until(
+        lambda: sidecar.metric("tombstone_event_loop_lag_seconds_count") >= 2, timeout=10
+    ), "the lag timer never ticked"
+    under_a_second = sidecar.metric("tombstone_event_loop_lag_seconds_bucket", le="1.0")
+    assert under_a_second == sidecar.metric("tombstone_event_loop_lag_seconds_count")
+
+    for _ in range(2):  # two stalls in a row: one warning, not two
+        sidecar.process.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
+        time.sleep(1.5)  # the stall we cause, not a measurement of the sidecar
+        sidecar.process.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
+        assert wait_until(lambda: "the event loop stalled" in sidecar.log(), timeout=10), (
+            sidecar.log()
+        )
+
+    def stalls() -> float:
+        count = sidecar.metric("tombstone_event_loop_lag_seconds_count")
+        return count - sidecar.metric("tombstone_event_loop_lag_seconds_bucket", le="1.0")
+
+    assert wait_until(lambda: stalls() >= 2, timeout=10), stalls()
+    assert sidecar.log().count("the event loop stalled") == 1
+    assert sidecar.connect("gone.hs.test:8448").status == 502  # and it serves on
