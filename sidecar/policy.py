@@ -79,6 +79,7 @@ class Policy:
         self.lift_guard: LiftGuard | None = None  # resurrection check (sidecar.lifting)
         self.on_lifted: Lifted | None = None  # Synapse reset_connection (sidecar.lifting)
         self._lifting: dict[str, Verdict] = {}  # what a re-check forgot, until it is judged
+        self._delisting: set[asyncio.Future[None]] = set()  # re-checks of names off the deny list
         self.set_deny(deny)
         metrics.watch_verdicts(self.counts)
 
@@ -97,8 +98,16 @@ class Policy:
             self._metrics.verdict_changes.labels("none", State.GONE).inc()
             log.info("%s gone (operator: on the deny list)", name)
         for name in sorted(previous.keys() - names):
-            self._metrics.verdict_changes.labels(State.GONE, "none").inc()
-            log.info("%s removed from the deny list; DNS decides again", name)
+            try:
+                asyncio.get_running_loop()
+            except RuntimeError:  # no loop (configured before start): the next request asks
+                self._metrics.verdict_changes.labels(State.GONE, "none").inc()
+                log.info("%s removed from the deny list; DNS decides again", name)
+                continue
+            log.info("%s removed from the deny list; checking DNS now", name)
+            task = asyncio.ensure_future(self._recheck_delisted(name, previous[name].verdict))
+            self._delisting.add(task)
+            task.add_done_callback(self._delisting.discard)
 
     def counts(self) -> list[tuple[tuple[str, str], int]]:
         tally = dict(self.cache.counts())
@@ -153,6 +162,22 @@ class Policy:
         self.store.forget(name)
         try:
             return await self.decide(name)
+        finally:
+            self._lifting.pop(name, None)
+
+    async def _recheck_delisted(self, name: str, was: Verdict) -> None:
+        """A name left the deny list: judge it now, as the lift of the operator's verdict.
+
+        Now, not at its next request: Synapse may be backing the name off and not ask for
+        days. As a lift, it gets the resurrection check and Synapse's reset (sidecar.lifting).
+        """
+        self.cache.forget(name)  # a DNS verdict from before it was listed is stale
+        self.store.forget(name)
+        self._lifting[name] = was
+        try:
+            await self.decide(name)
+        except Exception:  # fail open: the next request asks again
+            log.exception("checking %s after it left the deny list failed", name)
         finally:
             self._lifting.pop(name, None)
 

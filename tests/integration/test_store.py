@@ -267,6 +267,10 @@ def test_deny_file_is_reloaded_on_change_and_sighup_and_a_broken_file_changes_no
     assert sidecar.process.proc is not None
     os.kill(sidecar.process.proc.pid, signal.SIGHUP)
     assert wait_until(lambda: f"{first} removed from the deny list" in sidecar.log(), timeout=10)
+    # judged again at once, with no request for it (Synapse may be backing it off): a lift
+    assert wait_until(lambda: sidecar.ops(f"/v1/verdicts/{first}")[0] == 200, timeout=10)
+    assert json.loads(sidecar.ops(f"/v1/verdicts/{first}")[1])["state"] == "alive"
+    assert sidecar.metric("tombstone_verdict_changes_total", **{"from": "gone", "to": "alive"}) == 1
     assert dead_upstream.connections == 0
 
 
