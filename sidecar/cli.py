@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run = commands.add_parser(
         "run",
-        help="run the proxy (pass-through mode)",
+        help="run the proxy (pass-through by default, or --mode intercept)",
         description=DESCRIPTION,
         epilog=RUN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
