@@ -244,9 +244,9 @@ class Policy:
         try:
             report = await signals.evaluate(self.dns, name)
             verdict = self.judge(report)
-            if (
-                previous is not None
-                and previous.verdict.signal == Signal.HTTP_410
+            if (  # expired, or forgotten by DELETE / resume-early: DNS cannot lift a 410
+                was is not None
+                and was.signal == Signal.HTTP_410
                 and verdict.state is State.ALIVE
                 and self.prober is not None
             ):
@@ -274,9 +274,9 @@ class Policy:
         return self._store(verdict, was)
 
     async def _recheck_http(self, name: str, alive: Verdict) -> Verdict:
-        """An expired 410 verdict, DNS clean: ask the server again before lifting it."""
+        """A 410 verdict up for lifting, DNS clean: ask the server again before lifting it."""
         assert self.prober is not None
-        result = await self.prober.probe(name, None)
+        result = await self.prober.probe(name, None, alive.addresses)
         now = self._clock()
         if result.outcome == "gone":
             return Verdict(name, State.GONE, Signal.HTTP_410, result.detail, now,

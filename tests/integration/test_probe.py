@@ -8,7 +8,9 @@ calls alive, without delaying that CONNECT, and never from an error or a 404.
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +105,46 @@ def test_an_expired_410_is_probed_again_and_lifted_when_the_server_is_back(
     assert len(lifted) == 1 and "(was gone: http_410)" in lifted[0]
     assert {r.path for r in server.requests} == {"/.well-known/matrix/server"}
     assert sidecar.metric("tombstone_verdict_changes_total", **{"from": "gone", "to": "alive"}) == 1
+
+
+def test_forgetting_a_410_verdict_asks_the_server_before_lifting_it(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    switchable: tuple[Upstream, dict[str, int]],
+    unique: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    server, state = switchable
+    token = "forget-410-token-0123456789abcdef"
+    (tmp_path / "token").write_text(token)
+    sidecar = probing(sidecar_factory, ca, "--ops-token-file", str(tmp_path / "token"))
+    name = unique("forget410")
+    zone.add(name, "A", PROBE_IP)  # DNS alone would lift it at once
+    reply = sidecar.connect(f"{name}:443")
+    assert reply.status == 200 and reply.sock is not None
+    reply.sock.close()
+    assert wait_until(lambda: verdict(sidecar, name).get("signal") == "http_410", timeout=10)
+
+    def forget() -> dict[str, object]:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{sidecar.ops_port}/v1/verdicts/{name}", method="DELETE"
+        )
+        request.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            answer: dict[str, object] = json.loads(response.read())
+            return answer
+
+    asked = len(server.requests)
+    still = forget()  # the server still answers 410: it stays gone
+    assert (still["state"], still["signal"]) == ("gone", "http_410")
+    assert len(server.requests) > asked
+    assert sidecar.connect(f"{name}:443").status == 502
+
+    state["status"] = 200  # back to life: now forgetting lifts it
+    back = forget()
+    assert back["state"] == "alive"
+    assert sidecar.tunnel_opens(f"{name}:443")
 
 
 def test_404_and_errors_are_not_tombstones(
