@@ -29,12 +29,13 @@ from typing import cast
 
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
-from mitmproxy.proxy import server_hooks
+from mitmproxy.proxy import layer, server_hooks
 
 from sidecar import answers, gone_http, request_classes, xmatrix
 from sidecar.addresses import AddressPolicy
 from sidecar.breaker import Breaker, BreakerSettings, Gate
 from sidecar.dns_client import DnsClient
+from sidecar.empty_connect import is_empty_host_connect, refuse_connection
 from sidecar.gone_http import GoneTtl
 from sidecar.identity import FILE_NAME as KEYS_FILE
 from sidecar.identity import KEY_PATH, KeyBook, KeyFetcher
@@ -276,6 +277,16 @@ class TombstoneAddon:
         self.active_clients -= 1
         if self.active_clients <= 0:
             self.idle.set()
+
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """`CONNECT :0` (Synapse's request for an SRV target "."): closed like any refusal
+        instead of mitmproxy's own 400, which Synapse would log as a CRITICAL traceback."""
+        settings = self.settings
+        if settings is None or settings.refusal != "close" or not settings.enforce:
+            return
+        if is_empty_host_connect(nextlayer):
+            refuse_connection(nextlayer)
+            self.metrics.invalid_input.labels("connect").inc()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not self._authorized(flow):

@@ -317,6 +317,19 @@ def test_malformed_connect_targets_get_400_and_the_proxy_keeps_serving(
     assert status == 200
 
 
+def test_connect_to_an_empty_host_is_closed_unanswered_like_any_refusal(
+    sidecar_factory: Callable[..., Sidecar], sidecar: Sidecar
+) -> None:
+    """Synapse asks `CONNECT :0` for an SRV target "."; an answer would be a CRITICAL in
+    its log (tests/e2e/test_s5), so with --refusal close the connection is just closed."""
+    closing = sidecar_factory("--refusal", "close")
+    with socket.create_connection(("127.0.0.1", closing.proxy_port), timeout=10) as sock:
+        sock.sendall(b"CONNECT :0 HTTP/1.1\r\nHost: :0\r\n\r\n")
+        assert sock.recv(1024) == b""  # closed without a byte
+    assert closing.metric("tombstone_invalid_input_total", where="connect") == 1
+    assert sidecar.connect(":0").status == 400  # --refusal status: mitmproxy's own 400 stays
+
+
 def test_single_flight_and_cached_verdicts(
     sidecar: Sidecar,
     zone: Zone,
