@@ -1,6 +1,7 @@
 """One HTTP/1.1 request with a body, over TCP or TLS, bounded in time and size.
 
-The sidecar's own small clients (Synapse's admin API, signing-key fetches) need a status,
+The sidecar's own small clients (the 410 probes, `check --probe`, Synapse's admin API,
+signing-key fetches) need a status,
 a few headers and a JSON body, and nothing else: no pooling, no redirects, no proxy (the
 sidecar is the proxy). `Connection: close` on every request; the body is read to its
 Content-Length, through chunked encoding, or to the end of the stream.
@@ -36,9 +37,11 @@ async def request(
     server_hostname: str | None = None,
     seconds: float,
     limit: int,
+    read_body: bool = True,
 ) -> HttpReply:
     """Send one request, all of it within `seconds`; OSError, ssl.SSLError, TimeoutError
-    or ValueError (malformed, too large) on failure."""
+    or ValueError (malformed, too large) on failure. `read_body=False`: status and headers
+    are all the caller needs (the body, however large, is left unread)."""
     async with asyncio.timeout(seconds):
         reader, writer = await asyncio.open_connection(
             host, port, ssl=tls, server_hostname=server_hostname if tls is not None else None,
@@ -56,7 +59,7 @@ async def request(
             except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as e:
                 raise ValueError(f"malformed response head: {e}") from None
             status, answer_headers = _parse_head(head)
-            payload = await _read_body(reader, answer_headers, limit)
+            payload = await _read_body(reader, answer_headers, limit) if read_body else b""
         finally:
             writer.close()
     return HttpReply(status, answer_headers, payload)
@@ -86,9 +89,12 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str], limi
             return await reader.readexactly(int(length))
         except asyncio.IncompleteReadError as e:
             raise ValueError("response body cut short") from e
-    data = await reader.read(limit + 1)
-    while data and len(data) <= limit:
-        more = await reader.read(limit + 1 - len(data))
+    data = b""
+    while len(data) <= limit:
+        try:
+            more = await reader.read(limit + 1 - len(data))
+        except ssl.SSLError:  # closed without TLS close_notify: what arrived is the body
+            break
         if not more:
             break
         data += more

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from sidecar import gone_http
+from sidecar import gone_http, http1
 from sidecar.addresses import AddressPolicy
 from sidecar.metrics import Metrics
 
@@ -27,7 +27,6 @@ log = logging.getLogger("sidecar.probe")
 
 WELL_KNOWN_PATH = "/.well-known/matrix/server"
 VERSION_PATH = "/_matrix/federation/v1/version"
-MAX_HEAD_BYTES = 16 * 1024  # status line and headers; the 410 verdict needs no body
 MAX_BODY_BYTES = 64 * 1024  # a well-known document (`check --probe` reads its m.server)
 USER_AGENT = "tombstone-sidecar-probe"
 MAX_REMEMBERED = 100_000  # names whose last probe time is kept for the rate limit
@@ -131,9 +130,13 @@ class Prober:
                 address, _ = self.addresses.choose(addresses)
             if address is None:
                 return ProbeResult("failed", f"{where}: no address the policy allows")
-            status, headers, content = await asyncio.wait_for(
-                self._get(address, port, name, path, body), self.settings.timeout
-            )
+            reply = await http1.request(
+                address, port, "GET", path,
+                host_header=name if port == 443 else f"{name}:{port}",
+                headers={"User-Agent": USER_AGENT}, tls=self._context, server_hostname=name,
+                seconds=self.settings.timeout, limit=MAX_BODY_BYTES, read_body=body,
+            )  # fmt: skip
+            status, headers, content = reply.status, reply.headers, reply.body
         except TimeoutError:
             return ProbeResult("failed", f"{where}{path}: no answer in {self.settings.timeout:g}s")
         except (OSError, ssl.SSLError, ValueError) as e:
@@ -147,64 +150,3 @@ class Prober:
     async def _address(self, host: str) -> str | None:
         address, _ = self.addresses.choose(await self._resolve(host))
         return address
-
-    async def _get(
-        self, address: str, port: int, name: str, path: str, body: bool = False
-    ) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP/1.1 GET over TLS to the checked address, SNI and Host = the server name."""
-        reader, writer = await asyncio.open_connection(
-            address, port, ssl=self._context, server_hostname=name
-        )
-        try:
-            host = name if port == 443 else f"{name}:{port}"
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
-                         "Connection: close\r\n\r\n".encode())  # fmt: skip
-            head = await reader.readuntil(b"\r\n\r\n")
-            content = await _read_body(reader) if body else b""
-        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as e:
-            raise ValueError(f"malformed response: {e}") from None
-        finally:
-            writer.close()
-        if len(head) > MAX_HEAD_BYTES:
-            raise ValueError("response headers too large")
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-            raise ValueError(f"malformed status line {lines[0][:80]!r}")
-        headers = {}
-        for line in lines[1:]:
-            key, sep, value = line.partition(":")
-            if sep:
-                headers[key.strip().lower()] = value.strip()
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            content = _dechunk(content)
-        return int(parts[1]), headers, content
-
-
-async def _read_body(reader: asyncio.StreamReader) -> bytes:
-    """Up to MAX_BODY_BYTES, until the server closes (the request said Connection: close)."""
-    content = b""
-    while len(content) < MAX_BODY_BYTES:
-        try:
-            chunk = await reader.read(MAX_BODY_BYTES - len(content))
-        except ssl.SSLError:  # closed without close_notify: keep what arrived
-            break
-        if not chunk:
-            break
-        content += chunk
-    return content
-
-
-def _dechunk(data: bytes) -> bytes:
-    """The payload of a chunked body (as much of it as was read)."""
-    out, rest = b"", data
-    while rest:
-        size_line, sep, rest = rest.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0].strip() or b"0", 16)
-        except ValueError:
-            raise ValueError("malformed chunked body") from None
-        if not sep or size == 0:
-            break
-        out, rest = out + rest[:size], rest[size + 2 :]
-    return out

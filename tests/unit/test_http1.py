@@ -9,7 +9,7 @@ import pytest
 from sidecar import http1
 
 
-async def exchange(answer: bytes, limit: int = 1000) -> http1.HttpReply:
+async def exchange(answer: bytes, limit: int = 1000, read_body: bool = True) -> http1.HttpReply:
     received: list[bytes] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -22,7 +22,7 @@ async def exchange(answer: bytes, limit: int = 1000) -> http1.HttpReply:
     port = server.sockets[0].getsockname()[1]
     try:
         return await http1.request("127.0.0.1", port, "GET", "/x", host_header="h",
-                                   seconds=5, limit=limit)  # fmt: skip
+                                   seconds=5, limit=limit, read_body=read_body)  # fmt: skip
     finally:
         server.close()
         await server.wait_closed()
@@ -56,3 +56,10 @@ def test_each_body_framing_reads_the_same(answer: bytes) -> None:
 def test_bad_answers_are_value_errors(answer: bytes) -> None:
     with pytest.raises(ValueError):
         asyncio.run(exchange(answer))
+
+
+def test_status_only_leaves_even_an_oversized_body_unread() -> None:
+    """A probe needs the 410 and its Cache-Control, not the page behind it."""
+    answer = b"HTTP/1.1 410 Gone\r\nCache-Control: max-age=60\r\n\r\n" + b"x" * 5000
+    reply = asyncio.run(exchange(answer, read_body=False))
+    assert (reply.status, reply.headers["cache-control"], reply.body) == (410, "max-age=60", b"")
