@@ -191,6 +191,7 @@ class TombstoneAddon:
         # The loaded verdicts live long; keep them out of the cyclic GC's full collections,
         # which otherwise stall the event loop ~80 ms per 100k objects (tests/bench).
         assert self.lifter is not None
+        self.lifter.store = store
         self.lifter.book.load()
         gc.collect()
         gc.freeze()

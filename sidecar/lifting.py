@@ -30,11 +30,13 @@ from sidecar.verdicts import Verdict
 
 if TYPE_CHECKING:
     from sidecar.policy import Policy
+    from sidecar.store import VerdictStore
 
 log = logging.getLogger("sidecar.lifting")
 
 DEFAULT_KEY_PORT = 8448  # where a name without a recorded target is asked for its keys
 YIELD_EVERY = 200  # destinations compared per turn of the event loop (~2 ms at most)
+HOLD_EVIDENCE = "held: back with new signing keys"  # starts a hold's evidence, on every replica
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Lifter:
         self.view = SynapseView(None, 0, False, ())
         self._tasks: set[asyncio.Task[Any]] = set()
         self._recording: set[str] = set()
+        self.store: VerdictStore | None = None  # shares key records (--store redis)
 
     # -- identity -------------------------------------------------------------------------
 
@@ -83,7 +86,7 @@ class Lifter:
         except KeyDocumentError as e:
             log.debug("not recording keys of %s: %s", name, e)
             return
-        self.book.record(found)
+        self._remember(found)
 
     def record_keys(self, name: str, target: tuple[str, int]) -> None:
         """Next to a pass-through probe of an alive name: fetch and record its keys."""
@@ -98,7 +101,7 @@ class Lifter:
         async def run() -> None:
             try:
                 assert self.fetcher is not None
-                self.book.record(await self.fetcher.fetch(name, target, self._clock()))
+                self._remember(await self.fetcher.fetch(name, target, self._clock()))
             except (KeyDocumentError, OSError, TimeoutError, ValueError) as e:
                 log.debug("could not record the signing keys of %s: %s", name, e)
             finally:
@@ -106,9 +109,33 @@ class Lifter:
 
         self._spawn(run())
 
-    def release(self, name: str) -> bool:
-        """An operator lifts `name` (ops DELETE): if it was held, accept its new identity."""
-        if self.book.release(name):
+    def _remember(self, found: KeyRecord) -> None:
+        """Record `found` here and share it: another sidecar may see the lift."""
+        self.book.record(found)
+        if self.store is not None:
+            self.store.save_keys(found.server_name, found.to_json())
+
+    async def _shared_record(self, name: str) -> KeyRecord | None:
+        """Keys another sidecar recorded for `name` (a replica that saw it alive)."""
+        if self.store is None:
+            return None
+        data = await self.store.fetch_keys(name)
+        if data is None:
+            return None
+        try:
+            record = KeyRecord.from_json(data)
+        except (ValueError, TypeError, AttributeError) as e:
+            log.warning("ignoring shared signing keys of %s: %s", name, e)
+            return None
+        return record if record.server_name == name else None
+
+    def release(self, name: str, current: Verdict | None = None) -> bool:
+        """An operator lifts `name` (ops DELETE): if it was held — here, or by another
+        sidecar whose hold reached this one through the shared store (`current`) —
+        accept its new identity."""
+        held_here = self.book.release(name)
+        held_elsewhere = current is not None and current.evidence.startswith(HOLD_EVIDENCE)
+        if held_here or held_elsewhere:
             self._released.add(name)
             log.warning("%s released by an operator: its new signing keys are accepted", name)
             return True
@@ -122,7 +149,7 @@ class Lifter:
         """`name` is about to be lifted (it was `previous`, DNS now says `alive`): compare
         its keys; the evidence for a hold, or None to lift. Never raises."""
         now = self._clock()
-        record = self.book.records.get(name)
+        record = self.book.records.get(name) or await self._shared_record(name)
         target = record.target if record is not None and record.target else (name, DEFAULT_KEY_PORT)
         # The name is being judged right now: its fresh addresses, never a lookup (that
         # would wait for this very judgement).
@@ -140,7 +167,7 @@ class Lifter:
         if name in self._released:
             self._released.discard(name)
             if current is not None:
-                self.book.record(current)
+                self._remember(current)
             return None
         if record is None or current is None:
             changed = "unknown"
@@ -159,7 +186,7 @@ class Lifter:
                 " UTC)"
             )
         if current is not None and changed != "true":
-            self.book.record(current)
+            self._remember(current)
         held = changed == "true" and self.hold_reborn
         self.metrics.resurrections.labels(changed).inc()
         self.book.add_resurrection(Resurrection(name, changed, detail, now, held))
@@ -175,7 +202,7 @@ class Lifter:
                 "Not held (no --hold-reborn): traffic to it flows again.",
             )  # fmt: skip
             if held:
-                return f"held: back with new signing keys ({detail}); lift with ops DELETE"
+                return f"{HOLD_EVIDENCE} ({detail}); lift with ops DELETE"
             return None
         # The policy logs the lift itself: one line per verdict change.
         log.debug("%s is back (was %s): %s", name, was, detail)

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import __version__
+from sidecar.lifting import HOLD_EVIDENCE
 from sidecar.names import Authority, InvalidName, normalize_host
 from sidecar.options import parse_duration
 from sidecar.verdicts import Entry, State, to_record
@@ -278,7 +279,9 @@ class OpsServer:
             return _json(409, {"error": f"{name} is on --deny/--deny-file; remove it there "
                                         "(the file is reloaded on change)"})  # fmt: skip
         lifter = self._addon.lifter
-        released = lifter.release(name) if lifter is not None else False
+        current = policy.cached(name)
+        held = current.verdict if current is not None else None
+        released = lifter.release(name, held) if lifter is not None else False
         try:
             entry = await policy.recheck(name)
         finally:
@@ -292,6 +295,9 @@ class OpsServer:
         lifter = self._addon.lifter
         events = lifter.book.resurrections if lifter is not None else []
         held = sorted(lifter.book.held) if lifter is not None else []
+        policy = self._addon.policy
+        if policy is not None:  # released elsewhere (shared store): no longer held here either
+            held = [n for n in held if _is_hold(policy.cached(n))]
         return _json(200, {"total": len(events), "held": held,
                            "resurrections": [e.to_json() for e in reversed(events)]})  # fmt: skip
 
@@ -310,6 +316,10 @@ class OpsServer:
             "truncated": view.truncated,
             "backing_off_gone": list(view.backing_off_gone),
         })  # fmt: skip
+
+
+def _is_hold(entry: Entry | None) -> bool:
+    return entry is not None and entry.verdict.evidence.startswith(HOLD_EVIDENCE)
 
 
 def _json(status: int, payload: dict[str, Any]) -> Reply:

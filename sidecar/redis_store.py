@@ -32,6 +32,9 @@ from sidecar.verdicts import STALE_GRACE_SECONDS, Verdict, from_record, to_recor
 log = logging.getLogger("sidecar.store")
 
 KEY_PREFIX = "tombstone:v1:verdict:"
+KEYS_PREFIX = "tombstone:v1:keys:"  # signing keys recorded while alive (sidecar.identity)
+KEYS_TTL_SECONDS = 365 * 86400  # a retired server may come back a year later
+KEYS_FETCH_BUDGET_SECONDS = 0.5  # asked at a lift, off the request path
 CHANNEL = "tombstone:v1:verdicts"
 FETCH_BUDGET_SECONDS = 0.005  # the most a request may wait for Redis ("a few milliseconds")
 CONNECT_TIMEOUT_SECONDS = 1.0
@@ -56,6 +59,7 @@ class RedisStore(WriteBehindStore):
             health_check_interval=0,
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._key_writes: set[asyncio.Task[None]] = set()
         self.up = False
         self._up.set(0)
         self.detail = f"connecting to {self._safe_url()}"
@@ -100,7 +104,44 @@ class RedisStore(WriteBehindStore):
             log.warning("ignoring unreadable verdict for %s in Redis: %s", name, e)
             return None
 
+    def save_keys(self, name: str, record: dict[str, Any]) -> None:
+        if not self.up:
+            return  # the local key book has them; a later record shares them again
+        task = asyncio.ensure_future(self._set_keys(name, json.dumps(record)))
+        self._key_writes.add(task)
+        task.add_done_callback(self._key_writes.discard)
+
+    async def _set_keys(self, name: str, payload: str) -> None:
+        try:
+            await self._client.set(KEYS_PREFIX + name, payload, ex=KEYS_TTL_SECONDS)
+        except (RedisError, OSError) as e:
+            self._failed("keys", e)
+
+    async def fetch_keys(self, name: str) -> dict[str, Any] | None:
+        if not self.up:
+            return None
+        try:
+            raw = await asyncio.wait_for(
+                self._client.get(KEYS_PREFIX + name), KEYS_FETCH_BUDGET_SECONDS
+            )
+        except TimeoutError:
+            self.metrics.store_errors.labels(self.kind, "keys_timeout").inc()
+            return None
+        except (RedisError, OSError) as e:
+            self._failed("keys", e)
+            return None
+        try:
+            data = json.loads(raw) if raw is not None else None
+        except ValueError:
+            data = None
+        if raw is not None and not isinstance(data, dict):
+            self.metrics.store_errors.labels(self.kind, "decode").inc()
+            log.warning("ignoring unreadable signing keys for %s in Redis", name)
+            return None
+        return data
+
     async def close(self) -> None:
+        await asyncio.gather(*self._key_writes, return_exceptions=True)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sidecar.metrics import Metrics
 from sidecar.verdicts import Verdict
@@ -58,6 +59,14 @@ class VerdictStore:
 
     async def fetch(self, name: str) -> Verdict | None:
         """A verdict another sidecar learned, if the store is shared and answers in time."""
+        return None
+
+    def save_keys(self, name: str, record: dict[str, Any]) -> None:
+        """Share the signing keys `name` published while alive (sidecar.identity) with the
+        other sidecars; never blocks, never raises. Local stores keep them in the key book."""
+
+    async def fetch_keys(self, name: str) -> dict[str, Any] | None:
+        """Signing keys another sidecar recorded for `name`, if the store is shared."""
         return None
 
     async def close(self) -> None:

@@ -23,6 +23,7 @@ from tests.e2e.federation import SigningKey
 from tests.integration.harness import Sidecar
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
+from tests.support.redis_server import RedisServer
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 
 REMOTE_IP = "127.0.0.9"
@@ -225,3 +226,51 @@ def test_intercept_mode_records_the_keys_synapse_fetched_and_catches_the_rekey(
     checks = [r for r in remote.upstream.requests
               if r.headers.get("user-agent") == "tombstone-sidecar-keys"]  # fmt: skip
     assert len(checks) == 1  # the lift's own check; every other fetch was the client's
+
+
+def test_replicas_share_recorded_keys_and_holds_through_redis(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    remote: Remote,
+    ops_token: Path,
+    unique: Callable[[str], str],
+) -> None:
+    """Two replicas on one Redis (the central egress): the one that saw the server alive
+    recorded its keys; the other one sees it come back re-keyed, holds it for both, and
+    an operator's DELETE on either replica releases it for both."""
+    redis = RedisServer().start()
+    try:
+        store = ("--store", redis.url, "--hold-reborn")
+        witness = start(sidecar_factory, ca, ops_token, *store)
+        other = start(sidecar_factory, ca, ops_token, *store)
+        name = unique("replicated")
+        target = live_then_gone(witness, zone, remote, name)  # keys recorded by `witness` only
+        assert wait_until(lambda: other.connect(target).status == 502, timeout=15, interval=0.3)
+        remote.keys[name] = SigningKey(name)  # a new owner, a new key
+        untombstone(zone, name)
+
+        def held_by_other() -> bool:
+            other.tunnel_opens(target)  # only `other` sees traffic for it
+            return resurrections(other)["total"] == 1
+
+        assert wait_until(held_by_other, timeout=15, interval=0.3)
+        event = resurrections(other)["resurrections"][0]  # type: ignore[index]
+        assert event["key_changed"] == "true" and event["held"], event
+        assert resurrections(witness)["total"] == 0  # the alert is the lifting replica's
+
+        def refused_by(sidecar: Sidecar) -> bool:
+            reply = sidecar.connect(target)
+            return reply.status == 502 and reply.headers.get("x-tombstone-signal") == "operator"
+
+        assert wait_until(lambda: refused_by(witness), timeout=10, interval=0.2)  # shared hold
+
+        status, lifted = ops(witness, "DELETE", f"/v1/verdicts/{name}")  # not the holder
+        assert status == 200 and lifted["state"] == "alive", lifted
+        assert wait_until(lambda: other.tunnel_opens(target), timeout=10, interval=0.2)
+        assert witness.tunnel_opens(target)
+        assert wait_until(lambda: resurrections(other)["held"] == [], timeout=10)
+        assert sum(s.metric("tombstone_resurrections_total", key_changed="true")
+                   for s in (witness, other)) == 1  # fmt: skip
+    finally:
+        redis.stop()
