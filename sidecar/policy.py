@@ -80,6 +80,7 @@ class Policy:
         self.on_lifted: Lifted | None = None  # Synapse reset_connection (sidecar.lifting)
         self._lifting: dict[str, Verdict] = {}  # what a re-check forgot, until it is judged
         self._delisting: set[asyncio.Future[None]] = set()  # re-checks of names off the deny list
+        self._afresh: set[str] = set()  # being re-checked: DNS decides, not the store's copy
         self.set_deny(deny)
         metrics.watch_verdicts(self.counts)
 
@@ -160,10 +161,12 @@ class Policy:
             self._lifting[name] = previous.verdict
         self.forget(name)
         self.store.forget(name)
+        self._afresh.add(name)
         try:
             return await self.decide(name)
         finally:
             self._lifting.pop(name, None)
+            self._afresh.discard(name)
 
     async def _recheck_delisted(self, name: str, was: Verdict) -> None:
         """A name left the deny list: judge it now, as the lift of the operator's verdict.
@@ -174,12 +177,14 @@ class Policy:
         self.cache.forget(name)  # a DNS verdict from before it was listed is stale
         self.store.forget(name)
         self._lifting[name] = was
+        self._afresh.add(name)
         try:
             await self.decide(name)
         except Exception:  # fail open: the next request asks again
             log.exception("checking %s after it left the deny list failed", name)
         finally:
             self._lifting.pop(name, None)
+            self._afresh.discard(name)
 
     def forget(self, name: str) -> None:
         self.cache.forget(name)
@@ -233,7 +238,9 @@ class Policy:
         return future
 
     async def _evaluate(self, name: str) -> Entry:
-        shared = await self.store.fetch(name)
+        # A forgotten name is judged afresh: the store may still hold what was just
+        # forgotten (its forget is written behind).
+        shared = None if name in self._afresh else await self.store.fetch(name)
         if shared is not None and shared.expires_at > self._clock():
             self.accept(shared)
             entry = self.cache.get(name) or self._manual.get(name)

@@ -284,6 +284,29 @@ def redis() -> Iterator[RedisServer]:
     server.stop()
 
 
+def test_forget_through_the_ops_api_judges_afresh_not_from_the_stores_copy(
+    sidecar_factory: Callable[..., Sidecar],
+    redis: RedisServer,
+    zone: Zone,
+    token_file: Path,
+    dead_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """With a shared store a DELETE lifts a name DNS now calls alive: the re-check asks DNS,
+    not the store, whose forget is written behind and may still hold the old verdict."""
+    sidecar = sidecar_factory("--store", redis.url, "--ops-token-file", str(token_file))
+    name = gone_name(zone, unique, "afresh")
+    assert sidecar.connect(f"{name}:{dead_upstream.port}").status == 502
+    key = f"tombstone:v1:verdict:{name}"
+    assert wait_until(lambda: b"dns_txt_gone" in redis.command("GET", key), timeout=10)
+    zone.remove(name, "TXT")  # the tombstone is gone: DNS now says alive
+
+    status, body = request(sidecar, "DELETE", f"/v1/verdicts/{name}", TOKEN)
+
+    assert status == 200 and body["state"] == "alive", body
+    assert sidecar.tunnel_opens(f"{name}:{dead_upstream.port}")
+
+
 def test_two_sidecars_share_a_verdict_through_redis(
     sidecar_factory: Callable[..., Sidecar],
     redis: RedisServer,
