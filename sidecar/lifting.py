@@ -39,6 +39,11 @@ YIELD_EVERY = 200  # destinations compared per turn of the event loop (~2 ms at 
 HOLD_EVIDENCE = "held: back with new signing keys"  # starts a hold's evidence, on every replica
 
 
+def is_hold(verdict: Verdict) -> bool:
+    """A `--hold-reborn` hold, whichever replica raised it (the evidence says so)."""
+    return verdict.evidence.startswith(HOLD_EVIDENCE)
+
+
 @dataclass(frozen=True)
 class SynapseView:
     """What the last poll of Synapse's destinations saw, for /v1/synapse."""
@@ -134,7 +139,7 @@ class Lifter:
         sidecar whose hold reached this one through the shared store (`current`) —
         accept its new identity."""
         held_here = self.book.release(name)
-        held_elsewhere = current is not None and current.evidence.startswith(HOLD_EVIDENCE)
+        held_elsewhere = current is not None and is_hold(current)
         if held_here or held_elsewhere:
             self._released.add(name)
             log.warning("%s released by an operator: its new signing keys are accepted", name)

@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import __version__
-from sidecar.lifting import HOLD_EVIDENCE
+from sidecar.lifting import is_hold
 from sidecar.names import Authority, InvalidName, normalize_host
 from sidecar.options import parse_duration
 from sidecar.verdicts import Entry, State, to_record
@@ -297,7 +297,7 @@ class OpsServer:
         held = sorted(lifter.book.held) if lifter is not None else []
         policy = self._addon.policy
         if policy is not None:  # released elsewhere (shared store): no longer held here either
-            held = [n for n in held if _is_hold(policy.cached(n))]
+            held = [n for n in held if (e := policy.cached(n)) is not None and is_hold(e.verdict)]
         return _json(200, {"total": len(events), "held": held,
                            "resurrections": [e.to_json() for e in reversed(events)]})  # fmt: skip
 
@@ -316,10 +316,6 @@ class OpsServer:
             "truncated": view.truncated,
             "backing_off_gone": list(view.backing_off_gone),
         })  # fmt: skip
-
-
-def _is_hold(entry: Entry | None) -> bool:
-    return entry is not None and entry.verdict.evidence.startswith(HOLD_EVIDENCE)
 
 
 def _json(status: int, payload: dict[str, Any]) -> Reply:

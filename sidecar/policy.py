@@ -156,17 +156,8 @@ class Policy:
 
     async def recheck(self, name: str) -> Entry:
         """Forget what is known about `name` (here and in the store) and judge it afresh."""
-        previous = self._manual.get(name) or self.cache.get(name)
-        if previous is not None and previous.verdict.suppresses:
-            self._lifting[name] = previous.verdict
-        self.forget(name)
-        self.store.forget(name)
-        self._afresh.add(name)
-        try:
-            return await self.decide(name)
-        finally:
-            self._lifting.pop(name, None)
-            self._afresh.discard(name)
+        previous = self._manual.pop(name, None) or self.cache.get(name)
+        return await self._judge_afresh(name, previous.verdict if previous else None)
 
     async def _recheck_delisted(self, name: str, was: Verdict) -> None:
         """A name left the deny list: judge it now, as the lift of the operator's verdict.
@@ -174,14 +165,21 @@ class Policy:
         Now, not at its next request: Synapse may be backing the name off and not ask for
         days. As a lift, it gets the resurrection check and Synapse's reset (sidecar.lifting).
         """
-        self.cache.forget(name)  # a DNS verdict from before it was listed is stale
-        self.store.forget(name)
-        self._lifting[name] = was
-        self._afresh.add(name)
         try:
-            await self.decide(name)
+            await self._judge_afresh(name, was)
         except Exception:  # fail open: the next request asks again
             log.exception("checking %s after it left the deny list failed", name)
+
+    async def _judge_afresh(self, name: str, was: Verdict | None) -> Entry:
+        """Drop the cached verdict (here and in the store) and ask DNS now, never the
+        store's copy (its forget is written behind); a suppressing `was` makes it a lift."""
+        self.cache.forget(name)
+        self.store.forget(name)
+        if was is not None and was.suppresses:
+            self._lifting[name] = was
+        self._afresh.add(name)
+        try:
+            return await self.decide(name)
         finally:
             self._lifting.pop(name, None)
             self._afresh.discard(name)

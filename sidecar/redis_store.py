@@ -85,16 +85,7 @@ class RedisStore(WriteBehindStore):
         return []
 
     async def fetch(self, name: str) -> Verdict | None:
-        if not self.up:
-            return None
-        try:
-            raw = await asyncio.wait_for(self._client.get(KEY_PREFIX + name), FETCH_BUDGET_SECONDS)
-        except TimeoutError:
-            self.metrics.store_errors.labels(self.kind, "fetch_timeout").inc()
-            return None
-        except (RedisError, OSError) as e:
-            self._failed("fetch", e)
-            return None
+        raw = await self._get(KEY_PREFIX + name, FETCH_BUDGET_SECONDS, "fetch")
         if raw is None:
             return None
         try:
@@ -103,6 +94,20 @@ class RedisStore(WriteBehindStore):
             self.metrics.store_errors.labels(self.kind, "decode").inc()
             log.warning("ignoring unreadable verdict for %s in Redis: %s", name, e)
             return None
+
+    async def _get(self, key: str, budget: float, op: str) -> bytes | str | None:
+        """GET `key` within `budget`; None when Redis is down, slow or has nothing."""
+        if not self.up:
+            return None
+        try:
+            raw = await asyncio.wait_for(self._client.get(key), budget)
+        except TimeoutError:
+            self.metrics.store_errors.labels(self.kind, f"{op}_timeout").inc()
+            return None
+        except (RedisError, OSError) as e:
+            self._failed(op, e)
+            return None
+        return raw
 
     def save_keys(self, name: str, record: dict[str, Any]) -> None:
         if not self.up:
@@ -118,23 +123,14 @@ class RedisStore(WriteBehindStore):
             self._failed("keys", e)
 
     async def fetch_keys(self, name: str) -> dict[str, Any] | None:
-        if not self.up:
+        raw = await self._get(KEYS_PREFIX + name, KEYS_FETCH_BUDGET_SECONDS, "keys")
+        if raw is None:
             return None
         try:
-            raw = await asyncio.wait_for(
-                self._client.get(KEYS_PREFIX + name), KEYS_FETCH_BUDGET_SECONDS
-            )
-        except TimeoutError:
-            self.metrics.store_errors.labels(self.kind, "keys_timeout").inc()
-            return None
-        except (RedisError, OSError) as e:
-            self._failed("keys", e)
-            return None
-        try:
-            data = json.loads(raw) if raw is not None else None
+            data = json.loads(raw)
         except ValueError:
             data = None
-        if raw is not None and not isinstance(data, dict):
+        if not isinstance(data, dict):
             self.metrics.store_errors.labels(self.kind, "decode").inc()
             log.warning("ignoring unreadable signing keys for %s in Redis", name)
             return None

@@ -90,18 +90,18 @@ def create_room(client: httpx.Client) -> str:
 
 def suppressed(sidecar: Sidecar) -> dict[str, float]:
     """`tombstone_suppressed_total` by signal (all stages added up)."""
-    totals: dict[str, float] = {}
-    for (name, labels), value in sidecar.metrics().items():
-        if name == "tombstone_suppressed_total":
-            signal = dict(labels)["signal"]
-            totals[signal] = totals.get(signal, 0.0) + value
-    return totals
+    return _by_signal(sidecar, "tombstone_suppressed_total")
 
 
 def would_suppress(sidecar: Sidecar) -> dict[str, float]:
+    """Shadow mode: `tombstone_would_suppress_total` by signal."""
+    return _by_signal(sidecar, "tombstone_would_suppress_total")
+
+
+def _by_signal(sidecar: Sidecar, metric: str) -> dict[str, float]:
     totals: dict[str, float] = {}
     for (name, labels), value in sidecar.metrics().items():
-        if name == "tombstone_would_suppress_total":
+        if name == metric:
             signal = dict(labels)["signal"]
             totals[signal] = totals.get(signal, 0.0) + value
     return totals

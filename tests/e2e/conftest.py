@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -84,17 +84,6 @@ def _world_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     built: World = request.getfixturevalue("world")
     for name, text in built.logs().items():
         report.sections.append((f"world: {name}", text[-LOG_LIMIT:] or "<empty>"))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Keep the call-phase report on the item, so fixtures can attach logs to a failure."""
-    report = yield
-    if report.when == "call":
-        item.rep_call = report  # type: ignore[attr-defined]
-    return report
 
 
 # -- measurements: printed after the run, the numbers the README's tables come from --------

@@ -8,7 +8,7 @@ connection would reach. The dead one must never see a connection.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,14 +126,3 @@ def _attach_logs(request: pytest.FixtureRequest, sidecars: list[Sidecar]) -> Non
     if report is not None and report.failed:
         for sidecar in sidecars:
             report.sections.append((f"sidecar {sidecar.proxy_port} log", sidecar.log()[-20000:]))
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """Keep the call-phase report on the item, so fixtures can attach logs to a failure."""
-    report = yield
-    if report.when == "call":
-        item.rep_call = report  # type: ignore[attr-defined]
-    return report
