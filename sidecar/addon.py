@@ -21,6 +21,7 @@ import re
 import signal
 import ssl
 import time
+import traceback
 import weakref
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
@@ -32,10 +33,16 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import layer, server_hooks
 
 from sidecar import answers, gone_http, request_classes, xmatrix
+from sidecar.address_book import AddressSet
 from sidecar.addresses import AddressPolicy
 from sidecar.breaker import Breaker, BreakerSettings, Gate
 from sidecar.dns_client import DnsClient
-from sidecar.empty_connect import is_empty_host_connect, refuse_connection
+from sidecar.empty_connect import (
+    EMPTY_HOST,
+    accept_empty_host,
+    is_empty_host_connect,
+    refuse_connection,
+)
 from sidecar.gone_http import GoneTtl
 from sidecar.identity import FILE_NAME as KEYS_FILE
 from sidecar.identity import KEY_PATH, KeyBook, KeyFetcher
@@ -57,6 +64,7 @@ log = logging.getLogger("sidecar.addon")
 
 LOCAL_ANSWER = "tombstone_local_answer"  # flow.metadata key: answered here, learn nothing
 LIST_POLL_SECONDS = 2.0  # how soon an edited --deny-file/--allow-file takes effect
+HOOK_ERROR_LOG_INTERVAL = 60.0  # a failing hook logs one ERROR line a minute, not per connection
 
 
 @dataclass(slots=True)
@@ -67,6 +75,8 @@ class Tunnel:
     port: int
     address: str | None = None  # the checked address to dial (DNS-rebinding safe)
     doomed: Verdict | None = None  # set when the SNI names a gone server: never dial
+    empty: bool = False  # `CONNECT :0` accepted in intercept mode: nothing is ever dialled
+    sni: str | None = None  # for an empty tunnel: the server name the client meant
 
     @property
     def key(self) -> str:
@@ -102,6 +112,9 @@ class TombstoneAddon:
         self.tunnels: MutableMapping[connection.Client, Tunnel] = weakref.WeakKeyDictionary()
         self.dials: MutableMapping[connection.Server, Dial] = weakref.WeakKeyDictionary()
         self.handshaking: MutableMapping[connection.Server, str] = weakref.WeakKeyDictionary()
+        # Clients on which a decision hook failed: nothing is dialled for them (fail closed).
+        self.refused: MutableMapping[connection.Client, bool] = weakref.WeakKeyDictionary()
+        self._hook_errors_logged: dict[str, float] = {}
         self.upstream_names: MutableMapping[connection.Client, dict[tuple[str, int], str]] = (
             weakref.WeakKeyDictionary()
         )
@@ -156,12 +169,15 @@ class TombstoneAddon:
                 metrics=self.metrics,
                 ttl=ttl,
                 cache_size=settings.cache_size,
+                max_stale=settings.dns_max_stale,
                 deny=settings.deny,
                 allow=settings.allow,
                 store=self.policy.store if self.policy is not None else None,
             )
         else:
-            self.policy.dns, self.policy.ttl, self.policy.allow = dns, ttl, settings.allow
+            self.policy.use_dns(dns)
+            self.policy.addresses.max_stale = settings.dns_max_stale
+            self.policy.ttl, self.policy.allow = ttl, settings.allow
             self.policy.set_deny(settings.deny)
         self.addresses = AddressPolicy.default(settings.allow_addresses)
         breaker = BreakerSettings(settings.breaker_failures, settings.breaker_min,
@@ -269,6 +285,12 @@ class TombstoneAddon:
                 self.reload_lists()
 
     # -- decision points -----------------------------------------------------------------
+    #
+    # The guard fails closed: each hook that lets something through (a tunnel, a request,
+    # a dial) is a thin wrapper that refuses on any exception of the decision inside it —
+    # otherwise mitmproxy would log "Addon error", answer the CONNECT 200 and dial the raw
+    # name itself, past the address check. The judge fails open inside (a DNS failure is
+    # an undecided verdict, never an exception and never a refusal).
 
     def client_connected(self, client: connection.Client) -> None:
         self.active_clients += 1
@@ -280,19 +302,68 @@ class TombstoneAddon:
             self.idle.set()
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """`CONNECT :0` (Synapse's request for an SRV target "."): closed like any refusal
-        instead of mitmproxy's own 400, which Synapse would log as a CRITICAL traceback."""
-        settings = self.settings
-        if settings is None or settings.refusal != "close" or not settings.enforce:
-            return
-        if is_empty_host_connect(nextlayer):
+        try:
+            self._next_layer(nextlayer)
+        except Exception as e:
+            self._hook_failed("next_layer", e)
             refuse_connection(nextlayer)
-            self.metrics.invalid_input.labels("connect").inc()
 
     async def http_connect(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._connect(flow)
+        except Exception as e:
+            self._hook_failed("http_connect", e)
+            flow.response = answers.internal_error("CONNECT")
+
+    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        try:
+            await self._clienthello(data)
+        except Exception as e:
+            self._hook_failed("tls_clienthello", e)
+            self.refused[data.context.client] = True  # server_connect will not dial
+            data.ignore_connection = True
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            await self._request(flow)
+        except Exception as e:
+            self._hook_failed("requestheaders", e)
+            flow.response = answers.internal_error("request")
+            flow.metadata[LOCAL_ANSWER] = True
+
+    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+        try:
+            await self._server_connect(data)
+        except Exception as e:
+            self._hook_failed("server_connect", e)
+            self.dials.pop(data.server, None)
+            data.server.error = "refused: internal error in tombstone-sidecar (see its log)"
+
+    def _next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """`CONNECT :0` (Synapse's request for an SRV target "."). Intercept mode accepts
+        it under a placeholder host that is never dialled, so that each request inside is
+        answered by its destination; pass-through closes it like any refusal instead of
+        mitmproxy's own 400, which Synapse would log as a CRITICAL traceback."""
+        settings = self.settings
+        if settings is None or not is_empty_host_connect(nextlayer):
+            return
+        if settings.mode == "intercept":
+            if accept_empty_host(nextlayer):
+                return
+        elif settings.refusal != "close" or not settings.enforce:
+            return
+        refuse_connection(nextlayer)
+        self.metrics.invalid_input.labels("connect").inc()
+
+    async def _connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None or not self._authorized(flow):
             return  # already answered (by another addon, or 407 here)
         started = time.perf_counter()
+        if flow.request.host == EMPTY_HOST:
+            # CONNECT :0, intercept mode (see _next_layer): accepted, nothing ever dialled.
+            self.tunnels[flow.client_conn] = Tunnel(EMPTY_HOST, flow.request.port, empty=True)
+            self.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
+            return
         try:
             host = normalize_host(flow.request.host)
         except InvalidName as e:
@@ -305,13 +376,14 @@ class TombstoneAddon:
         if self._settings.mode == "intercept" and entry.verdict.suppresses:
             # Accept: every request inside is answered by its request class (a user-facing
             # 410 that names the server, a failover 502), which a refused CONNECT cannot do.
+            # Nothing is ever dialled for it (see _request: the host it would go to is gone).
             self.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
             return
         try:
             if self._suppress(entry, "connect"):
                 self._refuse_connect(flow, entry.verdict)
                 return
-            flow.response = self._pin_address(tunnel, entry.verdict)
+            flow.response = await self._pin_address(tunnel, entry.verdict)
             if flow.response is not None:
                 return
             broken = self._breaker_verdict(tunnel.key)
@@ -323,7 +395,7 @@ class TombstoneAddon:
         finally:
             self.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
 
-    async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    async def _clienthello(self, data: tls.ClientHelloData) -> None:
         # pass-through: TLS stays end to end; intercept: mitmproxy terminates it with our CA
         data.ignore_connection = self._settings.mode == "passthrough"
         sni = data.client_hello.sni
@@ -339,6 +411,8 @@ class TombstoneAddon:
             return
         if tunnel is not None and name == tunnel.host:
             return  # judged at CONNECT already
+        if tunnel is not None and tunnel.empty:
+            tunnel.sni = name  # CONNECT :0: the server Synapse meant
         if self._settings.mode == "intercept":
             return  # each request inside is judged by its own destination
         entry = await self._decide(name)
@@ -353,67 +427,91 @@ class TombstoneAddon:
             self._probe(name, target, entry.verdict)
         self.metrics.decision_by_stage["tls"].observe(time.perf_counter() - started)
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def _request(self, flow: http.HTTPFlow) -> None:
         """Every HTTP request the proxy sees: plain-HTTP proxy requests, and in intercept
-        mode each request inside a (pooled) tunnel, judged by its own destination."""
+        mode each request inside a (pooled) tunnel.
+
+        The rule, for every mode and path: a request is answered here when the host it
+        would be sent to is gone, or the server it is for (X-Matrix destination, else
+        Host) is gone; the answer names whichever is gone (the server it is for first).
+        """
         if flow.response is not None or flow.request.method == "CONNECT":
             return
-        if flow.client_conn not in self.tunnels and not self._authorized(flow):
+        tunnel = self.tunnels.get(flow.client_conn)
+        if tunnel is None and not self._authorized(flow):
             return
         started = time.perf_counter()
         try:
-            name = self._destination(flow)
+            name = self._destination(flow, tunnel)
+            host = None if tunnel is not None and tunnel.empty else self._request_host(flow)
         except (InvalidName, XMatrixError) as e:
             self.metrics.invalid_input.labels("request").inc()
             flow.response = answers.bad_target(str(e))
             flow.metadata[LOCAL_ANSWER] = True
             return
         entry = await self._decide(name)
-        if not entry.verdict.suppresses and flow.client_conn in self.tunnels:
-            broken = self._breaker_verdict(
-                f"{normalize_host(flow.request.host)}:{flow.request.port}"
-            )
+        if not entry.verdict.suppresses and host is not None and host != name:
+            via = await self._decide(host)  # e.g. the delegated federation host is gone
+            entry = via if via.verdict.suppresses else entry
+        if not entry.verdict.suppresses and tunnel is not None and host is not None:
+            broken = self._breaker_verdict(f"{host}:{flow.request.port}")
             entry = Entry(broken) if broken is not None else entry
         if self._suppress(entry, "request"):
-            cls = request_classes.classify(flow.request.path)
-            status = self._settings.answer_status[cls]
-            flow.response = answers.request_refused(entry.verdict, status, cls)
+            if tunnel is None:  # plain HTTP (URL previews): --suppress-status, as its help says
+                flow.response = answers.suppressed(entry.verdict, self._settings.suppress_status)
+            else:
+                cls = request_classes.classify(flow.request.path)
+                status = self._settings.answer_status[cls]
+                flow.response = answers.request_refused(entry.verdict, status, cls)
+            flow.metadata[LOCAL_ANSWER] = True
+        elif host is None:
+            # CONNECT :0 and the server it is for is not gone: there is nowhere to send it.
+            flow.response = answers.nowhere(name)
             flow.metadata[LOCAL_ANSWER] = True
         else:
             self._forward(entry, "request")
-            if flow.client_conn in self.tunnels and self._settings.mode == "intercept":
-                await self._pin_request(flow)
+            await self._pin_request(flow, host)
         self.metrics.decision_by_stage["request"].observe(time.perf_counter() - started)
 
-    async def _pin_request(self, flow: http.HTTPFlow) -> None:
-        """Intercept mode: send this request to the checked address of its host.
+    def _request_host(self, flow: http.HTTPFlow) -> str:
+        return normalize_host(flow.request.host)
+
+    async def _pin_request(self, flow: http.HTTPFlow, host: str) -> None:
+        """Send this request to a checked address of its host (within its DNS TTL).
 
         mitmproxy pools upstream connections by the request's (host, port), and allows only
         five per address per client; dialling by a different address than the request
         names would open a new connection per request until the tunnel stalls. So the
-        request itself names the checked IP (its Host header is untouched), and
-        server_connect puts the server name back as the TLS SNI for that connection.
+        request itself names the checked IP (its Host header is kept), and server_connect
+        puts the server name back as the TLS SNI for that connection. Plain-HTTP requests
+        are pinned the same way, so a blocked address gets the 403 JSON answer.
         """
-        host = normalize_host(flow.request.host)
         if is_ip_literal(host):
             return  # server_connect checks literals itself
-        target = await self._decide(host)
-        address, refused = self.addresses.choose(target.verdict.addresses)
+        found = await self._dial_addresses(host)
+        address, refused = self.addresses.choose(found.addresses)
         if address is None:
             if refused:
                 self.metrics.blocked_address.inc()
                 flow.response = answers.blocked_address(host, refused)
             else:
-                reason = self._no_address_reason(host, target.verdict, refused)
-                flow.response = answers.unresolvable(host, reason)
+                flow.response = answers.unresolvable(host, self._no_address_reason(host, found))
             flow.metadata[LOCAL_ANSWER] = True
             return
+        if "host" not in flow.request.headers:
+            flow.request.headers["Host"] = flow.request.host_header or host
         names = self.upstream_names.setdefault(flow.client_conn, {})
         names[(address, flow.request.port)] = host
         flow.request.data.host = address
 
     def response(self, flow: http.HTTPFlow) -> None:
         """Passive 410 learning from real responses, keyed by the request's destination."""
+        try:
+            self._learn(flow)
+        except Exception as e:  # learning fails open: nothing was let through here
+            self._hook_failed("response", e)
+
+    def _learn(self, flow: http.HTTPFlow) -> None:
         response = flow.response
         if response is None or flow.metadata.get(LOCAL_ANSWER):
             return
@@ -446,27 +544,38 @@ class TombstoneAddon:
             target = (pinned or normalize_host(flow.request.host), port)  # a name, not the IP
             self.lifter.observe_keys(name, flow.response.content or b"", target)
 
-    def _destination(self, flow: http.HTTPFlow) -> str:
-        """X-Matrix `destination`, else the Host header, else the request's host."""
+    def _destination(self, flow: http.HTTPFlow, tunnel: Tunnel | None = None) -> str:
+        """X-Matrix `destination`, else the Host header, else the TLS SNI of a `CONNECT :0`
+        tunnel, else the request's host."""
         named = xmatrix.destination(flow.request.headers.get("Authorization"))
         if named is not None:
             return parse_authority(named).host
         host = flow.request.host_header
         if host:
             return parse_authority(host).host
+        if tunnel is not None and tunnel.empty:
+            if tunnel.sni is None:
+                raise InvalidName("CONNECT :0 without a TLS server name or Host header")
+            return tunnel.sni
         return normalize_host(flow.request.host)
 
-    async def server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
+    async def _server_connect(self, data: server_hooks.ServerConnectionHookData) -> None:
         """Last gate before dialling: never a gone SNI, never an unchecked address."""
         if data.server.address is None:
+            return
+        if self.refused.get(data.client):
+            data.server.error = "refused: an earlier decision on this connection failed"
             return
         tunnel = self.tunnels.get(data.client)
         if tunnel is not None and tunnel.doomed is not None:
             data.server.error = answers.gone_message(tunnel.doomed)
             return
         raw_host, port = data.server.address
+        if raw_host == EMPTY_HOST or (tunnel is not None and tunnel.empty):
+            data.server.error = "CONNECT :0 names no host: nothing is dialled"
+            return
         named = self.upstream_names.get(data.client, {}).get((raw_host, port))
-        if named is not None:  # an intercepted request already pinned to its checked address
+        if named is not None:  # a request already pinned to its checked address
             data.server.sni = named
             self._start_dial(data.server, f"{named}:{port}")
             return
@@ -475,21 +584,28 @@ class TombstoneAddon:
         except InvalidName as e:
             data.server.error = f"invalid upstream host: {e}"
             return
+        assert self.policy is not None
         if tunnel is not None and tunnel.address and (host, port) == (tunnel.host, tunnel.port):
-            assert self.policy is not None
             late = self.policy.cached(host)  # judged gone since the CONNECT (a probe, a peer)?
-            passthrough = self._settings.mode == "passthrough"  # intercept: per request
-            if passthrough and late is not None and self._suppress(late, "tls"):
+            if late is not None and self._suppress(late, "tls"):
                 data.server.error = answers.gone_message(late.verdict)
                 return
             data.server.address = (tunnel.address, port)
         else:
             entry = await self._decide(host)
-            address, refused = self.addresses.choose(entry.verdict.addresses)
+            if entry.verdict.suppresses and self._settings.enforce:
+                # Never dial a gone host, whatever asked for it (intercept mode answers
+                # requests before this; this is the last gate, not a second counter).
+                data.server.error = answers.gone_message(entry.verdict)
+                return
+            found = await self._dial_addresses(host)
+            address, refused = self.addresses.choose(found.addresses)
             if address is None:
                 if refused:
                     self.metrics.blocked_address.inc()
-                data.server.error = self._no_address_reason(host, entry.verdict, refused)
+                    data.server.error = answers.blocked_message(host, refused)
+                else:
+                    data.server.error = self._no_address_reason(host, found)
                 return
             data.server.address = (address, port)
         self._start_dial(data.server, f"{host}:{port}")
@@ -644,7 +760,34 @@ class TombstoneAddon:
         return address
 
     async def _addresses_of(self, host: str) -> tuple[str, ...]:
-        return (await self._decide(host)).verdict.addresses
+        return (await self._dial_addresses(host)).addresses
+
+    async def _dial_addresses(self, host: str) -> AddressSet:
+        """Where to connect for `host` now: its addresses within their own DNS TTL."""
+        assert self.policy is not None
+        if not self.loaded.is_set():
+            await self.loaded.wait()
+        return await self.policy.dial_addresses(host)
+
+    def _hook_failed(self, hook: str, error: Exception) -> None:
+        """A decision hook raised: counted, and one ERROR line per hook a minute at most
+        (a bug hit per connection must not flood the log); the caller refuses."""
+        self.metrics.hook_errors.labels(hook).inc()
+        now = time.monotonic()
+        if now - self._hook_errors_logged.get(hook, -HOOK_ERROR_LOG_INTERVAL) < (
+            HOOK_ERROR_LOG_INTERVAL
+        ):
+            log.debug("%s failed again", hook, exc_info=error)
+            return
+        self._hook_errors_logged[hook] = now
+        frame = traceback.extract_tb(error.__traceback__)[-1:] or None
+        where = f" at {Path(frame[0].filename).name}:{frame[0].lineno}" if frame else ""
+        log.error(
+            "%s failed (%s: %s%s); refused what it was deciding (fail closed). "
+            "tombstone_hook_errors_total counts repeats; details at --log-level debug",
+            hook, type(error).__name__, str(error)[:200].replace("\n", " "), where,
+        )  # fmt: skip
+        log.debug("%s failure", hook, exc_info=error)
 
     def _probe(self, name: str, target: tuple[str, int], verdict: Verdict) -> None:
         """First sight of a live name: learn in the background whether it answers 410."""
@@ -694,9 +837,10 @@ class TombstoneAddon:
             return self.breaker.verdict(key)
         return None
 
-    def _pin_address(self, tunnel: Tunnel, verdict: Verdict) -> http.Response | None:
+    async def _pin_address(self, tunnel: Tunnel, verdict: Verdict) -> http.Response | None:
         """Choose the address to dial for this tunnel, or the answer that refuses it."""
-        address, refused = self.addresses.choose(verdict.addresses)
+        found = await self._dial_addresses(tunnel.host)
+        address, refused = self.addresses.choose(found.addresses)
         if address is not None:
             tunnel.address = address
             return None
@@ -704,18 +848,15 @@ class TombstoneAddon:
             self.metrics.blocked_address.inc()
             return answers.blocked_address(tunnel.host, refused)
         self.metrics.upstream_errors.labels("resolve").inc()
-        if verdict.state is not State.UNDECIDED:  # DNS says: no address. Not our failure.
+        if found.known:  # DNS says: no address. Not our failure.
             assert self.breaker is not None
             self.breaker.failure(tunnel.key, "no A or AAAA records")
-        return answers.unresolvable(
-            tunnel.host, self._no_address_reason(tunnel.host, verdict, refused)
-        )
+        return answers.unresolvable(tunnel.host, self._no_address_reason(tunnel.host, found))
 
-    def _no_address_reason(self, host: str, verdict: Verdict, refused: list[str]) -> str:
-        if refused:
-            return f"{host} resolves only to blocked addresses: {', '.join(refused[:4])}"
-        if verdict.state is State.UNDECIDED:
-            return f"DNS did not answer for {host}: {verdict.evidence}"
+    @staticmethod
+    def _no_address_reason(host: str, found: AddressSet) -> str:
+        if not found.known:
+            return f"DNS did not answer for {host}: {found.detail}"
         return f"{host} has no A or AAAA records"
 
 

@@ -56,14 +56,17 @@ def request_refused(verdict: Verdict, status: int, request_class: str) -> http.R
     return response
 
 
-def blocked_address(host: str, refused: list[str]) -> http.Response:
-    """403 for a target whose every address is in a blocked range: not a tombstone."""
+def blocked_message(host: str, refused: list[str]) -> str:
     shown = ", ".join(refused[:4])
-    error = (
+    return (
         f"{host} resolves only to blocked addresses ({shown}); "
         "allow a range with --allow-address if this is intended"
     )
-    return _make(403, {"errcode": ERRCODE_FORBIDDEN, "error": error})
+
+
+def blocked_address(host: str, refused: list[str]) -> http.Response:
+    """403 for a target whose every address is in a blocked range: not a tombstone."""
+    return _make(403, {"errcode": ERRCODE_FORBIDDEN, "error": blocked_message(host, refused)})
 
 
 def proxy_auth_required() -> http.Response:
@@ -77,6 +80,22 @@ def proxy_auth_required() -> http.Response:
 
 def bad_target(reason: str) -> http.Response:
     return _make(400, {"errcode": ERRCODE_BAD_REQUEST, "error": f"invalid proxy target: {reason}"})
+
+
+def internal_error(what: str) -> http.Response:
+    """502 when deciding failed inside the sidecar: refused, never forwarded unchecked."""
+    error = f"tombstone-sidecar could not decide on this {what} (internal error; see its log)"
+    return _make(502, {"errcode": ERRCODE_UNAVAILABLE, "error": error})
+
+
+def nowhere(name: str) -> http.Response:
+    """502 for a request inside a `CONNECT :0` tunnel whose server is not gone: the client
+    asked for no host (an SRV target "."), so there is nothing to send it to."""
+    error = (
+        f"no host to send this request for {name} to: the client asked for CONNECT :0 "
+        "(an SRV target '.'), and the sidecar never guesses one"
+    )
+    return _make(502, {"errcode": ERRCODE_UNAVAILABLE, "error": error})
 
 
 def unresolvable(host: str, detail: str) -> http.Response:

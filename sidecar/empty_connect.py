@@ -4,8 +4,15 @@ Synapse 1.163 turns the SRV target "." into an empty host and port 0 and asks th
 for `CONNECT :0`. mitmproxy rejects that request line with its own 400 before any addon
 hook sees a flow, and Synapse logs every non-200 answer to a CONNECT as a CRITICAL
 traceback (tests/e2e/test_s5). The only place the sidecar can act first is the layer
-decision, where the client's first bytes are visible: there it closes the connection
-without a byte, as it refuses any gone destination with `--refusal close`.
+decision, where the client's first bytes are visible. Pass-through closes the connection
+there without a byte, as it refuses any gone destination with `--refusal close`.
+
+Intercept mode can do better: the server Synapse meant is named again inside the tunnel
+(TLS SNI, Host, X-Matrix destination), so each request can be answered by its class with
+the reason (`410 M_SERVER_DECOMMISSIONED ... dns_srv_dot` for an invite, in milliseconds,
+instead of ~3.3 s of retries ending in "Can't connect"). There the request line is
+rewritten to name `EMPTY_HOST`, a placeholder under `.invalid` (RFC 6761: never resolves)
+that mitmproxy accepts and the addon recognises and never dials.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.layers.modes import HttpProxy
 
 EMPTY_HOST_CONNECT = b"CONNECT :"  # a CONNECT whose authority has no host at all
+EMPTY_HOST = "no-host.tombstone-sidecar.invalid"  # what `CONNECT :0` is accepted as
 
 
 def is_empty_host_connect(nextlayer: layer.NextLayer) -> bool:
@@ -25,6 +33,18 @@ def is_empty_host_connect(nextlayer: layer.NextLayer) -> bool:
         and isinstance(layers[0], HttpProxy)
         and nextlayer.data_client().startswith(EMPTY_HOST_CONNECT)
     )
+
+
+def accept_empty_host(nextlayer: layer.NextLayer) -> bool:
+    """Rewrite `CONNECT :PORT` to `CONNECT EMPTY_HOST:PORT` in the bytes the next layer
+    will read; False (nothing changed) if the first event does not hold the whole prefix."""
+    for event in nextlayer.events:
+        if isinstance(event, events.DataReceived) and event.connection == nextlayer.context.client:
+            if not event.data.startswith(EMPTY_HOST_CONNECT):
+                return False
+            event.data = b"CONNECT " + EMPTY_HOST.encode() + event.data[len(b"CONNECT ") :]
+            return True
+    return False
 
 
 def refuse_connection(nextlayer: layer.NextLayer) -> None:

@@ -280,13 +280,11 @@ class KeyFetcher:
         self._resolve = resolve
         self._choose = choose
 
-    async def fetch(self, name: str, target: tuple[str, int], now: float,
-                    addresses: tuple[str, ...] | None = None) -> KeyRecord:  # fmt: skip
+    async def fetch(self, name: str, target: tuple[str, int], now: float) -> KeyRecord:
         """`name`'s keys from `target` (TLS SNI and Host: the server name, as Synapse sends
-        them); `addresses` are the target's when the caller knows them already.
-        KeyDocumentError (or OSError, ssl.SSLError, TimeoutError) says why not."""
+        them). KeyDocumentError (or OSError, ssl.SSLError, TimeoutError) says why not."""
         host, port = target
-        address = self._choose(addresses if addresses is not None else await self._resolve(host))
+        address = self._choose(await self._resolve(host))
         if address is None:
             raise KeyDocumentError(f"{host}: no address the policy allows")
         reply = await http1.request(

@@ -156,9 +156,6 @@ class Lifter:
         now = self._clock()
         record = self.book.records.get(name) or await self._shared_record(name)
         target = record.target if record is not None and record.target else (name, DEFAULT_KEY_PORT)
-        # The name is being judged right now: its fresh addresses, never a lookup (that
-        # would wait for this very judgement).
-        known = alive.addresses if target[0] == name else None
         current: KeyRecord | None = None
         problem = ""
         # Nothing recorded, nothing to compare: then no request of our own to the server
@@ -166,7 +163,7 @@ class Lifter:
         wanted = record is not None or name in self._released
         if wanted and self.fetcher is not None:
             try:
-                current = await self.fetcher.fetch(name, target, now, known)
+                current = await self.fetcher.fetch(name, target, now)
             except (KeyDocumentError, OSError, TimeoutError, ValueError) as e:
                 problem = str(e) or type(e).__name__
         if name in self._released:

@@ -102,6 +102,24 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.hook_errors = Counter(
+            "tombstone_hook_errors_total",
+            "Decision hooks that raised; what they were deciding was refused (fail closed).",
+            ["hook"],
+            registry=r,
+        )
+        self.address_refreshes = Counter(
+            "tombstone_address_refreshes_total",
+            "A/AAAA asked again for a live name whose addresses expired (their own TTL), by "
+            "outcome: fresh, stale (DNS failed: the last addresses served, RFC 8767), failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.stale_addresses = Counter(
+            "tombstone_stale_addresses_total",
+            "Connections dialled to expired addresses because DNS could not answer (RFC 8767).",
+            registry=r,
+        )
         self.blocked_address = Counter(
             "tombstone_blocked_address_total",
             "Connections refused because every address of the target is in a blocked range.",

@@ -57,7 +57,6 @@ Reply = tuple[int, dict[str, str], bytes]
 def verdict_json(entry: Entry) -> dict[str, Any]:
     """The API form of a verdict (DESIGN.md §3)."""
     record = to_record(entry.verdict)
-    record.pop("addresses")
     record["suppressed_count"] = entry.suppressed_count
     return record
 

@@ -118,6 +118,13 @@ OPTIONS: tuple[Option, ...] = (
         "Give up on one DNS query after this long; the request then passes (fail open).",
         "DURATION",
     ),
+    Option(
+        "dns_max_stale",
+        "1h",
+        "When DNS fails, keep dialling a live name's last addresses at most this long after "
+        "their TTL ran out (RFC 8767); then fail as Synapse alone would.",
+        "DURATION",
+    ),
     Option("min_ttl", "5m", "Shortest time a DNS verdict is kept, whatever its TTL.", "DURATION"),
     Option(
         "max_ttl",
@@ -507,6 +514,7 @@ class Settings:
     ops_listen: Authority | None
     nameservers: tuple[Nameserver, ...]
     dns_timeout: float
+    dns_max_stale: float
     min_ttl: float
     max_ttl: float
     deny: frozenset[str]
@@ -622,6 +630,7 @@ class Settings:
             ops_listen=check("ops_listen", parse_listen) if ops else None,
             nameservers=each("nameserver", parse_nameserver),
             dns_timeout=check("dns_timeout", parse_duration),
+            dns_max_stale=check("dns_max_stale", parse_duration),
             min_ttl=min_ttl,
             max_ttl=max_ttl,
             deny=frozenset(denied),

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from sidecar import signals
+from sidecar.address_book import AddressBook, AddressSet
 from sidecar.dns_client import DnsClient
 from sidecar.metrics import Metrics
 from sidecar.probe import Prober
@@ -62,9 +63,13 @@ class Policy:
         deny: frozenset[str] = frozenset(),
         allow: frozenset[str] = frozenset(),
         store: VerdictStore | None = None,
+        max_stale: float = 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.dns = dns
+        # Where live names are dialled: their own A/AAAA TTL, never the verdict's.
+        self.addresses = AddressBook(dns, metrics, max_stale=max_stale, maxsize=cache_size,
+                                     clock=clock)  # fmt: skip
         self.store = store if store is not None else VerdictStore(metrics)
         self.prober: Prober | None = None  # set when HTTP probes are on; re-checks 410s
         self.ttl = ttl
@@ -188,6 +193,21 @@ class Policy:
         self.cache.forget(name)
         self._manual.pop(name, None)
 
+    def use_dns(self, dns: DnsClient) -> None:
+        """A reconfigured resolver: verdicts and addresses ask the new one from now on."""
+        self.dns = dns
+        self.addresses.dns = dns
+
+    async def dial_addresses(self, name: str) -> AddressSet:
+        """Where to connect for `name` now: its addresses within their own TTL, else asked
+        again (A/AAAA). A name that no longer exists there is judged again at once."""
+        found = await self.addresses.resolve(name)
+        if found.known and not found.addresses and name not in self._inflight:
+            entry = self.cache.get(name)
+            if entry is not None and entry.verdict.state is State.ALIVE:
+                self._lookup(name)  # NXDOMAIN or no data now: the verdict may change
+        return found
+
     def mark_gone(self, name: str, ttl: float, comment: str) -> Entry:
         """An operator's verdict through the ops API: stored and shared like any other."""
         now = self._clock()
@@ -248,6 +268,7 @@ class Policy:
         was = previous.verdict if previous is not None else self._lifting.pop(name, None)
         try:
             report = await signals.evaluate(self.dns, name)
+            self.addresses.record(name, report.addresses, report.address_check)
             verdict = self.judge(report)
             if (  # expired, or forgotten by DELETE / resume-early: DNS cannot lift a 410
                 was is not None
@@ -281,14 +302,14 @@ class Policy:
     async def _recheck_http(self, name: str, alive: Verdict) -> Verdict:
         """A 410 verdict up for lifting, DNS clean: ask the server again before lifting it."""
         assert self.prober is not None
-        result = await self.prober.probe(name, None, alive.addresses)
+        result = await self.prober.probe(name, None)
         now = self._clock()
         if result.outcome == "gone":
             return Verdict(name, State.GONE, Signal.HTTP_410, result.detail, now,
-                           now + result.lifetime, alive.addresses)  # fmt: skip
+                           now + result.lifetime)  # fmt: skip
         if result.outcome == "failed":  # no evidence either way: keep the 410 (fail open later)
             return Verdict(name, State.UNDECIDED, None, f"re-check failed: {result.detail}",
-                           now, now + UNDECIDED_RETRY_SECONDS, alive.addresses)  # fmt: skip
+                           now, now + UNDECIDED_RETRY_SECONDS)  # fmt: skip
         return alive
 
     def learn_gone(self, name: str, lifetime: float, evidence: str) -> None:
@@ -303,9 +324,7 @@ class Policy:
         ):
             return  # already gone for a DNS or operator reason; that verdict stands
         now = self._clock()
-        addresses = current.verdict.addresses if current is not None else ()
-        self._store(Verdict(name, State.GONE, Signal.HTTP_410, evidence, now, now + lifetime,
-                            addresses))  # fmt: skip
+        self._store(Verdict(name, State.GONE, Signal.HTTP_410, evidence, now, now + lifetime))
 
     def judge(self, report: DnsReport) -> Verdict:
         """Any positive evidence is gone; all clear is alive; anything else is undecided.
@@ -319,8 +338,7 @@ class Policy:
         allowed = name in self.allow
         if gone is not None and not allowed:
             expires = now + self.ttl.clamp(gone.ttl)
-            return Verdict(name, State.GONE, gone.signal, gone.detail, now, expires,
-                           report.addresses)  # fmt: skip
+            return Verdict(name, State.GONE, gone.signal, gone.detail, now, expires)
         addresses_known = report.address_check.finding is not Finding.UNKNOWN
         if addresses_known and (allowed or report.complete):
             evidence = "no tombstone in DNS"
@@ -329,12 +347,11 @@ class Policy:
                     f"; DNS says {gone.signal}" if gone else ""
                 )
             expires = now + self.ttl.clamp(report.alive_ttl or self.ttl.minimum)
-            return Verdict(name, State.ALIVE, None, evidence, now, expires, report.addresses)
+            return Verdict(name, State.ALIVE, None, evidence, now, expires)
         failed = [c for c in (*report.checks, report.address_check) if c.finding is Finding.UNKNOWN]
         self._warn_dns_failure(name, failed[0].detail if failed else "unknown")
         why = "; ".join(c.detail for c in failed)
-        return Verdict(name, State.UNDECIDED, None, why, now, now + UNDECIDED_RETRY_SECONDS,
-                       report.addresses)  # fmt: skip
+        return Verdict(name, State.UNDECIDED, None, why, now, now + UNDECIDED_RETRY_SECONDS)
 
     def _store(self, verdict: Verdict, was: Verdict | None = None) -> Entry:
         """Cache (and save) `verdict`; `was` is what it replaces when a re-check forgot it."""

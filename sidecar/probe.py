@@ -87,24 +87,14 @@ class Prober:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def probe(
-        self,
-        name: str,
-        target: tuple[str, int] | None,
-        addresses: tuple[str, ...] | None = None,
-    ) -> ProbeResult:
-        """Both probes; the first tombstone wins, any real answer means not gone.
-
-        `addresses`: where `name` is, when the caller is deciding it right now (asking the
-        policy again would wait for that very decision).
-        """
+    async def probe(self, name: str, target: tuple[str, int] | None) -> ProbeResult:
+        """Both probes; the first tombstone wins, any real answer means not gone."""
         self._last[name] = time.monotonic()
         target = target or (name, 8448)
-        own = addresses if target[0] == name else None
         async with self._slots:
-            results = [await self.fetch(name, (name, 443), WELL_KNOWN_PATH, addresses=addresses)]
+            results = [await self.fetch(name, (name, 443), WELL_KNOWN_PATH)]
             if results[0].outcome != "gone":
-                results.append(await self.fetch(name, target, VERSION_PATH, addresses=own))
+                results.append(await self.fetch(name, target, VERSION_PATH))
         for result in results:
             self._metrics.probes.labels(result.outcome).inc()
         gone = next((r for r in results if r.outcome == "gone"), None)
@@ -118,16 +108,14 @@ class Prober:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def fetch(self, name: str, target: tuple[str, int], path: str, body: bool = False,
-                    addresses: tuple[str, ...] | None = None) -> ProbeResult:  # fmt: skip
+    async def fetch(
+        self, name: str, target: tuple[str, int], path: str, body: bool = False
+    ) -> ProbeResult:
         """GET `path` from `target` as server `name` (SNI, Host), judged by gone_http."""
         host, port = target
         where = f"https://{name}" if (host, port) == (name, 443) else f"https://{host}:{port}"
         try:
-            if addresses is None:
-                address = await self._address(host)
-            else:
-                address, _ = self.addresses.choose(addresses)
+            address = await self._address(host)
             if address is None:
                 return ProbeResult("failed", f"{where}: no address the policy allows")
             reply = await http1.request(

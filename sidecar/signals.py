@@ -23,7 +23,6 @@ from sidecar.tombstone_txt import find_tombstone, join_strings
 
 INVALID_TLD = "invalid"  # RFC 6761 §6.4: guaranteed never to resolve
 SRV_PREFIXES = ("_matrix-fed._tcp", "_matrix._tcp")  # current first, then the legacy name
-ADDRESS_TYPES = ("A", "AAAA")
 
 
 class Signal(StrEnum):
@@ -83,10 +82,16 @@ class DnsReport:
 
     @property
     def alive_ttl(self) -> int | None:
-        """How long the evidence of life holds: the shortest TTL among the clear checks."""
-        ttls = [c.ttl for c in self.checks if c.ttl is not None]
-        if self.address_check.ttl is not None:
-            ttls.append(self.address_check.ttl)
+        """How long the evidence of life holds: the shortest TTL among the tombstone checks.
+
+        Not the A/AAAA TTL: addresses live by their own TTL (sidecar.address_book), and
+        each time they are asked again the name's existence is seen again (an NXDOMAIN
+        there starts a re-check). A busy name with A TTL 60 s and TXT TTL 3600 s is then
+        asked A+AAAA once a minute and the whole signal set once an hour, not every 5 min.
+        """
+        ttls = [c.ttl for c in self.checks if c.ttl is not None and c.signal is not Signal.NXDOMAIN]
+        if not ttls:
+            ttls = [c.ttl for c in self.checks if c.ttl is not None]
         return min(ttls) if ttls else None
 
 
@@ -118,6 +123,12 @@ async def evaluate(client: DnsClient, name: str) -> DnsReport:
     if client.require_dnssec:
         checks = tuple(_require_validation(c, (txt, srv, a, aaaa)) for c in checks)
     return DnsReport(name, checks, addresses, address_check)
+
+
+async def resolve_addresses(client: DnsClient, name: str) -> tuple[tuple[str, ...], SignalCheck]:
+    """A and AAAA only: what `name` resolves to now, for a live name whose addresses expired."""
+    a, aaaa = await asyncio.gather(client.query(name, "A"), client.query(name, "AAAA"))
+    return _addresses(name, (a, aaaa))
 
 
 def _require_validation(check: SignalCheck, answers: Sequence[DnsAnswer]) -> SignalCheck:

@@ -36,7 +36,11 @@ SUPPRESSING = frozenset({State.GONE, State.UNREACHABLE})
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """One destination's verdict (DESIGN.md §3); `addresses` are what an alive name resolved to."""
+    """One destination's verdict (DESIGN.md §3): gone or alive, why, and until when.
+
+    No addresses: those live by their own A/AAAA TTL in sidecar.address_book, so a stored
+    or shared verdict can never make the sidecar dial an address from another time.
+    """
 
     destination: str
     state: State
@@ -44,7 +48,6 @@ class Verdict:
     evidence: str
     observed_at: float
     expires_at: float
-    addresses: tuple[str, ...] = ()
 
     @property
     def suppresses(self) -> bool:
@@ -72,12 +75,13 @@ def to_record(verdict: Verdict) -> dict[str, Any]:
         "evidence": verdict.evidence,
         "observed_at": verdict.observed_at,
         "expires_at": verdict.expires_at,
-        "addresses": list(verdict.addresses),
     }
 
 
 def from_record(record: Any) -> Verdict:
-    """Rebuild a verdict from `to_record` output; ValueError says what is wrong with it."""
+    """Rebuild a verdict from `to_record` output; ValueError says what is wrong with it.
+
+    An `addresses` field (written by versions before 0.x) is ignored, never dialled."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
     try:
@@ -87,7 +91,6 @@ def from_record(record: Any) -> Verdict:
         evidence = record.get("evidence", "")
         observed_at = float(record["observed_at"])
         expires_at = float(record["expires_at"])
-        addresses = tuple(str(a) for a in record.get("addresses") or ())
     except KeyError as e:
         raise ValueError(f"missing field {e}") from None
     except (TypeError, ValueError, OverflowError) as e:
@@ -102,7 +105,7 @@ def from_record(record: Any) -> Verdict:
         raise ValueError(f"state {state} does not go with signal {signal!r}")
     if not math.isfinite(observed_at) or not math.isfinite(expires_at) or expires_at < observed_at:
         raise ValueError("observed_at/expires_at must be finite and in order")
-    return Verdict(destination, state, signal, evidence, observed_at, expires_at, addresses)
+    return Verdict(destination, state, signal, evidence, observed_at, expires_at)
 
 
 @dataclass(slots=True)

@@ -300,12 +300,7 @@ def _realistic_verdict(i: int, now: float) -> Verdict:
         return Verdict(
             name, State.GONE, "nxdomain", f"{name} does not exist (NXDOMAIN)", now, now + 600.0
         )
-    addresses: tuple[str, ...] = (f"198.51.{(i >> 8) & 255}.{i & 255}",)
-    if kind < 4:
-        addresses += (f"2001:db8::{i & 0xFFFF:x}",)
-    return Verdict(
-        name, State.ALIVE, None, "no tombstone in DNS", now, now + 3600.0 + (i % 300), addresses
-    )
+    return Verdict(name, State.ALIVE, None, "no tombstone in DNS", now, now + 3600.0 + (i % 300))
 
 
 def mode_memory(args: argparse.Namespace) -> dict[str, Any]:

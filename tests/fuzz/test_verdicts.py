@@ -29,7 +29,6 @@ def verdicts(draw: st.DrawFn) -> Verdict:
         evidence=draw(st.text(max_size=60)),
         observed_at=observed,
         expires_at=expires,
-        addresses=tuple(draw(st.lists(st.text(max_size=40), max_size=4))),
     )
 
 
@@ -66,7 +65,6 @@ def test_from_record_gives_a_valid_verdict_or_a_value_error(record: Any) -> None
     assert verdict.destination and verdict.state is not State.UNDECIDED
     assert verdict.suppresses == (verdict.signal is not None)
     assert math.isfinite(verdict.observed_at) and verdict.observed_at <= verdict.expires_at
-    assert all(isinstance(a, str) for a in verdict.addresses)
     assert from_record(to_record(verdict)) == verdict
 
 

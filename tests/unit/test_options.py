@@ -245,6 +245,7 @@ def test_settings_defaults() -> None:
         ops_listen=Authority("127.0.0.1", 9480),
         nameservers=(),
         dns_timeout=5.0,
+        dns_max_stale=3600.0,
         min_ttl=300.0,
         max_ttl=86400.0,
         deny=frozenset(),
