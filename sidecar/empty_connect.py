@@ -22,6 +22,8 @@ from mitmproxy.proxy.layers.modes import HttpProxy
 
 EMPTY_HOST_CONNECT = b"CONNECT :"  # a CONNECT whose authority has no host at all
 EMPTY_HOST = "no-host.tombstone-sidecar.invalid"  # what `CONNECT :0` is accepted as
+EMPTY_PORT = 443  # mitmproxy refuses port 0 in a CONNECT; nothing is dialled either way
+EMPTY_AUTHORITY = f"{EMPTY_HOST}:{EMPTY_PORT}".encode()
 
 
 def is_empty_host_connect(nextlayer: layer.NextLayer) -> bool:
@@ -36,13 +38,15 @@ def is_empty_host_connect(nextlayer: layer.NextLayer) -> bool:
 
 
 def accept_empty_host(nextlayer: layer.NextLayer) -> bool:
-    """Rewrite `CONNECT :PORT` to `CONNECT EMPTY_HOST:PORT` in the bytes the next layer
-    will read; False (nothing changed) if the first event does not hold the whole prefix."""
+    """Rewrite `CONNECT :0` to `CONNECT EMPTY_HOST:EMPTY_PORT` in the bytes the next layer
+    will read; False (nothing changed) if the first event does not hold the whole target."""
     for event in nextlayer.events:
         if isinstance(event, events.DataReceived) and event.connection == nextlayer.context.client:
-            if not event.data.startswith(EMPTY_HOST_CONNECT):
+            data = event.data
+            end = data.find(b" ", len(EMPTY_HOST_CONNECT))
+            if not data.startswith(EMPTY_HOST_CONNECT) or end < 0:
                 return False
-            event.data = b"CONNECT " + EMPTY_HOST.encode() + event.data[len(b"CONNECT ") :]
+            event.data = b"CONNECT " + EMPTY_AUTHORITY + data[end:]
             return True
     return False
 
