@@ -26,7 +26,16 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from tests.e2e.actions import Outcome, create_room, delta, invite, join_via, profile, suppressed
+from tests.e2e.actions import (
+    Outcome,
+    create_room,
+    delta,
+    invite,
+    join,
+    join_via,
+    profile,
+    suppressed,
+)
 from tests.e2e.actions import verdict as verdict_of
 from tests.e2e.intercept import Behind, FlipRemote, start_behind
 from tests.e2e.synapse import count_critical
@@ -302,6 +311,42 @@ def _logged_at(log: str, text: str) -> float:
     line = next(line for line in log.splitlines() if text in line)
     stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
     return stamp.timestamp()
+
+
+# -- 7. SRV target "." (CONNECT :0) ------------------------------------------------------------
+
+
+def test_i7_srv_dot_is_answered_inside_connect_empty_host_with_the_reason(
+    world: World, icept: Behind, icept_client: httpx.Client, record: Callable[[str, str], None]
+) -> None:
+    """srv-dot.test's `_matrix-fed._tcp` SRV is ".": Synapse's own SRV lookup gives no host
+    and it sends `CONNECT :0`. Intercept mode accepts it, reads the server from the SNI and
+    the X-Matrix destination, and answers each request by its class: the invite comes back
+    as 410 naming the server and dns_srv_dot in milliseconds (it took ~3.3 s of Synapse
+    retries ending in "Can't connect" when the tunnel was closed), with no CRITICAL line."""
+    server = TOMBSTONES[1].name
+    assert TOMBSTONES[1].signal == "dns_srv_dot"
+    dead_before = world.dead_connections()
+    mark = icept.synapse.log_mark()
+    before = suppressed(icept.sidecar)
+    room = create_room(icept_client)
+    outcomes = [
+        invite(icept_client, room, f"@carol:{server}"),
+        profile(icept_client, f"@carol:{server}"),
+        join(icept_client, f"#lobby:{server}"),
+    ]
+    counted = delta(suppressed(icept.sidecar), before)
+    counts = count_critical(icept.synapse.log_since(mark))
+    _record_all(record, f"i7 SRV '.' {server}", outcomes)
+    record(f"i7 SRV '.' {server}", f"suppressed {counted}; Synapse log {counts}")
+    invited = outcomes[0]
+    assert invited.status == 410, invited
+    assert f"{server} is decommissioned (dns_srv_dot:" in str(invited.body.get("error")), invited
+    assert all(o.seconds < 1 for o in outcomes), outcomes
+    assert all(o.status >= 400 for o in outcomes), outcomes
+    assert counted.get("dns_srv_dot", 0) >= len(outcomes), counted
+    assert counts["critical"] == counts["traceback"] == 0, counts
+    assert world.new_dead_connections(dead_before) == {}
 
 
 # -- 5. Synapse's log ---------------------------------------------------------------------------
