@@ -118,7 +118,7 @@ class TombstoneAddon:
         self.upstream_names: MutableMapping[connection.Client, dict[tuple[str, int], str]] = (
             weakref.WeakKeyDictionary()
         )
-        self.gone_ttl = GoneTtl(86400, 3600, 30 * 86400)
+        self.gone_ttl = GoneTtl(86400, 86400, 90 * 86400)  # until configure; MSC4188
         self.breaker: Breaker | None = None
         self.prober: Prober | None = None
         self.auth: ProxyAuth | None = None

@@ -225,11 +225,16 @@ OPTIONS: tuple[Option, ...] = (
         "How long a 410 verdict holds when the response has no Cache-Control/Expires.",
         "DURATION",
     ),
-    Option("min_gone_ttl", "1h", "Shortest time a 410 verdict holds.", "DURATION"),
+    Option(
+        "min_gone_ttl",
+        "24h",
+        "Shortest time a 410 verdict holds (MSC4188: discovery halts at least 24 hours).",
+        "DURATION",
+    ),
     Option(
         "max_gone_ttl",
-        "30d",
-        "Longest time a 410 verdict holds (MSC4188 allows 30 days).",
+        "90d",
+        "Longest time a 410 verdict holds (MSC4188: at most 90 days; domains change owners).",
         "DURATION",
     ),
     Option(

@@ -58,7 +58,7 @@ def shared_host(ca: TestCA) -> Iterator[Upstream]:
         named = xmatrix.destination(request.headers.get("authorization"))
         if named and named.startswith("gone410"):
             return Response(410, b'{"errcode":"M_UNKNOWN","error":"gone"}',
-                            {"Cache-Control": "max-age=7200"})  # fmt: skip
+                            {"Cache-Control": "max-age=172800"})  # fmt: skip
         return Response(200, json.dumps({"destination": named, "path": request.path}).encode(),
                         {"Content-Type": "application/json"})  # fmt: skip
 
@@ -141,7 +141,7 @@ def test_a_410_for_one_server_on_a_shared_host_does_not_suppress_another(
     assert len(to_dead) == 1  # nothing reached it after its first 410
     learned = json.loads(sidecar.ops(f"/v1/verdicts/{dead}")[1])
     assert (
-        learned["signal"] == "http_410" and learned["expires_at"] - learned["observed_at"] == 7200
+        learned["signal"] == "http_410" and learned["expires_at"] - learned["observed_at"] == 172800
     )
     assert json.loads(sidecar.ops(f"/v1/verdicts/{neighbour}")[1])["state"] == "alive"
 
