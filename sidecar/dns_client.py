@@ -30,11 +30,10 @@ Outcome = Literal["ok", "nodata", "nxdomain", "timeout", "servfail", "error"]
 EVIDENCE: frozenset[Outcome] = frozenset({"ok", "nodata", "nxdomain"})
 
 MAX_CONCURRENT_QUERIES = 256  # a storm of new names waits its turn instead of flooding
-MAX_RECORDS = 64  # a bigger RRset is abuse, not a tombstone; keep only this many
+MAX_ADDRESSES = 64  # addresses kept per A or AAAA answer: the sidecar dials one of them
 DEFAULT_NEGATIVE_TTL = 300  # RFC 2308 fallback when a negative answer carries no SOA
 PER_TRY_TIMEOUT = 2.0  # one lost UDP packet costs this much, not the whole lifetime
-FIRST_BACKOFF = 0.1  # pause before asking every nameserver again, doubling
-MAX_BACKOFF = 2.0
+MAX_TRIES_IN_FLIGHT = 4  # tries of one query still listening (5 s / 2 s per try needs 3)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +72,10 @@ class UnreadableReply(Exception):
 class DnsClient:
     """Asks the configured resolvers (or the system's), never caching: the verdict cache does.
 
-    Like a stub resolver: each query goes to the nameservers in order, each try bounded
-    by `PER_TRY_TIMEOUT`, the whole query by `timeout`; a nameserver that answers
-    garbage or SERVFAIL/REFUSED is dropped for that query; a truncated reply is asked
-    again over TCP.
+    Like a stub resolver: each query goes to the nameservers in turn, a new try every
+    `PER_TRY_TIMEOUT` while earlier tries keep listening, the whole query bounded by
+    `timeout`; a nameserver that answers garbage or SERVFAIL/REFUSED is dropped for that
+    query; a truncated reply is asked again over TCP.
     """
 
     def __init__(
@@ -122,32 +121,48 @@ class DnsClient:
         deadline = loop.time() + self.timeout
         usable = list(self._nameservers)
         failures: list[str] = []
-        backoff = FIRST_BACKOFF
-        while usable:
-            for ns in tuple(usable):
+        # Every try keeps listening until the query's deadline: a resolver that always
+        # answers in 2-5 s still gives a verdict within --dns-timeout 5 s. A try that has
+        # no answer after PER_TRY_TIMEOUT only makes the next one start (the next
+        # nameserver, or the same one again), it is not abandoned.
+        tries: dict[asyncio.Future[dns.message.Message], Nameserver] = {}
+        turn = 0
+        try:
+            while usable or tries:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     return self._timed_out(name, rrtype)
-                try:
-                    response = await self._exchange(ns, question, min(remaining, PER_TRY_TIMEOUT))
-                except TimeoutError:
-                    continue  # try the next one; this one stays in the rotation
-                except (OSError, EOFError) as e:
-                    failure = f"{ns}: {e or type(e).__name__}"
-                except UnreadableReply as e:
-                    failure = f"{ns} sent an unreadable reply: {e}"
-                else:
-                    answer, failure = _classify(name, rrtype, response)
-                    if answer is not None:
-                        return answer
-                usable.remove(ns)
-                failures.append(failure)
-            if usable:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    return self._timed_out(name, rrtype)
-                await asyncio.sleep(min(backoff, remaining))
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                if usable and len(tries) < MAX_TRIES_IN_FLIGHT:
+                    ns = usable[turn % len(usable)]
+                    turn += 1
+                    tries[asyncio.ensure_future(self._exchange(ns, question, remaining))] = ns
+                done, _ = await asyncio.wait(
+                    tries, timeout=min(PER_TRY_TIMEOUT, remaining),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )  # fmt: skip
+                for attempt in done:
+                    ns = tries.pop(attempt)
+                    try:
+                        response = attempt.result()
+                    except TimeoutError:
+                        continue  # this try reached the query's deadline
+                    except (OSError, EOFError) as e:
+                        failure = f"{ns}: {e or type(e).__name__}"
+                    except UnreadableReply as e:
+                        failure = f"{ns} sent an unreadable reply: {e}"
+                    else:
+                        answer, failure = _classify(name, rrtype, response)
+                        if answer is not None:
+                            return answer
+                    if ns in usable:  # dropped for this query, with its other tries
+                        usable.remove(ns)
+                        failures.append(failure)
+                    for other in [t for t, n in tries.items() if n == ns]:
+                        other.cancel()
+                        del tries[other]
+        finally:
+            for attempt in tries:
+                attempt.cancel()
         return DnsAnswer(
             name, rrtype, "servfail", detail=f"no usable answer: {'; '.join(failures)}"[:200]
         )
@@ -217,7 +232,10 @@ def _classify(
     if chain.answer is None:
         return DnsAnswer(name, rrtype, "nodata", ttl=_negative_ttl(response),
                          authenticated=validated), ""  # fmt: skip
-    records = tuple(chain.answer)[:MAX_RECORDS]
+    # Every record is kept: the reply's size (at most 64 KiB) bounds them, and a cut would
+    # make a verdict depend on record order (a tombstone TXT, or a real SRV target, after
+    # the cut). Only the addresses kept per name are capped (sidecar.signals).
+    records = tuple(chain.answer)
     return DnsAnswer(name, rrtype, "ok", records=records, ttl=chain.answer.ttl,
                      authenticated=validated), ""  # fmt: skip
 

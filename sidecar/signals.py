@@ -17,7 +17,7 @@ from enum import StrEnum
 
 import dns.name
 
-from sidecar.dns_client import DnsAnswer, DnsClient
+from sidecar.dns_client import MAX_ADDRESSES, DnsAnswer, DnsClient
 from sidecar.names import is_ip_literal, is_under
 from sidecar.tombstone_txt import find_tombstone, join_strings
 
@@ -248,7 +248,7 @@ def _nxdomain_check(name: str, answers: Sequence[DnsAnswer]) -> SignalCheck:
 def _addresses(name: str, answers: Sequence[DnsAnswer]) -> tuple[tuple[str, ...], SignalCheck]:
     addresses: list[str] = []
     for answer in answers:
-        for record in answer.records:
+        for record in answer.records[:MAX_ADDRESSES]:
             address = getattr(record, "address", None)
             if isinstance(address, str):
                 try:

@@ -21,7 +21,7 @@ from dnslib import CNAME, QTYPE, RR, SRV, TXT, A, DNSRecord
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.dns_client import MAX_RECORDS, DnsClient, Nameserver
+from sidecar.dns_client import MAX_ADDRESSES, DnsClient, Nameserver
 from sidecar.metrics import Metrics
 from sidecar.policy import UNDECIDED_RETRY_SECONDS, Policy, TtlBounds
 from sidecar.signals import DnsReport, Finding, Signal, evaluate
@@ -221,7 +221,7 @@ def test_mutated_answers_never_raise_hang_or_invent_a_tombstone(
     # Bounded: all five queries run at once, each within its lifetime (a TCP retry included).
     assert took < timeout + 2.0, f"evaluate took {took:.2f}s with a {timeout}s lifetime"
     assert report.name == name and len(report.checks) == 4
-    assert len(report.addresses) <= 2 * MAX_RECORDS
+    assert len(report.addresses) <= 2 * MAX_ADDRESSES
     assert all(str(ipaddress.ip_address(a)) == a for a in report.addresses)
 
     verdict = Policy(
