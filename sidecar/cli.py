@@ -307,6 +307,7 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
             "enforcing" if settings.enforce else "shadow mode (--no-enforce)",
         )
         await master.run()
+        _quiet_cancelled_connections(loop)  # the connections still open are cancelled next
     if addon.fatal:
         print(f"tombstone-sidecar: error: {addon.fatal}", file=sys.stderr)
         return 1
@@ -365,6 +366,27 @@ class _Drain:
             log.warning("closing %d connection(s) still open after %gs",
                         self.addon.active_clients, self.grace)  # fmt: skip
         self.master.shutdown()
+
+
+def _quiet_cancelled_connections(loop: asyncio.AbstractEventLoop) -> None:
+    """From here on, a connection task cancelled by the shutdown is not an error.
+
+    After mitmproxy's master returns, asyncio cancels the connections still open, and its
+    stream callback reports each as an "Exception in callback" ERROR with a 20-line
+    traceback; the drain's WARNING already said how many connections were closed. Any
+    other exception is still reported as before.
+    """
+    previous = loop.get_exception_handler()
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if isinstance(context.get("exception"), asyncio.CancelledError):
+            log.debug("closed at shutdown: %s", context.get("message"))
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def _cmd_ca(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
