@@ -163,7 +163,9 @@ class TombstoneAddon:
         else:
             self.policy.dns, self.policy.ttl, self.policy.allow = dns, ttl, settings.allow
             self.policy.set_deny(settings.deny)
-        self.addresses = AddressPolicy.default(settings.allow_addresses)
+        self.addresses = AddressPolicy.default(
+            settings.allow_addresses, own=(settings.listen, settings.ops_listen)
+        )
         breaker = BreakerSettings(settings.breaker_failures, settings.breaker_min,
                                   settings.breaker_max, settings.breaker_max_share)  # fmt: skip
         if self.breaker is None:
