@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.addresses import DEFAULT_BLOCKED_RANGES, AddressPolicy, own_addresses, parse_network
 from sidecar.names import Authority
@@ -373,3 +375,14 @@ def test_the_sidecars_own_listen_addresses_are_refused() -> None:
 def test_own_addresses_from_listeners(host: str, own: tuple[str, ...]) -> None:
     listeners = [Authority(host, 3128), None, Authority(host, 9480)]
     assert own_addresses(listeners) == tuple(ipaddress.ip_network(n) for n in own)
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_an_embedding_is_blocked_exactly_when_its_ipv4_is(n: int) -> None:
+    """Any IPv4: each translated form is refused iff the IPv4 itself is (the Teredo form
+    uses a public server, so only its client decides)."""
+    policy = AddressPolicy.default()
+    v4 = ipaddress.IPv4Address(n)
+    blocked = policy.blocked_by(str(v4)) is not None
+    for form, address in _embeddings(v4).items():
+        assert (policy.blocked_by(address) is not None) == blocked, (form, address)
