@@ -138,6 +138,7 @@ class OpsServer:
         log.error("an ops HTTP request failed: %s: %s (%d such failures since the last "
                   "report; answered 500; at most one line a minute)",
                   type(error).__name__, _one_line(str(error)), count)  # fmt: skip
+        log.debug("the traceback of that ops HTTP failure", exc_info=error)  # --log-level debug
 
     async def _respond(self, reader: asyncio.StreamReader, head_only: list[bool]) -> Reply:
         try:

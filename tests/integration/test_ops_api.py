@@ -254,7 +254,11 @@ def test_a_handler_bug_answers_500_and_logs_one_line(
             "error": "internal error; see the sidecar log"
         }
     records = [r for r in caplog.records if r.name == "sidecar.ops"]
-    assert len(records) == 1, [r.getMessage() for r in records]
-    message = records[0].getMessage()
-    assert records[0].levelname == "ERROR" and records[0].exc_info is None
+    errors = [r for r in records if r.levelname == "ERROR"]
+    assert len(errors) == 1, [r.getMessage() for r in records]
+    message = errors[0].getMessage()
+    assert errors[0].exc_info is None
     assert "RuntimeError: injected\\nfault" in message and "\n" not in message
+    assert "1 such failures" in message
+    traced = [r for r in records if r.levelname == "DEBUG" and r.exc_info]
+    assert len(traced) == 1  # the traceback once, for --log-level debug
