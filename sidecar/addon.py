@@ -134,6 +134,7 @@ class TombstoneAddon:
         self._poller: asyncio.Task[None] | None = None
         self._lag: asyncio.Task[None] | None = None
         self._list_stamp: tuple[float, ...] = ()
+        self._lists_asked = asyncio.Event()  # SIGHUP: reload now, not at the next poll
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -179,7 +180,9 @@ class TombstoneAddon:
             self.policy.addresses.max_stale = settings.dns_max_stale
             self.policy.ttl, self.policy.allow = ttl, settings.allow
             self.policy.set_deny(settings.deny)
-        self.addresses = AddressPolicy.default(settings.allow_addresses)
+        self.addresses = AddressPolicy.default(
+            settings.allow_addresses, own=(settings.listen, settings.ops_listen)
+        )
         breaker = BreakerSettings(settings.breaker_failures, settings.breaker_min,
                                   settings.breaker_max, settings.breaker_max_share)  # fmt: skip
         if self.breaker is None:
@@ -255,17 +258,36 @@ class TombstoneAddon:
     # -- operator lists ----------------------------------------------------------------------
 
     def reload_lists(self) -> None:
-        """Re-read --deny-file/--allow-file (on change or SIGHUP); a bad file changes nothing."""
-        if self.settings is None or self.policy is None:
-            return
+        """Re-read --deny-file/--allow-file now (SIGHUP). The watcher does the work: off the
+        event loop, one reload at a time; a bad file changes nothing."""
+        self._lists_asked.set()
+
+    async def _reload_lists(self, confirming: bool) -> bool:
+        """Read the lists in a thread, apply them in slices (Policy.replace_deny); one INFO
+        line. True when the deny file was emptied and needs confirming at the next poll."""
+        settings, policy = self.settings, self.policy
+        if settings is None or policy is None:
+            return False
         try:
-            deny, allow = self.settings.read_lists()
+            lists = await asyncio.to_thread(settings.read_lists)
         except ValueError as e:
             log.error("not reloading the operator lists: %s; keeping the previous lists", e)
-            return
-        self.policy.allow = allow
-        self.policy.set_deny(deny)
-        log.info("operator lists reloaded: %d denied, %d allowed", len(deny), len(allow))
+            return False
+        if self.settings is not settings or self.policy is not policy:
+            return False  # reconfigured meanwhile: that configuration has the lists
+        emptied = bool(settings.deny_file) and lists.deny_file_names == 0
+        if emptied and policy.deny_count() > len(settings.deny_flags) and not confirming:
+            # A rewrite caught halfway (truncated, not yet written) must not lift every deny.
+            log.warning(
+                "%s lists no names now; keeping the %d denied names until it is still empty "
+                "at the next check in %gs (to avoid this pause, replace the file atomically: "
+                "write a new file, then rename it over the old one)",
+                settings.deny_file, policy.deny_count(), LIST_POLL_SECONDS,
+            )  # fmt: skip
+            return True
+        policy.allow = lists.allow
+        await policy.replace_deny(lists.deny, f"; allow list: {len(lists.allow)} (reloaded)")
+        return False
 
     def _list_files_stamp(self) -> tuple[float, ...]:
         stamps = []
@@ -277,12 +299,23 @@ class TombstoneAddon:
         return tuple(stamps)
 
     async def _watch_list_files(self) -> None:
+        """Reload the operator lists when a file changes (polled), on SIGHUP, and once more
+        to confirm a deny file that was emptied."""
+        confirming = False
         while True:
-            await asyncio.sleep(LIST_POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._lists_asked.wait(), LIST_POLL_SECONDS)
+            asked = self._lists_asked.is_set()
+            self._lists_asked.clear()
             stamp = self._list_files_stamp()
-            if stamp != self._list_stamp:
-                self._list_stamp = stamp
-                self.reload_lists()
+            if not (asked or confirming or stamp != self._list_stamp):
+                continue
+            self._list_stamp = stamp
+            try:
+                confirming = await self._reload_lists(confirming)
+            except Exception:  # a bug must not end the watcher: the next change tries again
+                log.exception("reloading the operator lists failed; keeping what was applied")
+                confirming = False
 
     # -- decision points -----------------------------------------------------------------
     #

@@ -11,11 +11,15 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from sidecar.names import Authority
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Synapse's DEFAULT_IP_RANGE_BLOCKLIST (synapse/config/server.py), plus the unspecified
-# addresses it always adds, so the sidecar refuses exactly what Synapse would.
+# addresses it always adds, so the sidecar refuses at least what Synapse would; then the
+# entries of IANA's IPv4 and IPv6 special-purpose address registries that are not
+# globally reachable and that Synapse's list misses (issue 14).
 DEFAULT_BLOCKED_RANGES: tuple[str, ...] = (
     "127.0.0.0/8",  # loopback
     "10.0.0.0/8",  # RFC 1918
@@ -38,6 +42,15 @@ DEFAULT_BLOCKED_RANGES: tuple[str, ...] = (
     "2001:db8::/32",  # documentation
     "ff00::/8",  # multicast
     "fec0::/10",  # site-local (deprecated)
+    # -- beyond Synapse: IANA special-purpose, not globally reachable --
+    "255.255.255.255/32",  # limited broadcast (RFC 919); listed before 240/4 to name it
+    "240.0.0.0/4",  # reserved for future use (RFC 1112)
+    "64:ff9b:1::/48",  # local-use NAT64 (RFC 8215): its IPv4 layout is a local choice
+    "100::/64",  # discard-only (RFC 6666)
+    "2001:2::/48",  # benchmarking (RFC 5180)
+    "2001:10::/28",  # ORCHID, deprecated (RFC 4843)
+    "3fff::/20",  # documentation (RFC 9637)
+    "5f00::/16",  # segment routing SIDs (RFC 9602)
 )
 
 
@@ -50,43 +63,106 @@ def parse_network(text: str) -> IPNetwork:
 
 
 _IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+_IPV4_TRANSLATED = ipaddress.IPv6Network("::ffff:0:0:0/96")
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_LOW32 = 0xFFFFFFFF
 
 
-def _forms(ip: IPAddress) -> tuple[IPAddress, ...]:
-    """The address and any IPv4 address it carries, as Synapse's `generate_ip_set` checks:
-    IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d) and 6to4 (2002:aabb:ccdd::)."""
+def embedded_ipv4(ip: IPAddress) -> list[tuple[str, ipaddress.IPv4Address]]:
+    """Every IPv4 address an IPv6 address carries, with the form that carries it.
+
+    The forms Synapse's `generate_ip_set` checks (IPv4-mapped, IPv4-compatible, 6to4) and
+    the ones it misses (issue 14): IPv4-translated (SIIT), NAT64 with the well-known
+    prefix (RFC 6052: the last 32 bits), and Teredo (the server, and the client, stored
+    bit-inverted). The local-use NAT64 prefix 64:ff9b:1::/48 is not read: its layout (an
+    RFC 6052 length from /48 to /96) is a local choice the sidecar cannot see, so the
+    whole prefix is a blocked range (IANA: not globally reachable).
+    """
     if not isinstance(ip, ipaddress.IPv6Address):
-        return (ip,)
-    forms: list[IPAddress] = [ip]
+        return []
+    found: list[tuple[str, ipaddress.IPv4Address]] = []
+    n = int(ip)
     if ip.ipv4_mapped is not None:
-        forms.append(ip.ipv4_mapped)
-    if ip.sixtofour is not None:
-        forms.append(ip.sixtofour)
-    if ip in _IPV4_COMPATIBLE and int(ip) > 1:  # not :: or ::1, which are v6 themselves
-        forms.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
-    return tuple(forms)
+        found.append(("IPv4-mapped", ip.ipv4_mapped))
+    elif ip in _IPV4_TRANSLATED:
+        found.append(("IPv4-translated", ipaddress.IPv4Address(n & _LOW32)))
+    elif ip in _IPV4_COMPATIBLE and n > 1:  # not :: or ::1, which are v6 themselves
+        found.append(("IPv4-compatible", ipaddress.IPv4Address(n & _LOW32)))
+    elif ip in _NAT64_WELL_KNOWN:
+        found.append(("NAT64", ipaddress.IPv4Address(n & _LOW32)))
+    elif ip.sixtofour is not None:
+        found.append(("6to4", ip.sixtofour))
+    elif ip.teredo is not None:
+        server, client = ip.teredo
+        found += [("Teredo client", client), ("Teredo server", server)]
+    return found
+
+
+def own_addresses(listeners: Iterable[Authority | None]) -> tuple[IPNetwork, ...]:
+    """The sidecar's own listen addresses (`--listen`, `--ops-listen`) as /32 or /128.
+
+    A name that resolves to the sidecar itself would loop a tunnel back into the proxy
+    (or reach the ops API through it). A wildcard listener (0.0.0.0, ::) adds nothing: the
+    unspecified address is blocked already, and the pod's interface addresses are in
+    private ranges (RFC 1918, ULA) that are blocked by default.
+    """
+    networks: list[IPNetwork] = []
+    for listener in listeners:
+        if listener is None:
+            continue
+        hosts = ("127.0.0.1", "::1") if listener.host == "localhost" else (listener.host,)
+        for host in hosts:
+            network = ipaddress.ip_network(host)
+            if not network.network_address.is_unspecified and network not in networks:
+                networks.append(network)
+    return tuple(networks)
 
 
 @dataclass(frozen=True)
 class AddressPolicy:
-    """Blocked ranges minus the operator's `--allow-address` exceptions."""
+    """Blocked ranges and the sidecar's own addresses, minus `--allow-address` exceptions."""
 
     blocked: tuple[IPNetwork, ...]
     allowed: tuple[IPNetwork, ...] = ()
+    own: tuple[IPNetwork, ...] = ()
 
     @classmethod
-    def default(cls, allowed: Iterable[IPNetwork] = ()) -> AddressPolicy:
-        return cls(tuple(parse_network(r) for r in DEFAULT_BLOCKED_RANGES), tuple(allowed))
+    def default(
+        cls, allowed: Iterable[IPNetwork] = (), own: Iterable[Authority | None] = ()
+    ) -> AddressPolicy:
+        """The default table; `own` are the sidecar's listeners (see `own_addresses`)."""
+        blocked = tuple(parse_network(r) for r in DEFAULT_BLOCKED_RANGES)
+        return cls(blocked, tuple(allowed), own_addresses(own))
 
     def blocked_by(self, address: str) -> IPNetwork | None:
-        """The blocked range containing `address` (or the IPv4 inside it), or None."""
-        forms = _forms(ipaddress.ip_address(address))
-        if any(ip in net for ip in forms for net in self.allowed):
+        """The blocked range containing `address` (or an IPv4 inside it), or None."""
+        refusal = self._refusal(address)
+        return refusal[0] if refusal is not None else None
+
+    def why(self, address: str) -> str | None:
+        """Why `address` is refused, for the 403 and the log; None when it may be dialled."""
+        refusal = self._refusal(address)
+        return refusal[1] if refusal is not None else None
+
+    def _refusal(self, address: str) -> tuple[IPNetwork, str] | None:
+        ip = ipaddress.ip_address(address)
+        embedded = embedded_ipv4(ip)
+        # An exception names the address as dialled. An IPv4-mapped address is dialled as
+        # its IPv4, so an exception for that IPv4 covers it; any other embedding goes
+        # through a translator or relay, which an exception for the IPv4 does not cover.
+        exempt = [ip, *(v4 for form, v4 in embedded if form == "IPv4-mapped")]
+        if any(a in net for a in exempt for net in self.allowed):
             return None
-        for ip in forms:
+        for net in self.own:
+            if any(a in net for a in exempt):
+                return net, f"the sidecar's own listen address {net.network_address}"
+        for net in self.blocked:
+            if ip in net:
+                return net, f"in {net}"
+        for form, v4 in embedded:
             for net in self.blocked:
-                if ip in net:
-                    return net
+                if v4 in net:
+                    return net, f"{form} of {v4}, in {net}"
         return None
 
     def choose(self, addresses: Iterable[str]) -> tuple[str | None, list[str]]:
@@ -94,8 +170,8 @@ class AddressPolicy:
         ordered = sorted(addresses, key=lambda a: ":" in a)
         refused: list[str] = []
         for address in ordered:
-            net = self.blocked_by(address)
-            if net is None:
+            why = self.why(address)
+            if why is None:
                 return address, refused
-            refused.append(f"{address} (in {net})")
+            refused.append(f"{address} ({why})")
         return None, refused

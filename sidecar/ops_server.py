@@ -23,6 +23,8 @@ import asyncio
 import hmac
 import json
 import logging
+import time
+import unicodedata
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -32,6 +34,7 @@ from sidecar import __version__
 from sidecar.lifting import is_hold
 from sidecar.names import Authority, InvalidName, normalize_host
 from sidecar.options import parse_duration
+from sidecar.policy import OPERATOR_TTL_SECONDS
 from sidecar.verdicts import Entry, State, to_record
 
 if TYPE_CHECKING:
@@ -46,10 +49,19 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 LIST_ORDERS = ("name", "suppressed")  # by server name, or most refused first
 DEFAULT_OPERATOR_TTL = "3650d"  # an operator's "gone" holds until they DELETE it
+MAX_OPERATOR_TTL = OPERATOR_TTL_SECONDS  # 10 years, as long as a deny-list verdict lasts
+# A sentence or a ticket link. The comment becomes the verdict's evidence, logged on the
+# verdict-change line: 500 characters (at most 2,000 bytes of UTF-8) keep that line far
+# below the 16 KiB at which container runtimes split a log line.
 MAX_COMMENT = 500
+# Characters that would break a log line in two or disguise it: controls (CR, LF, ESC...),
+# format characters (bidi overrides), line/paragraph separators and lone surrogates.
+FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+ERROR_LOG_INTERVAL = 60.0  # a handler bug logs at most one line a minute, not one per request
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
            404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-           413: "Content Too Large", 503: "Service Unavailable"}  # fmt: skip
+           413: "Content Too Large", 500: "Internal Server Error",
+           503: "Service Unavailable"}  # fmt: skip
 
 Reply = tuple[int, dict[str, str], bytes]
 
@@ -68,6 +80,8 @@ class OpsServer:
         self._addon = addon
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
+        self._failures = 0
+        self._last_failure_log = float("-inf")
 
     async def start(self, listen: Authority) -> None:
         try:
@@ -85,20 +99,25 @@ class OpsServer:
             self._server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head_only = [False]  # set by _respond once it has read a HEAD request line
         try:
             status, headers, body = await asyncio.wait_for(
-                self._respond(reader), REQUEST_DEADLINE_SECONDS
+                self._respond(reader, head_only), REQUEST_DEADLINE_SECONDS
             )
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
             writer.close()
             return
+        except Exception as e:  # a bug: answer 500, log it once a minute, keep serving
+            self._log_failure(e)
+            status, headers, body = _json(500, {"error": "internal error; see the sidecar log"})
         head = [
             f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
             f"Content-Length: {len(body)}",
             "Connection: close",
         ]
         head += [f"{k}: {v}" for k, v in headers.items()]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+        # HEAD: the same status and Content-Length as GET, and no body (RFC 9110 §9.3.2).
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + (b"" if head_only[0] else body))
         try:
             await writer.drain()
         except ConnectionError:
@@ -106,7 +125,21 @@ class OpsServer:
         finally:
             writer.close()
 
-    async def _respond(self, reader: asyncio.StreamReader) -> Reply:
+    def _log_failure(self, error: Exception) -> None:
+        """One ERROR line (no traceback) per ERROR_LOG_INTERVAL, however many requests fail:
+        the listener is unauthenticated, so a failing request must not flood the log."""
+        self._failures += 1
+        now = time.monotonic()
+        if now - self._last_failure_log < ERROR_LOG_INTERVAL:
+            return
+        self._last_failure_log = now
+        count, self._failures = self._failures, 0
+        log.error("an ops HTTP request failed: %s: %s (%d such failures since the last "
+                  "report; answered 500; at most one line a minute)",
+                  type(error).__name__, _one_line(str(error)), count)  # fmt: skip
+        log.debug("the traceback of that ops HTTP failure", exc_info=error)  # --log-level debug
+
+    async def _respond(self, reader: asyncio.StreamReader, head_only: list[bool]) -> Reply:
         try:
             raw = await reader.readuntil(b"\r\n\r\n")
         except asyncio.LimitOverrunError:
@@ -118,6 +151,7 @@ class OpsServer:
         if len(parts) != 3:
             return _json(400, {"error": f"malformed request line {lines[0][:100]!r}"})
         method, target, _ = parts
+        head_only[0] = method == "HEAD"
         headers = {}
         for line in lines[1:]:
             key, sep, value = line.partition(":")
@@ -176,7 +210,12 @@ class OpsServer:
             return _json(403, {"error": "the ops API is read-only: start the sidecar with "
                                         "--ops-token-file to allow changes"})  # fmt: skip
         scheme, _, given = headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        given = given.strip()
+        # The head was decoded as latin-1, so any byte arrives here; a token is printable
+        # ASCII. Anything else is a malformed header: 401, never an exception.
+        wellformed = scheme.lower() == "bearer" and given.isascii() and given.isprintable()
+        # Compared as bytes: compare_digest raises TypeError on non-ASCII str.
+        if not (wellformed and hmac.compare_digest(given.encode(), token.encode())):
             status, extra, payload = _json(401, {"error": "missing or wrong bearer token"})
             return (
                 status,
@@ -259,13 +298,11 @@ class OpsServer:
             request = json.loads(body) if body.strip() else {}
             if not isinstance(request, dict):
                 raise ValueError("the body must be a JSON object")
-            ttl = parse_duration(str(request.get("ttl", DEFAULT_OPERATOR_TTL)))
-            comment = request.get("comment", "")
-            if not isinstance(comment, str) or len(comment) > MAX_COMMENT:
-                raise ValueError(f"comment must be a string of at most {MAX_COMMENT} characters")
+            ttl = _operator_ttl(request.get("ttl", DEFAULT_OPERATOR_TTL))
+            comment = _comment(request.get("comment", ""))
         except (ValueError, RecursionError) as e:
             return _json(400, {"error": f"bad request body: {str(e)[:200]}"})
-        entry = policy.mark_gone(name, ttl, comment.strip())
+        entry = policy.mark_gone(name, ttl, comment)
         log.info("%s marked gone through the ops API", name)
         return _json(200, verdict_json(entry))
 
@@ -315,6 +352,35 @@ class OpsServer:
             "truncated": view.truncated,
             "backing_off_gone": list(view.backing_off_gone),
         })  # fmt: skip
+
+
+def _operator_ttl(raw: object) -> float:
+    """The PUT body's `ttl`: a duration string up to MAX_OPERATOR_TTL (ValueError says why)."""
+    if isinstance(raw, int | float) and not isinstance(raw, bool):
+        raw = repr(raw)  # plain seconds
+    if not isinstance(raw, str) or len(raw) > 32:
+        raise ValueError('ttl must be a duration such as "30d" or a number of seconds')
+    ttl = parse_duration(raw)  # rejects zero, negative, nan and inf
+    if ttl > MAX_OPERATOR_TTL:
+        raise ValueError(f"ttl {raw!r} is longer than the maximum, {DEFAULT_OPERATOR_TTL} "
+                         "(10 years); omit it to mark the server gone until DELETE")  # fmt: skip
+    return ttl
+
+
+def _comment(raw: object) -> str:
+    """The PUT body's `comment`: bounded and free of anything that could split a log line."""
+    if not isinstance(raw, str) or len(raw) > MAX_COMMENT:
+        raise ValueError(f"comment must be a string of at most {MAX_COMMENT} characters")
+    for position, char in enumerate(raw):
+        if unicodedata.category(char) in FORBIDDEN_CATEGORIES:
+            raise ValueError(f"comment has a control character ({char!a}) at position "
+                             f"{position}; it must be one line of text")  # fmt: skip
+    return raw.strip()
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """`text` as one bounded log line: non-printable characters escaped."""
+    return ascii(text[:limit])[1:-1]
 
 
 def _json(status: int, payload: dict[str, Any]) -> Reply:

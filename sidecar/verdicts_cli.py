@@ -92,8 +92,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         print(json.dumps(result, indent=2) if args.json else _details(result))
         return EXIT_OK
     except ApiError as e:
-        print(f"tombstone-sidecar: {e}", file=sys.stderr)
+        print(f"tombstone-sidecar: {e}{_hint(e, settings)}", file=sys.stderr)
         return EXIT_NOT_FOUND if e.status == 404 else EXIT_UNREACHABLE
+
+
+def _hint(error: ApiError, settings: Settings) -> str:
+    """What to do about a 401: the token comes from --ops-token-file, as the sidecar's does."""
+    if error.status != 401:
+        return ""
+    if settings.ops_token is None:
+        return (
+            "\nchanges need the sidecar's bearer token: pass --ops-token-file FILE "
+            "(or TOMBSTONE_OPS_TOKEN_FILE), the same file the sidecar was started with"
+        )
+    return ("\nthe token in --ops-token-file is not the one the sidecar reads: point it at "
+            "the file the sidecar was started with")  # fmt: skip
 
 
 class OpsClient:

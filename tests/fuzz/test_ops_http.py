@@ -3,8 +3,9 @@
 One request per connection: we send it, shut our side (the server sees end of input) and
 read until the server closes. It must answer with a well-formed HTTP/1.1 response whenever
 the request head is complete (and its body, for PUT/POST/DELETE), close otherwise, never
-hang, never log a crash, never change a verdict without the bearer token, and still
-answer /healthz afterwards.
+hang, never log a crash or a line that is not one whole log entry, never change a verdict
+without the bearer token (whatever bytes the Authorization header holds), answer HEAD
+with headers only, and still answer /healthz afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tests.support.dns_server import DnsServer
 TOKEN = "fuzz-token-0123456789abcdef"
 ANSWER_WITHIN = 5.0  # seconds; the server has the whole request and end of input by then
 STATUS_LINE = re.compile(rb"HTTP/1\.1 (\d{3}) [^\r\n]*\r\n")
+LOG_ENTRY = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")  # cli.py's format
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +121,22 @@ header_pairs = st.lists(
     st.one_of(
         st.tuples(
             st.sampled_from(["Authorization", "authorization", " AUTHORIZATION "]),
-            st.sampled_from(
-                [f"Bearer {TOKEN}", f"bearer  {TOKEN} ", "Bearer x", "Basic x", TOKEN, ""]
+            st.one_of(
+                st.sampled_from(
+                    [
+                        f"Bearer {TOKEN}",
+                        f"bearer  {TOKEN} ",
+                        "Bearer x",
+                        "Basic x",
+                        TOKEN,
+                        "",
+                        "Bearer tökén",
+                        f"Bearer {TOKEN}\u00e9",
+                        "Bearer \u202e",
+                        "Bearer \x00",
+                    ]
+                ),
+                st.text(max_size=40).map(lambda t: f"Bearer {t}"),
             ),
         ),
         st.tuples(
@@ -139,8 +155,19 @@ bodies = st.one_of(
     st.builds(lambda obj: json.dumps(obj).encode(), json_documents),
     st.builds(
         lambda ttl, comment: json.dumps({"ttl": ttl, "comment": comment}).encode(),
-        st.one_of(st.sampled_from(["30d", "1e308s", "0", "-1s", "nan", "5e-324s"]), json_documents),
-        st.one_of(st.text(max_size=30), st.just("c" * 600), json_documents),
+        st.one_of(
+            st.sampled_from(
+                ["30d", "1e308s", "1e300d", "3651d", "0", "-1s", "nan", "inf", "5e-324s"]
+            ),
+            st.floats(),
+            json_documents,
+        ),
+        st.one_of(
+            st.text(max_size=30),
+            st.just("c" * 600),
+            st.sampled_from(["two\nlines", "cr\r", "esc\x1b[2J", "sep\u2028", "ok comment"]),
+            json_documents,
+        ),
     ),
     st.integers(1, 50_000).map(lambda n: b"[" * n),  # deeper than any JSON parser recurses
 )
@@ -181,14 +208,26 @@ def requests(draw: st.DrawFn) -> bytes:
 )
 @example(b"GET / HTTP/1.1\r\n" + b"X: " + b"a" * 70_000 + b"\r\n\r\n")
 @example(b"\r\n\r\n")
+@example(
+    b"DELETE /v1/verdicts/x.test HTTP/1.1\r\nAuthorization: Bearer t\xc3\xb6k\xc3\xa9n\r\n\r\n"
+)
+@example(b"HEAD /v1/verdicts HTTP/1.1\r\n\r\n")
+@example(
+    b"PUT /v1/verdicts/x.test HTTP/1.1\r\nAuthorization: Bearer "
+    + TOKEN.encode()
+    + b'\r\nContent-Length: 40\r\n\r\n{"ttl": "1e300d", "comment": "a\\nb"}    '
+)
 def test_ops_answers_or_closes_and_never_crashes(ops_sidecar: GuardedSidecar, data: bytes) -> None:
     expectation = expect(data)
     received, closed, _ = exchange(
         ops_sidecar.ops_port, data, half_close=True, timeout=ANSWER_WITHIN
     )
     assert closed, f"no close within {ANSWER_WITHIN}s (got {received[:100]!r}) for {data[:200]!r}"
-    crashes = ops_sidecar.crashes(ops_sidecar.new_log())
+    log = ops_sidecar.new_log()
+    crashes = ops_sidecar.crashes(log)
     assert not crashes, f"{crashes} after {data[:300]!r}"
+    torn = [line for line in log.splitlines() if not LOG_ENTRY.match(line)]
+    assert not torn, f"log lines that are not log entries {torn[:3]} after {data[:300]!r}"
     if not received:
         assert not expectation.answer, f"closed without an answer to {data[:300]!r}"
         event("closed without an answer (incomplete request)")
@@ -203,6 +242,9 @@ def test_ops_answers_or_closes_and_never_crashes(ops_sidecar: GuardedSidecar, da
         (k.strip().lower(), v.strip())
         for k, _, v in (line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:])
     )
+    if expectation.method == "HEAD":
+        assert body == b"", f"HEAD answered with a body: {received[:200]!r}"
+        return
     assert int(headers["content-length"]) == len(body)
     if headers.get("content-type") == "application/json":
         assert isinstance(json.loads(body), dict)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from sidecar.addresses import DEFAULT_BLOCKED_RANGES, AddressPolicy, parse_network
+from sidecar.addresses import DEFAULT_BLOCKED_RANGES, AddressPolicy, own_addresses, parse_network
+from sidecar.names import Authority
 
 # Synapse's DEFAULT_IP_RANGE_BLACKLIST (synapse/config/server.py), copied here on purpose so a
 # change to the sidecar's table cannot silently drop one.
@@ -228,3 +231,158 @@ def test_parse_network_rejects(text: str) -> None:
     with pytest.raises(ValueError) as excinfo:
         parse_network(text)
     assert str(excinfo.value).startswith(f"{text!r} is not an IP network in CIDR form: ")
+
+
+# -- issue 14: every IPv6 form that embeds an IPv4, reserved ranges, the sidecar itself ------
+# A table like Smokescreen's classifier tests (pkg/smokescreen/smokescreen_test.go). One
+# decision differs: Smokescreen refuses every NAT64, 6to4 and Teredo address; the sidecar
+# refuses one when the IPv4 inside is blocked, since a federation peer may be reachable
+# only through the network's NAT64 (an IPv6-only cluster with DNS64).
+
+
+@pytest.mark.parametrize(
+    ("address", "why"),
+    [
+        # NAT64, well-known prefix 64:ff9b::/96: the IPv4 is the last 32 bits (RFC 6052)
+        ("64:ff9b::7f00:1", "NAT64 of 127.0.0.1, in 127.0.0.0/8"),
+        ("64:ff9b::a00:1", "NAT64 of 10.0.0.1, in 10.0.0.0/8"),
+        ("64:ff9b::ac1c:5", "NAT64 of 172.28.0.5, in 172.16.0.0/12"),
+        ("64:ff9b::c0a8:101", "NAT64 of 192.168.1.1, in 192.168.0.0/16"),
+        ("64:ff9b::a9fe:a9fe", "NAT64 of 169.254.169.254, in 169.254.0.0/16"),
+        ("64:ff9b::6440:1", "NAT64 of 100.64.0.1, in 100.64.0.0/10"),
+        ("64:ff9b::c000:201", "NAT64 of 192.0.2.1, in 192.0.2.0/24"),
+        ("64:ff9b::ffff:ffff", "NAT64 of 255.255.255.255, in 255.255.255.255/32"),
+        ("64:ff9b::f000:1", "NAT64 of 240.0.0.1, in 240.0.0.0/4"),
+        ("64:ff9b::", "NAT64 of 0.0.0.0, in 0.0.0.0/8"),
+        # NAT64, local-use prefix (RFC 8215): refused as a range, whatever it embeds
+        ("64:ff9b:1::7f00:1", "in 64:ff9b:1::/48"),
+        ("64:ff9b:1:7f00:0:100::", "in 64:ff9b:1::/48"),  # 127.0.0.1 in the /48 layout
+        ("64:ff9b:1:abcd:ef01:2345:808:808", "in 64:ff9b:1::/48"),
+        # IPv4-mapped ::ffff:0:0/96: dialled as the IPv4 itself
+        ("::ffff:7f00:1", "IPv4-mapped of 127.0.0.1, in 127.0.0.0/8"),
+        ("::ffff:255.255.255.255", "IPv4-mapped of 255.255.255.255, in 255.255.255.255/32"),
+        # IPv4-translated ::ffff:0:0:0/96 (SIIT, RFC 2765)
+        ("::ffff:0:7f00:1", "IPv4-translated of 127.0.0.1, in 127.0.0.0/8"),
+        ("::ffff:0:a00:1", "IPv4-translated of 10.0.0.1, in 10.0.0.0/8"),
+        # IPv4-compatible ::/96 (deprecated)
+        ("::a9fe:a9fe", "IPv4-compatible of 169.254.169.254, in 169.254.0.0/16"),
+        # 6to4 2002::/16: the IPv4 is bits 16-47
+        ("2002:a00:1::1", "6to4 of 10.0.0.1, in 10.0.0.0/8"),
+        ("2002:c000:201::1", "6to4 of 192.0.2.1, in 192.0.2.0/24"),
+        ("2002:f000:1::", "6to4 of 240.0.0.1, in 240.0.0.0/4"),
+        # Teredo 2001::/32: server in bits 32-63, client bit-inverted in the last 32 bits
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo client of 192.0.2.45, in 192.0.2.0/24"),
+        ("2001:0:4136:e378:8000:63bf:80ff:fffe", "Teredo client of 127.0.0.1, in 127.0.0.0/8"),
+        ("2001:0:a00:1:8000:63bf:f7f7:f7f7", "Teredo server of 10.0.0.1, in 10.0.0.0/8"),
+        # reserved IPv4 ranges Synapse's list misses (IANA special-purpose registry)
+        ("240.0.0.1", "in 240.0.0.0/4"),
+        ("254.255.255.255", "in 240.0.0.0/4"),
+        ("255.255.255.255", "in 255.255.255.255/32"),
+        # reserved IPv6 ranges Synapse's list misses (IANA special-purpose registry)
+        ("100::1", "in 100::/64"),
+        ("2001:2::1", "in 2001:2::/48"),
+        ("2001:10::1", "in 2001:10::/28"),
+        ("3fff::1", "in 3fff::/20"),
+        ("5f00::1", "in 5f00::/16"),
+    ],
+)
+def test_address_classes(policy: AddressPolicy, address: str, why: str) -> None:
+    assert policy.why(address) == why
+    assert policy.blocked_by(address) is not None
+    assert policy.choose([address]) == (None, [f"{address} ({why})"])
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::808:808",  # NAT64 of 8.8.8.8: a public peer behind DNS64
+        "64:ff9b::5db8:d822",  # NAT64 of 93.184.216.34
+        "::ffff:0:808:808",  # IPv4-translated 8.8.8.8
+        "2002:808:808::1",  # 6to4 of 8.8.8.8
+        "2001:0:4136:e378:8000:63bf:f7f7:f7f7",  # Teredo: public server, client 8.8.8.8
+    ],
+)
+def test_embeddings_of_public_ipv4_pass(policy: AddressPolicy, address: str) -> None:
+    assert policy.why(address) is None
+
+
+def _embeddings(v4: ipaddress.IPv4Address) -> dict[str, str]:
+    n = int(v4)
+    return {
+        "IPv4-mapped": str(ipaddress.IPv6Address((0xFFFF << 32) | n)),
+        "IPv4-translated": str(ipaddress.IPv6Address((0xFFFF << 48) | n)),
+        "NAT64": str(ipaddress.IPv6Address((0x64FF9B << 96) | n)),
+        "6to4": str(ipaddress.IPv6Address((0x2002 << 112) | (n << 80) | 1)),
+        "Teredo client": str(
+            ipaddress.IPv6Address((0x20010000 << 96) | (0x413601A0 << 64) | (n ^ 0xFFFFFFFF))
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "network", [r for r in DEFAULT_BLOCKED_RANGES if ipaddress.ip_network(r).version == 4]
+)
+def test_every_embedding_of_every_blocked_ipv4_is_blocked(
+    policy: AddressPolicy, network: str
+) -> None:
+    net = ipaddress.IPv4Network(network)
+    for v4 in (net.network_address, net.broadcast_address):
+        for form, address in _embeddings(v4).items():
+            why = policy.why(address)
+            assert why is not None and why.startswith(f"{form} of {v4}, in "), (address, why)
+
+
+def test_an_exception_for_the_ipv4_covers_only_the_mapped_form() -> None:
+    """`--allow-address 127.0.0.0/8` lets the sidecar dial loopback. A NAT64, 6to4 or
+    Teredo address is dialled through a translator or relay, whose own loopback that
+    exception never meant: it stays refused unless the IPv6 address itself is allowed."""
+    policy = AddressPolicy.default([parse_network("127.0.0.0/8")])
+    assert policy.why("::ffff:127.0.0.1") is None
+    assert policy.why("64:ff9b::7f00:1") == "NAT64 of 127.0.0.1, in 127.0.0.0/8"
+    assert policy.why("2002:7f00:1::1") == "6to4 of 127.0.0.1, in 127.0.0.0/8"
+    assert policy.why("::ffff:0:7f00:1") == "IPv4-translated of 127.0.0.1, in 127.0.0.0/8"
+    nat64 = AddressPolicy.default([parse_network("64:ff9b::/96")])
+    assert nat64.why("64:ff9b::7f00:1") is None
+    local_use = AddressPolicy.default([parse_network("64:ff9b:1:abcd::/96")])
+    assert local_use.why("64:ff9b:1:abcd::808:808") is None
+    assert local_use.why("64:ff9b:1:1234::808:808") == "in 64:ff9b:1::/48"
+
+
+def test_the_sidecars_own_listen_addresses_are_refused() -> None:
+    listen = Authority("93.184.216.34", 3128)
+    ops = Authority("2606:2800:220:1::1", 9480)
+    policy = AddressPolicy.default(own=[listen, ops])
+    own = "the sidecar's own listen address"
+    assert policy.why("93.184.216.34") == f"{own} 93.184.216.34"
+    assert policy.why("::ffff:93.184.216.34") == f"{own} 93.184.216.34"
+    assert policy.why("2606:2800:220:1::1") == f"{own} 2606:2800:220:1::1"
+    assert policy.blocked_by("93.184.216.34") == ipaddress.ip_network("93.184.216.34/32")
+    assert policy.why("93.184.216.35") is None
+    allowed = AddressPolicy.default([parse_network("93.184.216.34/32")], own=[listen])
+    assert allowed.why("93.184.216.34") is None  # --allow-address still overrides
+
+
+@pytest.mark.parametrize(
+    ("host", "own"),
+    [
+        ("0.0.0.0", ()),  # wildcard: the unspecified address is blocked already
+        ("::", ()),
+        ("localhost", ("127.0.0.1/32", "::1/128")),
+        ("127.0.0.1", ("127.0.0.1/32",)),
+        ("192.0.2.10", ("192.0.2.10/32",)),
+    ],
+)
+def test_own_addresses_from_listeners(host: str, own: tuple[str, ...]) -> None:
+    listeners = [Authority(host, 3128), None, Authority(host, 9480)]
+    assert own_addresses(listeners) == tuple(ipaddress.ip_network(n) for n in own)
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_an_embedding_is_blocked_exactly_when_its_ipv4_is(n: int) -> None:
+    """Any IPv4: each translated form is refused iff the IPv4 itself is (the Teredo form
+    uses a public server, so only its client decides)."""
+    policy = AddressPolicy.default()
+    v4 = ipaddress.IPv4Address(n)
+    blocked = policy.blocked_by(str(v4)) is not None
+    for form, address in _embeddings(v4).items():
+        assert (policy.blocked_by(address) is not None) == blocked, (form, address)
