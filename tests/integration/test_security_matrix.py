@@ -1,7 +1,7 @@
 """The egress boundary as a matrix, in the style of Smokescreen's integration tests.
 
-{CONNECT, plain HTTP, intercepted request} × {live, blocked address, gone} × {no proxy
-auth, auth with the right credentials, auth configured but none sent} × {enforce, shadow}:
+{CONNECT, plain HTTP, intercepted request} x {live, blocked address, gone} x {no proxy
+auth, auth with the right credentials, auth configured but none sent} x {enforce, shadow}:
 each row drives a real client through a real sidecar process and asserts what the live,
 dead and canary services saw. Every refusal leaves all three at zero. Shadow mode only
 changes tombstone verdicts; the address guard and proxy auth are never in shadow.
