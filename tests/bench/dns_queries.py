@@ -1,4 +1,4 @@
-"""DNS queries per hour for one busy live name, time-compressed: `python -m tests.bench.dns_queries`.
+"""DNS queries per hour for one busy live name: `python -m tests.bench.dns_queries`.
 
 The name has an A TTL of 60 s and TXT/SRV TTLs (and negative TTLs) of 3600 s, the sidecar
 its default `--min-ttl 5m`; a client opens a tunnel to it every 250 ms (scaled). Every TTL
@@ -48,7 +48,7 @@ def main() -> None:
                     f"{MIN_TTL / scale:g}s",
                     "--dns-timeout",
                     "2s",
-                ],  # fmt: skip
+                ],
                 log_dir=Path(scratch),
             ).start()
             try:
