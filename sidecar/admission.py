@@ -177,7 +177,7 @@ class Admission:
             nextlayer.layer = HeadLimitedHttpLayer(context, self._limits().max_head_size, self)
         except Exception as e:
             self._failed("next_layer", e)
-            self._refuse(nextlayer, "error")
+            _close_instead(nextlayer)
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
@@ -196,9 +196,7 @@ class Admission:
         try:
             if flow.client_conn not in self.tunnels and not self._authenticate(flow):
                 return
-            removed = strip_hop_by_hop(flow.request.headers)
-            if removed:
-                log.debug("removed hop-by-hop headers before forwarding: %s", ", ".join(removed))
+            strip_hop_by_hop(flow.request.headers)
         except Exception as e:
             self._failed("requestheaders", e)
             flow.response = _refused()
@@ -265,16 +263,13 @@ class Admission:
         io = handler.transports.get(client)
         if io is not None and io.handler is not None:
             io.handler.cancel(f"not admitted: {reason}")
-            log.debug("closed %s before admission: %s", _peer(client), reason)
         else:  # its client_connected hooks are still running: not reading yet
             asyncio.get_running_loop().call_later(0.1, self._close, client, reason, False)
 
     def _refuse(self, nextlayer: layer.NextLayer, reason: str) -> None:
-        """Close the connection in place of whatever layer was chosen."""
         self.metrics.admission_refused.labels(reason).inc()
-        del nextlayer.context.layers[1:]
-        nextlayer.layer = CloseClient(nextlayer.context)
-        if reason != "error" and self._may_log(reason):
+        _close_instead(nextlayer)
+        if self._may_log(reason):
             log.info(
                 "closed a proxy connection that started with TLS instead of CONNECT (from %s)%s",
                 _peer(nextlayer.context.client),
@@ -303,7 +298,7 @@ class Admission:
                 error,
                 self._held_back_note("error"),
             )
-        log.debug("admission %s hook failed", hook, exc_info=error)
+            log.debug("admission %s hook failed", hook, exc_info=error)  # the traceback
 
     def _may_log(self, kind: str) -> bool:
         """At most one line per kind per LOG_EVERY seconds: unauthenticated clients must
@@ -327,6 +322,12 @@ def auto_max_pending(limit: int | None = None) -> int:
     if limit == resource.RLIM_INFINITY or limit < 0:
         return AUTO_MAX_PENDING
     return max(MIN_PENDING, min(AUTO_MAX_PENDING, (limit - RESERVED_FDS) // 4))
+
+
+def _close_instead(nextlayer: layer.NextLayer) -> None:
+    """Close the connection in place of whatever layer mitmproxy chose."""
+    del nextlayer.context.layers[1:]  # the chosen layers registered themselves there
+    nextlayer.layer = CloseClient(nextlayer.context)
 
 
 def _index(layers: list[layer.Layer], chosen: layer.Layer | None) -> int:

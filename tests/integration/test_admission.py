@@ -293,3 +293,39 @@ def test_idle_flood_under_a_small_file_limit_leaves_room_for_tunnels_and_ops(
     assert sidecar.process.alive
     warnings = [line for line in sidecar.log().splitlines() if "--max-pending-clients" in line]
     assert len(warnings) == 1, warnings  # one line, not one per evicted connection
+
+
+# -- an exception in an admission hook refuses ------------------------------------------------
+
+
+def test_an_admission_hook_that_fails_refuses_the_connection() -> None:
+    """In process, with mitmproxy's own addon test context and layers: an Admission whose
+    options never arrived (limits unknown) raises inside its hooks, and each refuses."""
+    from mitmproxy.addons.next_layer import NextLayer as MitmNextLayer
+    from mitmproxy.proxy import events
+    from mitmproxy.proxy.context import Context
+    from mitmproxy.proxy.layer import NextLayer
+    from mitmproxy.proxy.layers.modes import HttpProxy
+    from mitmproxy.test import taddons, tflow
+
+    from sidecar.admission import Admission
+    from sidecar.empty_connect import CloseClient
+    from sidecar.metrics import Metrics
+
+    metrics = Metrics()
+    admission = Admission(metrics)
+    with taddons.context(MitmNextLayer(), admission) as tctx:
+        client = tflow.tclient_conn()
+        admission.client_connected(client)
+        assert client.error == "admission failed"
+
+        context = Context(tflow.tclient_conn(), tctx.options)
+        HttpProxy(context)
+        nextlayer = NextLayer(context)
+        nextlayer.events.append(
+            events.DataReceived(context.client, b"CONNECT a.test:443 HTTP/1.1\r\n\r\n")
+        )
+        tctx.master.addons.get("nextlayer").next_layer(nextlayer)  # mitmproxy's choice first
+        admission.next_layer(nextlayer)
+        assert isinstance(nextlayer.layer, CloseClient)
+    assert metrics.admission_refused.labels("error")._value.get() == 2
