@@ -399,10 +399,10 @@ class HeadLimitedHttpLayer(HttpLayer):
             and isinstance(event, events.DataReceived)
             and event.connection is self.context.client
         ):
-            self.received += len(event.data)
-            if self._head_complete(event.data):
-                self.gating = False
-            elif self.received > self.limit:
+            head = self._head_bytes(event.data)
+            if head is not None:
+                self.gating = False  # the head is complete: the rest is not ours to count
+            if (head if head is not None else self.received) > self.limit:
                 self.refused = True
                 self.admission.too_large(self.context.client)
                 yield commands.SendData(self.context.client, _head_too_large(self.limit))
@@ -410,14 +410,21 @@ class HeadLimitedHttpLayer(HttpLayer):
                 return
         yield from super()._handle_event(event)
 
-    def _head_complete(self, data: bytes) -> bool:
+    def _head_bytes(self, data: bytes) -> int | None:
+        """Count `data`; the length of the first head (blank line included) once it is
+        complete, else None."""
+        before = self.received
+        self.received += len(data)
         if not self.started:
-            data = data.lstrip(b"\r\n")  # h11 skips empty lines before a request line
-            if not data:
-                return False
+            stripped = data.lstrip(b"\r\n")  # h11 skips empty lines before a request line
+            if not stripped:
+                return None
+            before += len(data) - len(stripped)
+            data = stripped
             self.started = True
         window = self.tail + data
-        if HEAD_END.search(window):
-            return True
+        end = HEAD_END.search(window)
+        if end is not None:
+            return before + end.end() - len(self.tail)
         self.tail = window[-2:]
-        return False
+        return None
