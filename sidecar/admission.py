@@ -63,8 +63,9 @@ FRAMING = frozenset({"host", "content-length", "transfer-encoding", "upgrade"})
 HEAD_END = re.compile(rb"\n\r?\n")  # where h11 (mitmproxy's HTTP/1 parser) ends a head
 LOG_EVERY = 60.0  # seconds between two log lines about the same kind of refusal
 # `--max-pending-clients auto`: a quarter of the open-file limit after this many descriptors
-# for the process itself (~40 measured: listeners, epoll, DNS, store) and a burst of accepts
-# not yet refused (asyncio accepts up to 100 at once), but never more than AUTO_MAX_PENDING.
+# for the process itself (11 measured at rest: listeners, epoll, DNS, state file) and a
+# burst of accepts not yet refused (asyncio accepts up to 100 at once), at most
+# AUTO_MAX_PENDING; the other three quarters are for tunnels (two each) and the ops port.
 RESERVED_FDS = 128
 AUTO_MAX_PENDING = 1024
 MIN_PENDING = 8
@@ -376,8 +377,9 @@ class HeadLimitedHttpLayer(HttpLayer):
     against header size DoS" in its HTTP/1 server): three unauthenticated 40 MB header lines
     grew the sidecar's RSS by 120 MiB, never returned (tests/bench/preauth.py). This layer
     sees the client's bytes before mitmproxy's parser does, counts them until the first
-    head's blank line, and answers 431 and closes once they exceed the limit; after the
-    first head it only passes events on. It takes HttpLayer's place in the layer stack,
+    head's blank line, and answers 431 and closes once they exceed the limit. After the
+    first head it only passes events on: by then the client is admitted, or answered 407
+    with `Connection: close`. It takes HttpLayer's place in the layer stack,
     where mitmproxy's own layers and the sidecar's `CONNECT :0` check expect an HttpLayer.
     """
 
