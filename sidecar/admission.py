@@ -98,7 +98,12 @@ class Limits:
 
 
 class Admission:
-    """The addon; see the module docstring. `metrics` is the sidecar's one registry."""
+    """The addon; see the module docstring. `metrics` is the sidecar's one registry.
+
+    It reads its own options in `configure`, as mitmproxy's addons do, so it needs nothing
+    from TombstoneAddon but the declaration of the options (the one table in options.py):
+    the same under `tombstone-sidecar run` and `mitmdump -s addons/tombstone.py`.
+    """
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
