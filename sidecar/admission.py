@@ -8,8 +8,9 @@ one concern, hooks that return early):
   a CONNECT that passes admits its whole tunnel, a plain-HTTP request must carry it each
   time. Without the option the first request head admits the connection.
 - credentials never leave: hop-by-hop headers (`Proxy-Authorization`, `Proxy-Connection`,
-  `Keep-Alive`, `TE`, `Connection` and every header it names) are removed from each
-  request before it is forwarded, plain HTTP and inside intercepted tunnels alike.
+  `Keep-Alive`, `TE` and every header `Connection` names) are removed from each request
+  before it is forwarded, plain HTTP and inside intercepted tunnels alike; `Connection`
+  keeps only close/keep-alive/upgrade, which mitmproxy reads for the client's connection.
 - a regular proxy listener speaks HTTP first: TLS without a CONNECT is closed at the layer
   decision, before any addon sees its ClientHello (its SNI is never resolved or probed).
 - pre-admission limits: the first request head must be complete and admitted within
@@ -56,10 +57,14 @@ OPTIONS = tuple(
 )
 # Hop-by-hop headers a proxy must not forward (RFC 9110 §7.6.1), besides those `Connection`
 # names. Proxy-Authorization carries the proxy's password: it must never reach an origin.
-HOP_BY_HOP = ("connection", "proxy-connection", "proxy-authorization", "keep-alive", "te")
+HOP_BY_HOP = ("proxy-connection", "proxy-authorization", "keep-alive", "te")
 # Named by `Connection` or not, these frame the message (mitmproxy re-frames it from them)
 # or name its target: removing them would make the forwarded request a different one.
 FRAMING = frozenset({"host", "content-length", "transfer-encoding", "upgrade"})
+# The `Connection` tokens that stay: mitmproxy reads the request's own `Connection` to
+# manage the client's connection (close after the answer, upgrade to WebSocket), and for
+# the next hop they mean the same. Every other token goes, with the header it names.
+CONNECTION_TOKENS = ("close", "keep-alive", "upgrade")
 HEAD_END = re.compile(rb"\n\r?\n")  # where h11 (mitmproxy's HTTP/1 parser) ends a head
 LOG_EVERY = 60.0  # seconds between two log lines about the same kind of refusal
 # `--max-pending-clients auto`: a quarter of the open-file limit after this many descriptors
@@ -74,20 +79,29 @@ MIN_PENDING = 8
 def strip_hop_by_hop(headers: http.Headers) -> list[str]:
     """Remove the hop-by-hop headers of a request about to be forwarded; the names removed.
 
-    Headers that frame the message or name its host stay even when `Connection` names them
-    (a client could otherwise make the forwarded request differ from the one judged).
+    `Connection` keeps only its close/keep-alive/upgrade tokens. Headers that frame the
+    message or name its host stay even when `Connection` names them (a client could
+    otherwise make the forwarded request differ from the one judged).
     """
-    named = {
-        token.strip().lower()
-        for value in headers.get_all("connection") + headers.get_all("proxy-connection")
-        for token in value.split(",")
-    }
+    connection = _tokens(headers.get_all("connection"))
+    named = connection | _tokens(headers.get_all("proxy-connection"))
     removed = []
-    for name in [*HOP_BY_HOP, *sorted(named - FRAMING)]:
+    for name in [*HOP_BY_HOP, *sorted(named - FRAMING - {"connection", *CONNECTION_TOKENS})]:
         if name and name in headers:
             del headers[name]
             removed.append(name)
+    if "connection" in headers:
+        kept = [token for token in CONNECTION_TOKENS if token in connection]
+        if kept:
+            headers["connection"] = ", ".join(kept)
+        else:
+            del headers["connection"]
+            removed.append("connection")
     return removed
+
+
+def _tokens(values: list[str]) -> set[str]:
+    return {token.strip().lower() for value in values for token in value.split(",")}
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from mitmproxy.http import Headers
 
-from sidecar.admission import FRAMING, HOP_BY_HOP, strip_hop_by_hop
+from sidecar.admission import CONNECTION_TOKENS, FRAMING, HOP_BY_HOP, strip_hop_by_hop
 from sidecar.proxy_auth import ProxyAuth
 
 USERS = {"synapse": "s3cret-pass", "üser": "pässwörd", "a": "b:c"}
@@ -134,13 +134,19 @@ def test_stripping_leaves_no_hop_by_hop_header_and_everything_else(
     pairs: list[tuple[str, str]],
 ) -> None:
     headers = Headers([(k.encode(), v.encode()) for k, v in pairs])
-    named = {
-        t.strip().lower()
-        for k, v in pairs
-        if k.lower() in ("connection", "proxy-connection")
-        for t in v.split(",")
-    }
-    hop = set(HOP_BY_HOP) | (named - FRAMING) - {""}
-    removed = strip_hop_by_hop(headers)
-    assert set(removed) == {k.lower() for k, _ in pairs} & hop
-    assert [(k, v) for k, v in pairs if k.lower() not in hop] == list(headers.items(multi=True))
+
+    def tokens(*names: str) -> set[str]:
+        return {t.strip().lower() for k, v in pairs if k.lower() in names for t in v.split(",")}
+
+    connection = tokens("connection")
+    named = connection | tokens("proxy-connection")
+    hop = set(HOP_BY_HOP) | (named - FRAMING - set(CONNECTION_TOKENS) - {"connection", ""})
+    strip_hop_by_hop(headers)
+    kept = [(k, v) for k, v in pairs if k.lower() not in hop and k.lower() != "connection"]
+    rest = [(k, v) for k, v in headers.items(multi=True) if k.lower() != "connection"]
+    assert rest == kept
+    left = [t for t in CONNECTION_TOKENS if t in connection]
+    if left:
+        assert headers.get_all("connection") == [", ".join(left)]
+    else:
+        assert "connection" not in headers
