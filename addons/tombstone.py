@@ -6,5 +6,8 @@ dialled (the `tombstone-sidecar run` command sets this for you).
 """
 
 from sidecar.addon import TombstoneAddon
+from sidecar.admission import Admission
 
-addons = [TombstoneAddon()]
+tombstone = TombstoneAddon()
+# Admission first: proxy auth, header stripping and pre-auth limits before any decision.
+addons = [Admission(tombstone.metrics), tombstone]

@@ -54,7 +54,6 @@ from sidecar.ops_server import OpsServer
 from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
 from sidecar.policy import Policy, TtlBounds
 from sidecar.probe import Prober, ProbeResult, ProbeSettings
-from sidecar.proxy_auth import ProxyAuth
 from sidecar.store import default_state_dir, open_store
 from sidecar.synapse_admin import AdminEndpoint, SynapseAdmin
 from sidecar.verdicts import Entry, State, Verdict
@@ -121,7 +120,6 @@ class TombstoneAddon:
         self.gone_ttl = GoneTtl(86400, 86400, 90 * 86400)  # until configure; MSC4188
         self.breaker: Breaker | None = None
         self.prober: Prober | None = None
-        self.auth: ProxyAuth | None = None
         self.active_clients = 0
         self.idle = asyncio.Event()  # set whenever the last client connection closes
         self.draining = False
@@ -189,7 +187,6 @@ class TombstoneAddon:
             self.breaker = Breaker(breaker, self.metrics)
         else:
             self.breaker.settings = breaker
-        self.auth = ProxyAuth(settings.proxy_users) if settings.proxy_users else None
         self.gone_ttl = GoneTtl(settings.gone_ttl, settings.min_gone_ttl, settings.max_gone_ttl)
         self.prober = self._make_prober(settings) if settings.probe else None
         self.policy.prober = self.prober
@@ -389,8 +386,8 @@ class TombstoneAddon:
         self.metrics.invalid_input.labels("connect").inc()
 
     async def _connect(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or not self._authorized(flow):
-            return  # already answered (by another addon, or 407 here)
+        if flow.response is not None:
+            return  # already answered (by another addon: 407 from admission, ...)
         started = time.perf_counter()
         if flow.request.host == EMPTY_HOST:
             # CONNECT :0, intercept mode (see _next_layer): accepted, nothing ever dialled.
@@ -471,8 +468,6 @@ class TombstoneAddon:
         if flow.response is not None or flow.request.method == "CONNECT":
             return
         tunnel = self.tunnels.get(flow.client_conn)
-        if tunnel is None and not self._authorized(flow):
-            return
         started = time.perf_counter()
         try:
             name = self._destination(flow, tunnel)
@@ -848,21 +843,6 @@ class TombstoneAddon:
             flow.kill()
         else:
             flow.response = answers.suppressed(verdict, self._settings.suppress_status)
-
-    def _authorized(self, flow: http.HTTPFlow) -> bool:
-        """With --proxy-auth-file, answer 407 unless Proxy-Authorization is right."""
-        if self.auth is None:
-            return True
-        try:
-            ok = self.auth.check(flow.request.headers.get("Proxy-Authorization"))
-        except Exception:  # an exception here must never let a request through
-            log.exception("proxy authentication check failed; refusing the request")
-            ok = False
-        if ok:
-            return True
-        self.metrics.proxy_auth_failures.inc()
-        flow.response = answers.proxy_auth_required()
-        return False
 
     def _breaker_verdict(self, key: str) -> Verdict | None:
         assert self.breaker is not None

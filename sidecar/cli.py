@@ -254,6 +254,7 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
     from mitmproxy.options import Options
 
     from sidecar.addon import TombstoneAddon
+    from sidecar.admission import Admission
     from sidecar.options import ADDON_OPTIONS
 
     # Pass-through mode never intercepts, but mitmproxy insists on a CA in its confdir at
@@ -283,7 +284,8 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
         master = Master(opts, with_termlog=False)
         addon = TombstoneAddon()
         try:
-            master.addons.add(*_mitmproxy_addons(), addon)
+            # Admission first: nothing reaches the decision hooks before it admits a client.
+            master.addons.add(*_mitmproxy_addons(), Admission(addon.metrics), addon)
             # Options defined by addons exist only once the addons are loaded.
             opts.update(
                 mode=[mode_spec(settings.listen.port, settings.reuse_port)],

@@ -165,6 +165,22 @@ class Metrics:
             "Proxy requests refused with 407 (missing or wrong Proxy-Authorization).",
             registry=r,
         )
+        # Admission (sidecar/admission.py): proxy connections before their first admitted request.
+        self.admission_refused = Counter(
+            "tombstone_admission_refused_total",
+            "Proxy connections closed before admission, by reason: timeout (--head-timeout), "
+            "too_large (431, --max-head-size), evicted (oldest waiting at "
+            "--max-pending-clients), tls_without_connect, error (an admission hook failed).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("timeout", "too_large", "evicted", "tls_without_connect", "error"):
+            self.admission_refused.labels(reason)
+        self.pending_clients = Gauge(
+            "tombstone_pending_clients",
+            "Proxy connections waiting for their first admitted request.",
+            registry=r,
+        )
         self.resurrections = Counter(
             "tombstone_resurrections_total",
             "Gone destinations lifted, by whether their signing keys changed since they were "

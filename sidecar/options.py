@@ -314,6 +314,29 @@ OPTIONS: tuple[Option, ...] = (
         "FILE",
     ),
     Option(
+        "head_timeout",
+        "10s",
+        "Close a proxy connection whose first request head has not arrived complete (and "
+        "authenticated, with --proxy-auth-file) within this long: idle and half-sent "
+        "connections hold nothing for long.",
+        "DURATION",
+    ),
+    Option(
+        "max_head_size",
+        "64k",
+        "Largest first request head (request line and headers) a proxy client may send; "
+        "a longer one is answered 431 and closed. Synapse's CONNECT is ~200 bytes.",
+        "SIZE",
+    ),
+    Option(
+        "max_pending_clients",
+        "auto",
+        "Most proxy connections waiting for their first admitted request at once; beyond it "
+        "the oldest waiting one is closed. `auto`: a quarter of the open-file limit less "
+        "128, between 8 and 1024, so authorised tunnels and the ops port keep descriptors.",
+        "N|auto",
+    ),
+    Option(
         "allow_open_proxy",
         False,
         "Allow a non-loopback --listen without --proxy-auth-file (only behind a NetworkPolicy "
@@ -402,6 +425,30 @@ def parse_int(text: object, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{value} is outside {low}-{high}")
     return value
+
+
+SIZE_UNITS = {"k": 1024, "m": 1024 * 1024}
+
+
+def parse_size(text: object, low: int, high: int) -> int:
+    """`65536`, `64k`, `1m` → bytes."""
+    value = str(text).strip().lower().removesuffix("b").removesuffix("i")
+    unit = SIZE_UNITS.get(value[-1:], 1)
+    digits = value[:-1] if unit > 1 else value
+    try:
+        size = int(digits) * unit
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size (examples: 65536, 64k, 1m)") from None
+    if not low <= size <= high:
+        raise ValueError(f"{text!r} is outside {low}-{high} bytes")
+    return size
+
+
+def parse_pending(text: object) -> int:
+    """A positive whole number, or `auto` (0: computed from the open-file limit at start)."""
+    if str(text).strip().lower() == "auto":
+        return 0
+    return parse_int(text, 1, 1_000_000)
 
 
 def parse_bool(value: object) -> bool:
@@ -574,6 +621,9 @@ class Settings:
     synapse_admin_token: str | None = None
     synapse_admin_poll: float = 30.0
     hold_reborn: bool = False
+    head_timeout: float = 10.0
+    max_head_size: int = 64 * 1024
+    max_pending_clients: int = 0  # 0: auto, from the open-file limit
 
     def read_lists(self) -> OperatorLists:
         """Deny and allow lists: the flags plus the files as they are now (ValueError if bad).
@@ -696,6 +746,9 @@ class Settings:
             ),
             synapse_admin_poll=check("synapse_admin_poll", parse_duration),
             hold_reborn=check("hold_reborn", parse_bool),
+            head_timeout=check("head_timeout", parse_duration),
+            max_head_size=check("max_head_size", lambda v: parse_size(v, 1024, 16 * 1024 * 1024)),
+            max_pending_clients=check("max_pending_clients", parse_pending),
         )
 
 

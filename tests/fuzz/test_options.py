@@ -31,6 +31,7 @@ from sidecar.options import (
     parse_listen,
     parse_nameserver,
     parse_share,
+    parse_size,
     parse_store,
     read_name_file,
     read_token_file,
@@ -168,6 +169,25 @@ def test_parse_int_stays_in_bounds(value: Any, low: int, span: int) -> None:
         check_value_error(e)
         return
     assert low <= number <= low + span
+
+
+@given(st.one_of(json_values, ANY_TEXT), st.integers(0, 10**6), st.integers(0, 10**9))
+@example(10**5000, 1, 10)
+@example("64KiB", 1024, 10**6)
+@example("-1k", 0, 10**6)
+def test_parse_size_stays_in_bounds(value: Any, low: int, span: int) -> None:
+    try:
+        size = parse_size(value, low, low + span)
+    except ValueError as e:
+        check_value_error(e)
+        return
+    assert low <= size <= low + span
+
+
+@given(st.integers(1, 10**6), st.sampled_from(["", "k", "K", "kb", "KiB", "m", "MB"]))
+def test_parse_size_reads_back_what_it_means(number: int, unit: str) -> None:
+    factor = {"": 1, "k": 1024, "m": 1024 * 1024}[unit[:1].lower()]
+    assert parse_size(f"{number}{unit}", 0, 10**13) == number * factor
 
 
 # -- Settings.from_raw --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""sidecar.proxy_auth: Proxy-Authorization values from any client that reaches the proxy."""
+"""sidecar.proxy_auth: Proxy-Authorization values from any client that reaches the proxy;
+sidecar.admission.strip_hop_by_hop: what of a request's headers may be forwarded."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import base64
 import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
+from mitmproxy.http import Headers
 
+from sidecar.admission import CONNECTION_TOKENS, FRAMING, HOP_BY_HOP, strip_hop_by_hop
 from sidecar.proxy_auth import ProxyAuth
 
 USERS = {"synapse": "s3cret-pass", "üser": "pässwörd", "a": "b:c"}
@@ -80,3 +83,70 @@ def test_regression_non_ascii_password_of_unknown_user_is_refused(credentials: s
     raised TypeError for an unknown user, and through the proxy that let the CONNECT through
     unauthenticated (see test_proxy_port.py)."""
     assert AUTH.check(basic(credentials.encode())) is False
+
+
+# -- credentials never leave: sidecar.admission.strip_hop_by_hop ------------------------------
+
+header_names = st.one_of(
+    st.sampled_from(
+        [
+            "Proxy-Authorization",
+            "proxy-authorization",
+            "PROXY-CONNECTION",
+            "Connection",
+            "Keep-Alive",
+            "TE",
+            "Host",
+            "Content-Length",
+            "Transfer-Encoding",
+            "Upgrade",
+            "Authorization",
+            "X-Hop",
+            "x-hop",
+            "X-Kept",
+            "Trailer",
+        ]
+    ),
+    st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,15}", fullmatch=True),
+)
+tokens = st.one_of(header_names, st.sampled_from(["close", "keep-alive", "", " ", "upgrade"]))
+connection_values = st.lists(tokens, max_size=4).map(
+    lambda ts: ",".join(f" {t} " if i % 2 else t for i, t in enumerate(ts))
+)
+header_lists = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(["Connection", "Proxy-Connection"]), connection_values),
+        st.tuples(
+            header_names,
+            st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=20),
+        ),
+    ),
+    max_size=8,
+)
+
+
+@given(header_lists)
+@example([("Connection", "close, X-Hop"), ("X-Hop", "secret"), ("X-Kept", "1")])
+@example([("Connection", "Host, Content-Length, Transfer-Encoding"), ("Host", "a"),
+          ("Content-Length", "0")])  # fmt: skip
+@example([("Proxy-Connection", "X-Hop"), ("x-hop", "1"), ("Proxy-Authorization", "Basic eA==")])
+def test_stripping_leaves_no_hop_by_hop_header_and_everything_else(
+    pairs: list[tuple[str, str]],
+) -> None:
+    headers = Headers([(k.encode(), v.encode()) for k, v in pairs])
+
+    def tokens(*names: str) -> set[str]:
+        return {t.strip().lower() for k, v in pairs if k.lower() in names for t in v.split(",")}
+
+    connection = tokens("connection")
+    named = connection | tokens("proxy-connection")
+    hop = set(HOP_BY_HOP) | (named - FRAMING - set(CONNECTION_TOKENS) - {"connection", ""})
+    strip_hop_by_hop(headers)
+    kept = [(k, v) for k, v in pairs if k.lower() not in hop and k.lower() != "connection"]
+    rest = [(k, v) for k, v in headers.items(multi=True) if k.lower() != "connection"]
+    assert rest == kept
+    left = [t for t in CONNECTION_TOKENS if t in connection]
+    if left:
+        assert headers.get_all("connection") == [", ".join(left)]
+    else:
+        assert "connection" not in headers

@@ -28,6 +28,7 @@ from tests.fuzz.processes import GuardedSidecar
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import authorities, dns_names, hostish
 from tests.support.dns_server import DnsServer
+from tests.support.procs import wait_until
 
 DENIED = "denied.test"
 USERS = {"synapse": "s3cret-pass", "üser": "pässwörd"}
@@ -352,3 +353,116 @@ def test_regression_non_ascii_password_of_unknown_user_gets_407(
     outcome = send(auth_proxy.proxy_port, connect_with(value))
     assert outcome.status == 407, outcome
     assert not auth_proxy.crashes(auth_proxy.new_log())
+
+
+# -- before admission: --max-head-size and --head-timeout ------------------------------------
+
+HEAD_LIMIT = 2048
+HEAD_DEADLINE = 1.0
+
+
+@pytest.fixture(scope="module")
+def limited_proxy(dns_server: DnsServer) -> Iterator[GuardedSidecar]:
+    with tempfile.TemporaryDirectory(prefix="fuzz-limits-") as name:
+        users = Path(name) / "users"
+        users.write_text("".join(f"{u}:{p}\n" for u, p in USERS.items()), encoding="utf-8")
+        sidecar = start(dns_server, Path(name), "--proxy-auth-file", str(users),
+                        "--max-head-size", str(HEAD_LIMIT),
+                        "--head-timeout", f"{HEAD_DEADLINE:g}s")  # fmt: skip
+        try:
+            yield sidecar
+        finally:
+            sidecar.stop()
+
+
+@dataclass(frozen=True)
+class Head:
+    chunks: tuple[bytes, ...]
+    length: int | None  # bytes up to and including the blank line; None: never ends
+    leading_blank: bool
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
+
+
+@st.composite
+def heads(draw: st.DrawFn) -> Head:
+    """A request head of any size around the limit, ended or not, in any number of reads."""
+    newline = draw(st.sampled_from([b"\r\n", b"\r\n", b"\n"]))
+    blank = draw(st.sampled_from([b"", b"", b"\r\n", b"\n\r\n"]))
+    line = draw(
+        st.sampled_from([b"CONNECT denied.test:443 HTTP/1.1", b"GET http://x.test/ HTTP/1.1"])
+    )
+    pads = draw(st.lists(st.integers(0, 1200), max_size=4))
+    head = blank + line + newline + b"".join(b"X-Pad: " + b"p" * n + newline for n in pads)
+    ends = draw(st.booleans())
+    if ends:
+        head += newline
+    cuts = sorted(draw(st.lists(st.integers(1, max(1, len(head) - 1)), max_size=3, unique=True)))
+    chunks = tuple(head[a:b] for a, b in zip([0, *cuts], [*cuts, len(head)], strict=True) if a < b)
+    return Head(chunks, len(head) if ends else None, bool(blank))
+
+
+PREFIX = b"CONNECT denied.test:443 HTTP/1.1\r\nX: "
+
+
+def one_read(data: bytes) -> Head:
+    end = re.search(rb"\n\r?\n", data)
+    return Head((data,), end.end() if end else None, False)
+
+
+def feed(port: int, head: Head, wait: float) -> tuple[bytes, bool, float]:
+    """Send the chunks (a pause between them: separate reads), never end our side; read until
+    the proxy answers and closes, or `wait` passes: (received, closed, seconds)."""
+    started = time.monotonic()
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        with contextlib.suppress(OSError):
+            for chunk in head.chunks:
+                sock.sendall(chunk)
+                time.sleep(0.02)
+        deadline = started + wait
+        while (remaining := deadline - time.monotonic()) > 0:
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            except OSError:
+                return received, True, time.monotonic() - started
+            if not chunk:
+                return received, True, time.monotonic() - started
+            received += chunk
+    return received, False, time.monotonic() - started
+
+
+@settings(max_examples=examples(ci=40, deep=600), deadline=None)
+@given(heads())
+@example(one_read(b"CONNECT denied.test:443 HTTP/1.1\r\nX: " + b"a" * HEAD_LIMIT))
+@example(one_read(PREFIX + b"a" * (HEAD_LIMIT - len(PREFIX) - 4) + b"\r\n\r\n"))  # the limit
+@example(one_read(PREFIX + b"a" * (HEAD_LIMIT - len(PREFIX) - 3) + b"\r\n\r\n"))  # one over
+@example(Head((b"CONNECT denied.test:443 HTTP/1.1\r", b"\n\r", b"\n"), 36, False))
+def test_heads_over_the_limit_get_431_and_unfinished_ones_the_deadline(
+    limited_proxy: GuardedSidecar, head: Head
+) -> None:
+    def refused(reason: str) -> float:
+        return limited_proxy.metric("tombstone_admission_refused_total", reason=reason)
+
+    too_large, timeout = refused("too_large"), refused("timeout")
+    received, closed, seconds = feed(limited_proxy.proxy_port, head, HEAD_DEADLINE + 4)
+    assert closed, f"still open after {seconds:.1f}s: {head.data[:200]!r}"
+    status = STATUS_LINE.match(received)
+    over = (head.length if head.length is not None else len(head.data)) > HEAD_LIMIT
+    if over:  # refused on the bytes (a reset may overtake the 431 while we still send)
+        assert status is None or status.group(1) == b"431", received[:200]
+        assert wait_until(lambda: refused("too_large") == too_large + 1), head
+    elif head.length is not None and not head.leading_blank:
+        assert status is not None and status.group(1) == b"407", (head, received[:200])
+    else:  # unfinished (or stalled by mitmproxy on a blank line first): closed at the deadline
+        assert received == b"" or (status is not None and status.group(1) == b"407"), received
+        if not received:
+            assert seconds > HEAD_DEADLINE - 0.3, seconds
+            assert wait_until(lambda: refused("timeout") == timeout + 1), head
+    event("431" if over else (status.group(1).decode() if status else "closed at the deadline"))
+    assert not limited_proxy.crashes(limited_proxy.new_log())

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from sidecar.addon import TombstoneAddon
+from sidecar.admission import Admission
 
 FAULT = os.environ["TOMBSTONE_TEST_FAULT"]
 
@@ -31,4 +32,4 @@ async def _raise_async(*_args: Any, **_kwargs: Any) -> None:
 addon = TombstoneAddon()
 original = getattr(addon, FAULT)
 setattr(addon, FAULT, _raise_async if inspect.iscoroutinefunction(original) else _raise)
-addons = [addon]
+addons = [Admission(addon.metrics), addon]  # as addons/tombstone.py loads them
