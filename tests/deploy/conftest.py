@@ -6,11 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.deploy.image import Built, build
+from tests.deploy.image import IMAGE_REPORT, Built, build
 from tests.deploy.podman import Podman, require_podman
-
-# Facts about the image under test, printed at the end of the run (size, Python, timings).
-IMAGE_REPORT: list[str] = []
 
 
 @pytest.fixture(scope="session")

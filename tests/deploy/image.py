@@ -31,6 +31,9 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 # `python` (the HEALTHCHECK calls it), groupadd/useradd (the Dockerfile's RUN), system CAs.
 BASE_PACKAGES = ("python3", "python3-venv", "python-is-python3", "passwd", "ca-certificates")
 PIP_CONF = "[global]\nno-index = true\nfind-links = /wheels\n"
+# Facts about the image under test, printed at the end of the run (conftest.py): size,
+# Python and mitmproxy inside, how long each step took.
+IMAGE_REPORT: list[str] = []
 
 
 @dataclass

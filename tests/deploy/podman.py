@@ -2,9 +2,9 @@
 
 Debian's podman 4.3 runs containers on this kind of machine with a private containers.conf
 (selected by CONTAINERS_CONF) that picks runc (crun refuses the hybrid cgroup layout) and
-lower default ulimits (the defaults are refused). Storage, run state, locks, network config
-and events live under one directory that `close()` removes, after removing every container,
-volume and image made here (and the few STRAY_PATHS podman makes regardless).
+lower default ulimits (the defaults are refused). Storage, run state, locks, network config,
+events and runc's own state live under one directory that `close()` removes, after removing
+every container, volume and image made here (and the few STRAY_PATHS podman makes anyway).
 
 Networking: only `--network=none` (probes run inside with `podman exec`). Podman's default
 bridge network (10.88.0.0/16) must never be used on these machines, so `run()` refuses a
@@ -25,11 +25,10 @@ import pytest
 # What scripts/test installs with apt-get for these tests (Debian package names).
 NEEDED = {"podman": "podman", "runc": "runc", "newuidmap": "uidmap", "mmdebstrap": "mmdebstrap"}
 ULIMITS = ("nofile=8192:8192", "nproc=4096:4096")
-# Made by podman 4.3 or its image library whatever the configuration says (runc's default
-# state root, the blob-info cache of imports and builds, a per-user config directory).
+# Made by podman 4.3 or its image library whatever the configuration says (the blob-info
+# cache of imports and builds, a per-user config directory).
 # Removed again by close() when they did not exist before.
-STRAY_PATHS = ("/run/runc", "/var/lib/containers", "/var/cache/containers",
-               "~/.config/containers")  # fmt: skip
+STRAY_PATHS = ("/var/lib/containers", "/var/cache/containers", "~/.config/containers")
 
 
 def require_podman() -> None:
@@ -49,6 +48,12 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+def _which(command: str) -> str:
+    found = shutil.which(command, path=_path())
+    assert found is not None, command
+    return found
+
+
 def _path() -> str:
     return os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
 
@@ -59,14 +64,20 @@ class Podman:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.strays = [_first_missing(Path(os.path.expanduser(p))) for p in STRAY_PATHS]
-        for sub in ("storage", "run", "libpod", "cni", "tmp"):
+        for sub in ("storage", "run", "libpod", "cni", "tmp", "bin"):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        # runc keeps its state in /run/runc unless given --root, and podman build's RUN steps
+        # call it without the flags `podman --runtime-flag` would add: a wrapper adds it.
+        runc = root / "bin" / "runc"
+        runc.write_text(f'#!/bin/sh\nexec {_which("runc")} --root "{root}/runc" "$@"\n')
+        runc.chmod(0o755)
         ulimits = ", ".join(f'"{u}"' for u in ULIMITS)
         (root / "containers.conf").write_text(
             "[containers]\n"
             f"default_ulimits = [{ulimits}]\n"
             "[engine]\n"
             'runtime = "runc"\n'
+            f'runtimes = {{ runc = ["{runc}"] }}\n'
             'cgroup_manager = "cgroupfs"\n'  # no systemd as PID 1 here
             'events_logger = "file"\n'
             f'events_logfile_path = "{root}/events.log"\n'

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.deploy.dockerfile import final_stage
-from tests.deploy.image import Built
+from tests.deploy.image import IMAGE_REPORT, Built
 from tests.deploy.manifests import of_kind, render
 from tests.deploy.pod import Pod
 from tests.deploy.podman import Podman
@@ -122,6 +122,9 @@ def test_the_sidecar_runs_as_its_pod_spec_says(native: Pod, image: Built) -> Non
     version = _inside(native, "python", "-c", "import sys, mitmproxy.version as m; "
                       "print(sys.version.split()[0], m.VERSION)")  # fmt: skip
     assert version.split()[0] == image.python, version
+    IMAGE_REPORT.append(
+        f"  in the image: Python {version.split()[0]}, mitmproxy {version.split()[1]}"
+    )
 
 
 def _verdict(pod: Pod) -> dict[str, object]:
@@ -147,6 +150,9 @@ def test_a_verdict_survives_a_restart_and_sigterm_stops_it_in_time(native: Pod) 
     state = json.loads(native.podman.output(["inspect", "--format", "{{json .State}}", name]))
     assert state["ExitCode"] == 0, state
     assert took < native.grace_seconds, f"stopped after {took:.1f}s"
+    IMAGE_REPORT.append(
+        f"  SIGTERM to exit 0: {took:.1f} s (grace period {native.grace_seconds} s)"
+    )
     logs = native.podman.run(["logs", name], check=False)
     assert "SIGTERM" in logs.stdout + logs.stderr
     native.podman.run(["start", name])
