@@ -66,8 +66,8 @@ class Podman:
         self.strays = [_first_missing(Path(os.path.expanduser(p))) for p in STRAY_PATHS]
         for sub in ("storage", "run", "libpod", "cni", "tmp", "bin"):
             (root / sub).mkdir(parents=True, exist_ok=True)
-        # runc keeps its state in /run/runc unless given --root, and podman build's RUN steps
-        # call it without the flags `podman --runtime-flag` would add: a wrapper adds it.
+        # runc keeps its state in /run/runc unless given --root, which `podman --runtime-flag`
+        # did not pass on every path here (/run/runc still appeared): a wrapper always does.
         runc = root / "bin" / "runc"
         runc.write_text(f'#!/bin/sh\nexec {_which("runc")} --root "{root}/runc" "$@"\n')
         runc.chmod(0o755)
