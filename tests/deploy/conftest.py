@@ -24,8 +24,8 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
 def image(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Built:
     built = build(podman, tmp_path_factory.mktemp("image-build"))
     IMAGE_REPORT.append(
-        f"image {built.tag}: {built.size_bytes / 1e6:.0f} MB, Python {built.python} "
-        "(a Debian base standing in for python:3.12-slim, which cannot be pulled here)"
+        f"image {built.tag}: {built.size_bytes / 1e6:.0f} MB, Python {built.python} on Debian "
+        f"{built.release} (standing in for python:3.12-slim, which cannot be pulled here)"
     )
     IMAGE_REPORT.extend(f"  {step}: {seconds:.1f} s" for step, seconds in built.timings.items())
     return built

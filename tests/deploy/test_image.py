@@ -71,9 +71,9 @@ def native(podman: Podman, image: Built, tmp_path_factory: pytest.TempPathFactor
     secret.mkdir()
     (secret / "token").write_text(secrets.token_hex(32))
     (secret / "token").chmod(0o644)
-    pod.start(SIDECAR, image.tag, extra_mounts={TOKEN_DIR: secret},
-              extra_env={"TOMBSTONE_OPS_TOKEN_FILE": f"{TOKEN_DIR}/token"})  # fmt: skip
     try:
+        pod.start(SIDECAR, image.tag, extra_mounts={TOKEN_DIR: secret},
+                  extra_env={"TOMBSTONE_OPS_TOKEN_FILE": f"{TOKEN_DIR}/token"})  # fmt: skip
         pod.wait_started(SIDECAR)
         yield pod
     finally:
