@@ -1,6 +1,7 @@
-"""deploy/Dockerfile, checked as far as a machine without a container engine allows: hadolint,
-the files its build copies are enough to build the package, and its ENTRYPOINT + CMD with its
-ENV start the real sidecar (state and /tmp on its declared volumes, ports moved to free ones)."""
+"""deploy/Dockerfile read and run on the host, in seconds: hadolint, the files its build copies
+are enough to build the package, and its ENTRYPOINT + CMD with its ENV start the real sidecar
+(state and /tmp on its declared volumes, ports moved to free ones). test_image.py builds the
+image itself with podman and runs it as the pod specs do."""
 
 from __future__ import annotations
 
