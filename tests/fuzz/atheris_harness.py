@@ -95,10 +95,14 @@ def make_target(name: str, instrument: bool = True) -> Callable[[bytes], None]:
             except ValueError as e:
                 assert str(e).strip()
 
-    config_dir = tempfile.mkdtemp(prefix="atheris-config-")
-    config_path = os.path.join(config_dir, "config.yaml")
-
     def fuzz_config(data: bytes) -> None:
+        # A directory per input, removed at once: libFuzzer ends the process without
+        # running atexit handlers, so one kept for the whole run would be left behind.
+        with tempfile.TemporaryDirectory(prefix="atheris-config-") as config_dir:
+            fuzz_config_in(data, config_dir)
+
+    def fuzz_config_in(data: bytes, config_dir: str) -> None:
+        config_path = os.path.join(config_dir, "config.yaml")
         with open(config_path, "wb") as file:
             file.write(data)
         try:

@@ -28,14 +28,14 @@ from tests.fuzz.strategies import dns_names, ipv4, json_values
 times = st.floats(min_value=0, max_value=MAX_TIMESTAMP, allow_nan=False)
 
 
-def _normalized_or_none(raw: str) -> str | None:
+def _normalized_or_empty(raw: str) -> str:
     try:
         return normalize_host(raw)
     except InvalidName:
-        return None
+        return ""
 
 
-destinations = st.one_of(dns_names().map(_normalized_or_none).filter(lambda n: n is not None), ipv4)
+destinations = st.one_of(dns_names().map(_normalized_or_empty).filter(bool), ipv4)
 addresses = st.ip_addresses().map(str)
 
 
