@@ -6,6 +6,7 @@ the tests kill and restart, and the ops API and CLI over HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,8 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.redis_store import CHANNEL, KEY_PREFIX
+from sidecar.metrics import Metrics
+from sidecar.redis_store import CHANNEL, KEY_PREFIX, RedisStore
 from sidecar.sqlite_store import SCHEMA
+from sidecar.verdicts import Verdict
 from tests.integration.conftest import BASE_ARGS, DEAD_IP, LIVE_IP
 from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
@@ -687,3 +690,40 @@ def test_a_lost_subscription_shows_the_store_down_until_it_is_resubscribed(
     publish(redis, message(record(name)))
     assert wait_until(lambda: sidecar.ops(f"/v1/verdicts/{name}")[0] == 200, timeout=10)
     assert "redis store DOWN" in sidecar.log() and "redis store up" in sidecar.log()
+
+
+def test_a_subscriber_task_that_ends_is_reported_and_started_again(redis: RedisServer) -> None:
+    """Not a message and not a lost connection: the subscriber task itself ended (here,
+    cancelled from outside). Health says so at once, and a new subscriber takes over."""
+
+    async def scenario() -> None:
+        store = RedisStore(redis.url, Metrics())
+        received: list[Verdict] = []
+        await store.start(received.append, lambda name: None)
+        try:
+            assert store.health().up
+            first = store._listener
+            assert first is not None
+            first.cancel()
+            await asyncio.wait([first])
+            await asyncio.sleep(0)  # its done callback runs
+            health = store.health()
+            assert not health.up and "stopped" in health.detail, health
+            assert store.metrics.store_up.labels("redis")._value.get() == 0
+
+            for _ in range(200):
+                if store.health().up:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.health().up and store._listener is not first
+            name = "restarted.hs.test"
+            await asyncio.to_thread(publish, redis, message(record(name)))
+            for _ in range(200):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+            assert [v.destination for v in received] == [name]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
