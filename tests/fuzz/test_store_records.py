@@ -6,12 +6,15 @@ subscriber's message handler never raises: it applies a valid message or counts 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sidecar.identity import MAX_KEY_RECORD_BYTES, KeyRecord
+from sidecar.identity import MAX_KEY_RECORD_BYTES, KeyBook, KeyRecord
 from sidecar.metrics import Metrics
 from sidecar.redis_store import RedisStore
 from sidecar.verdicts import (
@@ -146,7 +149,7 @@ def key_records(draw: st.DrawFn) -> Any:
                                  st.tuples(st.text(max_size=12), st.integers()).map(list))),
     }  # fmt: skip
     for key in draw(st.lists(st.sampled_from(sorted(record)), max_size=2)):
-        record.pop(key)
+        record.pop(key, None)
     return record
 
 
@@ -163,3 +166,27 @@ def test_a_shared_key_record_is_valid_or_a_value_error(data: Any) -> None:
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in record.keys)
     assert record.target is None or 0 < record.target[1] < 65536
     assert KeyRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+
+
+def test_the_key_file_drops_bad_entries_and_survives_deep_nesting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """signing-keys.json is read at start like the state file: a bad entry is dropped (one
+    warning for all), a file nested past json.loads' limit is set aside, never a crash."""
+    path = tmp_path / "signing-keys.json"
+    good = {"server_name": "a.example", "keys": {"ed25519:1": "k"}, "seen_at": 5.0,
+            "target": ["a.example", 8448]}  # fmt: skip
+    bad = [{"server_name": "A.example"}, {"server_name": "b.example", "keys": {"x": [1]}},
+           {"server_name": "c.example", "target": ["c.example", 0]}, "[[[", 7]  # fmt: skip
+    path.write_text(json.dumps({"records": [good, *bad], "held": ["a.example", "Bad Name!"]}))
+    book = KeyBook(path)
+    with caplog.at_level(logging.WARNING, logger="sidecar.identity"):
+        book.load()
+    assert list(book.records) == ["a.example"] and book.held == {"a.example"}
+    assert [r.getMessage()[:27] for r in caplog.records] == ["dropped 6 invalid entries i"]
+
+    path.write_text("[" * 100_000)
+    deep = KeyBook(path)
+    deep.load()
+    assert deep.records == {} and not path.exists()
+    assert [p.name.startswith("signing-keys.broken-") for p in tmp_path.iterdir()] == [True]
