@@ -94,6 +94,7 @@ class RedisStore(WriteBehindStore):
         self._closing = False
         self._remote: tuple[RemoteVerdict, RemoteForget] | None = None
         self._invalid_warnings = RateLimitedWarning(INVALID_WARNING_SECONDS)
+        self._apply_warnings = RateLimitedWarning(INVALID_WARNING_SECONDS)
         self.up = False
         self._up.set(0)
         self.detail = f"connecting to {self._safe_url()}"
@@ -328,9 +329,10 @@ class RedisStore(WriteBehindStore):
                 on_remote(verdict)
             else:
                 on_forget(destination)
-        except Exception:  # the cache's own bug: logged, the subscriber goes on
+        except Exception:  # the cache's own bug: counted, logged, the subscriber goes on
             self.metrics.store_errors.labels(self.kind, "apply").inc()
-            log.exception("could not apply a message from %s for %s", CHANNEL, destination)
+            self._apply_warnings.warn("%d message(s) from %s could not be applied (latest for "
+                                      "%s)", CHANNEL, destination, exc_info=True)  # fmt: skip
 
     async def _watch_health(self) -> None:
         delay = HEALTH_INTERVAL_SECONDS

@@ -45,6 +45,11 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 CREATE INDEX IF NOT EXISTS verdicts_expiry ON verdicts (expires_at);
 """
+# Rows worth reading: a record within the size bound and a destination no longer than a
+# DNS name (sizes in bytes, whatever type a hostile row stored; a NULL is read, and fails).
+_SMALL_ENOUGH = ("coalesce(length(CAST(record AS BLOB)), 0) <= ? AND "
+                 "coalesce(length(CAST(destination AS BLOB)), 0) <= ?")  # fmt: skip
+_LIMITS = (MAX_RECORD_BYTES, MAX_NAME_LENGTH)
 
 
 class SqliteStore(WriteBehindStore):
@@ -147,8 +152,9 @@ class SqliteStore(WriteBehindStore):
         finally:
             db.close()
         self.metrics.store_errors.labels(self.kind, "open").inc()
-        self.mark(False, f"{self.path} is read-only ({error}): loaded {len(verdicts)} "
-                         "verdict(s) from it; new verdicts are kept in memory only")  # fmt: skip
+        self.mark(False, f"cannot write {self.path} ({error}): loaded {len(verdicts)} "
+                         "verdict(s) from it read-only; new verdicts are kept in memory "
+                         "only")  # fmt: skip
         return verdicts
 
     def _move_aside(self, error: Exception) -> None:
@@ -168,36 +174,37 @@ class SqliteStore(WriteBehindStore):
 
     def _load(self, db: sqlite3.Connection, read_only: bool = False) -> list[Verdict]:
         """Every row that validates (sidecar.verdicts.decode_record); the others are dropped,
-        counted and summed up in one log line. Oversized rows are counted in SQL, never
-        read into memory."""
+        counted and summed up in one log line. Rows are read one at a time, and oversized
+        ones are only counted (in SQL), never read into memory."""
         now = time.time()
+        verdicts: list[Verdict] = []
+        bad, first = 0, ""
         try:
             if not read_only:
                 db.execute(
                     "DELETE FROM verdicts WHERE expires_at < ?", (now - STALE_GRACE_SECONDS,)
                 )
-            (total,) = db.execute("SELECT count(*) FROM verdicts").fetchone()
+            (oversized,) = db.execute(
+                f"SELECT count(*) FROM verdicts WHERE NOT ({_SMALL_ENOUGH})", _LIMITS
+            ).fetchone()
+            if oversized:
+                bad, first = oversized, f"{oversized} row(s) over {MAX_RECORD_BYTES} bytes"
             rows = db.execute(
-                "SELECT destination, record FROM verdicts WHERE "
-                "length(CAST(record AS BLOB)) <= ? AND length(CAST(destination AS BLOB)) <= ?",
-                (MAX_RECORD_BYTES, MAX_NAME_LENGTH),
-            ).fetchall()
+                f"SELECT destination, record FROM verdicts WHERE {_SMALL_ENOUGH}", _LIMITS
+            )
+            for destination, record in rows:
+                try:
+                    verdict = decode_record(record)
+                    if verdict.destination != destination:
+                        raise ValueError(f"the record is for {verdict.destination}")
+                except ValueError as e:
+                    bad += 1
+                    first = first or f"{str(destination)!r}: {e}"
+                    continue
+                if verdict.expires_at + STALE_GRACE_SECONDS >= now:
+                    verdicts.append(verdict)
         except sqlite3.Error as e:
             return self._unavailable("load", e)
-        verdicts: list[Verdict] = []
-        bad = total - len(rows)
-        first = f"{bad} oversized row(s)" if bad else ""
-        for destination, record in rows:
-            try:
-                verdict = decode_record(record)
-                if verdict.destination != destination:
-                    raise ValueError(f"record is for {verdict.destination}")
-            except ValueError as e:
-                bad += 1
-                first = first or f"{str(destination)[:MAX_NAME_LENGTH]!r}: {e}"
-                continue
-            if verdict.expires_at + STALE_GRACE_SECONDS >= now:
-                verdicts.append(verdict)
         if bad:
             self.metrics.store_invalid_records.labels(self.kind, "load").inc(bad)
             log.warning("dropped %d invalid stored verdict(s) in %s (first: %s)", bad, self.path,

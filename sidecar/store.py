@@ -47,13 +47,13 @@ class RateLimitedWarning:
         self._last = -math.inf
         self._held = 0
 
-    def warn(self, message: str, *args: object) -> bool:
+    def warn(self, message: str, *args: object, exc_info: bool = False) -> bool:
         """Log `message` % (count, *args) if due; True when it was logged."""
         self._held += 1
         now = self._clock()
         if now - self._last < self.interval:
             return False
-        log.warning(message, self._held, *args)
+        log.warning(message, self._held, *args, exc_info=exc_info)
         self._held, self._last = 0, now
         return True
 

@@ -480,6 +480,7 @@ def hostile_rows(unique: Callable[[str], str]) -> list[tuple[str, str | bytes]]:
     rows.append((upper, json.dumps(record(upper))))  # not the normalized form
     other = unique("mismatch")
     rows.append((other, json.dumps(record(unique("someone-else")))))
+    rows.append((None, json.dumps(record(unique("null-destination")))))  # type: ignore[arg-type]
     return rows
 
 
