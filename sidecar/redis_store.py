@@ -28,6 +28,7 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -278,9 +279,9 @@ class RedisStore(WriteBehindStore):
     async def _subscribe(self, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
         delay = RECONNECT_MIN_SECONDS
         while True:
-            pubsub = self._subscriber.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber.pubsub()
             try:
-                await asyncio.wait_for(pubsub.subscribe(CHANNEL), CONNECT_TIMEOUT_SECONDS)
+                await asyncio.wait_for(self._confirmed(pubsub), CONNECT_TIMEOUT_SECONDS)
                 self._listening = True
                 self._subscribed.set()
                 delay = RECONNECT_MIN_SECONDS
@@ -289,7 +290,7 @@ class RedisStore(WriteBehindStore):
                     self._wake.set()  # write what piled up while Redis was away
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
+                    if message is not None and message.get("type") == "message":
                         self._receive(message.get("data"), on_remote, on_forget)
             except (RedisError, OSError, TimeoutError) as e:
                 self._lost_subscription(e)
@@ -303,6 +304,16 @@ class RedisStore(WriteBehindStore):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+
+    @staticmethod
+    async def _confirmed(pubsub: PubSub) -> None:
+        """Subscribe and wait for Redis to confirm it: SUBSCRIBE is sent without waiting
+        for its answer, and a refusal (NOPERM) arrives only with the next read."""
+        await pubsub.subscribe(CHANNEL)
+        while True:
+            message = await pubsub.get_message(timeout=CONNECT_TIMEOUT_SECONDS)
+            if message is not None and message.get("type") == "subscribe":
+                return
 
     def _lost_subscription(self, error: BaseException) -> None:
         self._listening = False

@@ -636,8 +636,12 @@ def test_hostile_redis_keys_and_messages_are_dropped_and_the_subscriber_keeps_li
     redis.command("RPUSH", KEY_PREFIX + keyed[4], "not a string")
     for name in keyed:  # judged by DNS (alive): the sidecar fetched, refused, and moved on
         assert sidecar.tunnel_opens(f"{name}:{dead_upstream.port}")
-    assert sidecar.metric("tombstone_store_invalid_records_total", store="redis",
-                          source="fetch") == len(keyed)  # fmt: skip
+    # Each name's key was fetched once and refused (a fetch over its 5 ms budget on a busy
+    # machine is skipped instead, and counted as such).
+    refused = sidecar.metric("tombstone_store_invalid_records_total", store="redis",
+                             source="fetch")  # fmt: skip
+    skipped = sidecar.metric("tombstone_store_errors_total", store="redis", op="fetch_timeout")
+    assert refused >= 1 and refused + skipped == len(keyed), (refused, skipped)
 
     target = unique("target")
     bad_messages = [
@@ -681,7 +685,11 @@ def test_a_lost_subscription_shows_the_store_down_until_it_is_resubscribed(
                       timeout=10)  # fmt: skip
     ready = json.loads(sidecar.ops("/readyz")[1])
     assert ready["store"]["up"] is False and "subscribe" in ready["store"]["detail"], ready
-    assert sidecar.metric("tombstone_store_errors_total", store="redis", op="subscribe") >= 1
+    # Refused resubscriptions (NOPERM) keep it down: no flapping up and down between them.
+    assert wait_until(lambda: sidecar.metric("tombstone_store_errors_total", store="redis",
+                                             op="subscribe") >= 3, timeout=10)  # fmt: skip
+    assert sidecar.metric("tombstone_store_up", store="redis") == 0
+    assert sidecar.log().count("redis store DOWN") == 1
 
     redis.command("ACL", "SETUSER", "default", "+subscribe")
     assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="redis") == 1,
