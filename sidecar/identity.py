@@ -24,6 +24,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import os
 import ssl
 import time
@@ -36,12 +37,17 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from sidecar import http1
+from sidecar.verdicts import MAX_TIMESTAMP, check_depth, destination_name
 
 log = logging.getLogger("sidecar.identity")
 
 KEY_PATH = "/_matrix/key/v2/server"
 FILE_NAME = "signing-keys.json"
 MAX_KEY_DOCUMENT_BYTES = 64 * 1024  # a key document is a few hundred bytes
+# A stored key record is a subset of one document, so it fits the same bound; a real server
+# publishes one or two keys, a few hundred over years of rotation is already absurd.
+MAX_KEY_RECORD_BYTES = MAX_KEY_DOCUMENT_BYTES
+MAX_KEYS_PER_RECORD = 256
 MAX_RECORDS = 100_000  # names whose keys are remembered; the oldest go first beyond this
 MAX_RESURRECTIONS = 1000  # kept for /v1/resurrections; the oldest go first
 WRITE_DELAY_SECONDS = 2.0  # gather new records this long into one file write
@@ -79,16 +85,50 @@ class KeyRecord:
 
     @classmethod
     def from_json(cls, data: Any) -> KeyRecord:
-        if not isinstance(data, dict) or not isinstance(data.get("server_name"), str):
-            raise ValueError("not a key record")
-        target = data.get("target")
+        """A record read back from the key file or a shared store: validated like a verdict
+        record (flat, a normalized name, string keys, a finite time, a real port);
+        ValueError says what is wrong."""
+        if not isinstance(data, dict):
+            raise ValueError("a key record must be an object")
+        check_depth(data, 2)
+        server = destination_name(data.get("server_name"))
+        seen_at = data.get("seen_at", 0.0)
+        if isinstance(seen_at, bool) or not isinstance(seen_at, int | float):
+            raise ValueError("seen_at must be a number")
+        try:
+            seen = float(seen_at)
+        except OverflowError:
+            raise ValueError("seen_at is beyond the range of a float") from None
+        if not (math.isfinite(seen) and 0 <= seen <= MAX_TIMESTAMP):
+            raise ValueError("seen_at is not a time between 1970 and 9999")
         return cls(
-            data["server_name"],
-            tuple(sorted((str(k), str(v)) for k, v in dict(data.get("keys") or {}).items())),
-            tuple(sorted((str(k), str(v)) for k, v in dict(data.get("old_keys") or {}).items())),
-            float(data.get("seen_at", 0.0)),
-            (str(target[0]), int(target[1])) if target else None,
+            server,
+            _stored_keys(data.get("keys"), "keys"),
+            _stored_keys(data.get("old_keys"), "old_keys"),
+            seen,
+            _stored_target(data.get("target")),
         )
+
+
+def _stored_keys(value: Any, field_name: str) -> tuple[tuple[str, str], ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_KEYS_PER_RECORD:
+        raise ValueError(f"{field_name} must be an object of at most {MAX_KEYS_PER_RECORD} keys")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError(f"{field_name} must map key ids to strings")
+    return tuple(sorted(value.items()))
+
+
+def _stored_target(value: Any) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2):
+        raise ValueError("target must be [host, port] or null")
+    host, port = value
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError("target port must be a number from 1 to 65535")
+    return destination_name(host), port
 
 
 @dataclass(frozen=True)
@@ -180,20 +220,40 @@ class KeyBook:
     _writer: asyncio.Task[None] | None = None
 
     def load(self) -> None:
-        """Read the file; a missing one is empty, a broken one is set aside with a warning."""
+        """Read the file; a missing one is empty, one that is not a key file is set aside
+        with a warning; records that fail validation are dropped (one warning for all)."""
         if self.path is None or not self.path.exists():
             return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            records = [KeyRecord.from_json(r) for r in data.get("records", [])]
-            held = {str(n) for n in data.get("held", [])}
-        except (OSError, ValueError, TypeError, AttributeError, IndexError) as e:
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            raw_records, raw_held = data.get("records", []), data.get("held", [])
+            if not isinstance(raw_records, list) or not isinstance(raw_held, list):
+                raise ValueError("records and held must be lists")
+        except (OSError, ValueError, RecursionError) as e:
             aside = self.path.with_suffix(f".broken-{int(time.time())}")
             log.warning("cannot read %s (%s); moved it to %s, starting without recorded keys",
-                        self.path, e, aside)  # fmt: skip
-            self.path.replace(aside)
+                        self.path, str(e)[:200], aside)  # fmt: skip
+            with contextlib.suppress(OSError):  # a read-only directory: just do not use it
+                self.path.replace(aside)
             return
-        self.records = {r.server_name: r for r in records[-MAX_RECORDS:]}
+        records: list[KeyRecord] = []
+        held: set[str] = set()
+        bad, first = 0, ""
+        for raw in raw_records[-MAX_RECORDS:]:
+            try:
+                records.append(KeyRecord.from_json(raw))
+            except ValueError as e:
+                bad, first = bad + 1, first or str(e)
+        for name in raw_held:
+            try:
+                held.add(destination_name(name))
+            except ValueError as e:
+                bad, first = bad + 1, first or str(e)
+        if bad:
+            log.warning("dropped %d invalid entries in %s (first: %s)", bad, self.path, first)
+        self.records = {r.server_name: r for r in records}
         self.held = held
         if self.records:
             log.info("%d servers' signing keys loaded from %s", len(self.records), self.path)

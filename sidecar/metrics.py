@@ -149,6 +149,14 @@ class Metrics:
             ["store", "op"],
             registry=r,
         )
+        self.store_invalid_records = Counter(
+            "tombstone_store_invalid_records_total",
+            "Records read from a verdict store that failed validation and were dropped "
+            "(source: load = state file at start, fetch = Redis key, message = Redis "
+            "pub/sub, keys = shared signing keys).",
+            ["store", "source"],
+            registry=r,
+        )
         self.probes = Counter(
             "tombstone_probes_total",
             "HTTP probes of well-known and version endpoints (pass-through 410 learning).",

@@ -7,6 +7,11 @@ one is used by all within milliseconds. A name no sidecar here has judged is loo
 Redis first (bounded by FETCH_BUDGET_SECONDS), so replicas do not repeat each other's DNS
 work and a restarted pod does not re-learn what its peers know.
 
+Whatever comes back from Redis (keys, messages) was written by someone else: it is
+validated (sidecar.verdicts.from_record: size, nesting, types, names, addresses) and a bad
+record is dropped and counted in `tombstone_store_invalid_records_total`; the subscriber
+never dies of one, and a lost subscription shows as the store being down until it is back.
+
 Redis is never on the critical path: writes are queued, reads have a deadline of a few
 milliseconds and are skipped while Redis is down, and a lost connection is retried with
 backoff while the sidecar serves from its own cache.
@@ -23,11 +28,25 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
 
+from sidecar.identity import MAX_KEY_RECORD_BYTES, KeyRecord
 from sidecar.metrics import Metrics
-from sidecar.store import RemoteForget, RemoteVerdict, WriteBehindStore
-from sidecar.verdicts import STALE_GRACE_SECONDS, Verdict, from_record, to_record
+from sidecar.store import RateLimitedWarning, RemoteForget, RemoteVerdict, WriteBehindStore
+from sidecar.verdicts import (
+    MAX_MESSAGE_BYTES,
+    MAX_RECORD_BYTES,
+    STALE_GRACE_SECONDS,
+    Verdict,
+    decode_record,
+    destination_name,
+    from_record,
+    load_json,
+    to_record,
+)
 
 log = logging.getLogger("sidecar.store")
 
@@ -43,6 +62,7 @@ RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 30.0
 HEALTH_INTERVAL_SECONDS = 2.0  # how soon a silent outage is noticed
 MAX_BATCH = 500  # writes per pipeline round trip
+INVALID_WARNING_SECONDS = 60.0  # at most one warning a minute about invalid records
 
 
 class RedisStore(WriteBehindStore):
@@ -58,8 +78,24 @@ class RedisStore(WriteBehindStore):
             socket_timeout=COMMAND_TIMEOUT_SECONDS,
             health_check_interval=0,
         )
+        # The subscriber has its own connection and no silent retries: redis-py would
+        # otherwise reconnect and resubscribe under us, and a lost subscription (messages
+        # missed meanwhile) would never show in health. Our loop reconnects, with backoff.
+        self._subscriber = aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            health_check_interval=0,
+            retry=Retry(NoBackoff(), 0),
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._key_writes: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = False  # subscribed right now: messages are not being missed
+        self._subscribed = asyncio.Event()
+        self._closing = False
+        self._remote: tuple[RemoteVerdict, RemoteForget] | None = None
+        self._invalid_warnings = RateLimitedWarning(INVALID_WARNING_SECONDS)
+        self._apply_warnings = RateLimitedWarning(INVALID_WARNING_SECONDS)
         self.up = False
         self._up.set(0)
         self.detail = f"connecting to {self._safe_url()}"
@@ -70,44 +106,79 @@ class RedisStore(WriteBehindStore):
         return f"redis://{pool.get('host', '?')}:{pool.get('port', 6379)}/{pool.get('db', 0)}"
 
     async def start(self, on_remote: RemoteVerdict, on_forget: RemoteForget) -> list[Verdict]:
+        reachable = False
         try:
             await asyncio.wait_for(self._client.ping(), CONNECT_TIMEOUT_SECONDS)
-            self.mark(True, f"sharing verdicts through {self._safe_url()}")
+            reachable = True
         except (RedisError, OSError, TimeoutError) as e:
             self.metrics.store_errors.labels(self.kind, "connect").inc()
             self.mark(False, f"{self._safe_url()} unreachable ({e or type(e).__name__}); "
                              "serving from the local cache, retrying")  # fmt: skip
+        self._remote = (on_remote, on_forget)
         self._tasks = [
             asyncio.create_task(self._write_behind()),
-            asyncio.create_task(self._subscribe(on_remote, on_forget)),
             asyncio.create_task(self._watch_health()),
         ]
+        self._start_listener()
+        if reachable:  # up only once subscribed: the first shared verdict is not missed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), CONNECT_TIMEOUT_SECONDS)
         return []
 
     async def fetch(self, name: str) -> Verdict | None:
-        raw = await self._get(KEY_PREFIX + name, FETCH_BUDGET_SECONDS, "fetch")
+        raw = await self._get(KEY_PREFIX + name, FETCH_BUDGET_SECONDS, "fetch", MAX_RECORD_BYTES)
         if raw is None:
             return None
         try:
-            return from_record(json.loads(raw))
-        except (ValueError, TypeError) as e:
-            self.metrics.store_errors.labels(self.kind, "decode").inc()
-            log.warning("ignoring unreadable verdict for %s in Redis: %s", name, e)
+            verdict = decode_record(raw)
+            if verdict.destination != name:
+                raise ValueError(f"the record is for {verdict.destination}")
+        except ValueError as e:
+            self._invalid("fetch", f"{KEY_PREFIX}{name}: {e}")
             return None
+        return verdict
 
-    async def _get(self, key: str, budget: float, op: str) -> bytes | str | None:
-        """GET `key` within `budget`; None when Redis is down, slow or has nothing."""
+    async def _get(self, key: str, budget: float, op: str, limit: int) -> bytes | None:
+        """GET `key` within `budget` and `limit` bytes (never reading more: STRLEN and
+        GETRANGE in one round trip); None when Redis is down, slow or has nothing. A key
+        too big or not a string is an invalid record, not a Redis failure."""
         if not self.up:
             return None
         try:
-            raw = await asyncio.wait_for(self._client.get(key), budget)
+            size, raw = await asyncio.wait_for(self._get_range(key, limit), budget)
         except TimeoutError:
             self.metrics.store_errors.labels(self.kind, f"{op}_timeout").inc()
             return None
         except (RedisError, OSError) as e:
             self._failed(op, e)
             return None
+        if isinstance(size, ResponseError) or isinstance(raw, ResponseError):
+            self._invalid(op, f"{key}: not a string ({size or raw})")
+            return None
+        if isinstance(size, BaseException) or isinstance(raw, BaseException):
+            self._failed(op, size if isinstance(size, BaseException) else raw)
+            return None
+        if not size:
+            return None
+        if size > limit or not isinstance(raw, bytes):
+            self._invalid(op, f"{key}: {size} bytes; a stored record is at most {limit}")
+            return None
         return raw
+
+    async def _get_range(self, key: str, limit: int) -> list[Any]:
+        async with self._client.pipeline(transaction=False) as pipe:
+            pipe.strlen(key)
+            pipe.getrange(key, 0, limit)
+            return await pipe.execute(raise_on_error=False)
+
+    def _invalid(self, source: str, detail: str) -> None:
+        """A record from Redis failed validation: dropped, counted, and a warning at most
+        once a minute (whoever writes bad records cannot flood the log)."""
+        self.metrics.store_invalid_records.labels(self.kind, source).inc()
+        self._invalid_warnings.warn(
+            "ignored %d invalid record(s) from %s (%s) in the last minute; latest: %s",
+            self._safe_url(), source, detail,
+        )  # fmt: skip
 
     def save_keys(self, name: str, record: dict[str, Any]) -> None:
         if not self.up:
@@ -123,26 +194,30 @@ class RedisStore(WriteBehindStore):
             self._failed("keys", e)
 
     async def fetch_keys(self, name: str) -> dict[str, Any] | None:
-        raw = await self._get(KEYS_PREFIX + name, KEYS_FETCH_BUDGET_SECONDS, "keys")
+        key = KEYS_PREFIX + name
+        raw = await self._get(key, KEYS_FETCH_BUDGET_SECONDS, "keys", MAX_KEY_RECORD_BYTES)
         if raw is None:
             return None
         try:
-            data = json.loads(raw)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            self.metrics.store_errors.labels(self.kind, "decode").inc()
-            log.warning("ignoring unreadable signing keys for %s in Redis", name)
+            data = load_json(raw, MAX_KEY_RECORD_BYTES)
+            if KeyRecord.from_json(data).server_name != name:
+                raise ValueError(f"the record is for {data.get('server_name')}")
+        except ValueError as e:
+            self._invalid("keys", f"{key}: {e}")
             return None
+        assert isinstance(data, dict)  # from_json accepted it
         return data
 
     async def close(self) -> None:
+        self._closing = True
         await asyncio.gather(*self._key_writes, return_exceptions=True)
-        for task in self._tasks:
+        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._pending and self.up:
             await self._flush(self._take())
+        await self._subscriber.aclose()
         await self._client.aclose()
 
     # -- background tasks -------------------------------------------------------------------
@@ -183,37 +258,92 @@ class RedisStore(WriteBehindStore):
             body["verdict"] = to_record(verdict)
         return json.dumps(body)
 
+    def _start_listener(self) -> None:
+        if self._closing or self._remote is None:
+            return
+        self._listener = asyncio.create_task(self._subscribe(*self._remote))
+        self._listener.add_done_callback(self._listener_ended)
+
+    def _listener_ended(self, task: asyncio.Task[None]) -> None:
+        """The subscriber loop never returns on its own: if it ended anyway (cancelled from
+        outside, an exception that is not an Exception), say so and start it again."""
+        self._listening = False
+        self._subscribed.clear()
+        if self._closing:
+            return
+        why = "cancelled" if task.cancelled() else repr(task.exception())
+        self.metrics.store_errors.labels(self.kind, "subscribe").inc()
+        self.mark(False, f"the subscriber to {CHANNEL} stopped ({why}); restarting it")
+        asyncio.get_running_loop().call_later(RECONNECT_MIN_SECONDS, self._start_listener)
+
     async def _subscribe(self, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
         delay = RECONNECT_MIN_SECONDS
         while True:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._subscriber.pubsub()
             try:
-                await pubsub.subscribe(CHANNEL)
+                await asyncio.wait_for(self._confirmed(pubsub), CONNECT_TIMEOUT_SECONDS)
+                self._listening = True
+                self._subscribed.set()
                 delay = RECONNECT_MIN_SECONDS
+                if not self.up:
+                    self.mark(True, f"sharing verdicts through {self._safe_url()}")
+                    self._wake.set()  # write what piled up while Redis was away
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
-                    if message is not None:
+                    if message is not None and message.get("type") == "message":
                         self._receive(message.get("data"), on_remote, on_forget)
-            except (RedisError, OSError) as e:
-                self._failed("subscribe", e)
+            except (RedisError, OSError, TimeoutError) as e:
+                self._lost_subscription(e)
+            except Exception as e:  # a bug must not end the subscriber (nor go unseen)
+                log.warning("the subscriber to %s failed; resubscribing", CHANNEL, exc_info=True)
+                self._lost_subscription(e)
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                self._listening = False
+                self._subscribed.clear()
+                with contextlib.suppress(Exception):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_SECONDS)
 
-    def _receive(self, data: object, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
-        try:
-            body = json.loads(data) if isinstance(data, bytes | str) else None
-            if not isinstance(body, dict) or body.get("origin") == self.origin:
+    @staticmethod
+    async def _confirmed(pubsub: PubSub) -> None:
+        """Subscribe and wait for Redis to confirm it: SUBSCRIBE is sent without waiting
+        for its answer, and a refusal (NOPERM) arrives only with the next read."""
+        await pubsub.subscribe(CHANNEL)
+        while True:
+            message = await pubsub.get_message(timeout=CONNECT_TIMEOUT_SECONDS)
+            if message is not None and message.get("type") == "subscribe":
                 return
-            if "verdict" in body:
-                on_remote(from_record(body["verdict"]))
-            elif isinstance(body.get("destination"), str):
-                on_forget(body["destination"])
-        except (ValueError, TypeError) as e:
-            self.metrics.store_errors.labels(self.kind, "decode").inc()
-            log.warning("ignoring unreadable message on %s: %s", CHANNEL, e)
+
+    def _lost_subscription(self, error: BaseException) -> None:
+        self._listening = False
+        self._failed("subscribe", error)
+
+    def _receive(self, data: object, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
+        """Apply one message from another sidecar; a bad one is dropped and counted, never
+        raised: the subscriber outlives whatever is published on the channel."""
+        try:
+            body = load_json(data, MAX_MESSAGE_BYTES)
+            if not isinstance(body, dict):
+                raise ValueError(f"expected an object, got {type(body).__name__}")
+            if body.get("origin") == self.origin:
+                return
+            destination = destination_name(body.get("destination"))
+            verdict = from_record(body["verdict"]) if "verdict" in body else None
+            if verdict is not None and verdict.destination != destination:
+                raise ValueError(f"the verdict is for {verdict.destination}, not {destination}")
+        except ValueError as e:
+            self._invalid("message", f"{CHANNEL}: {e}")
+            return
+        try:
+            if verdict is not None:
+                on_remote(verdict)
+            else:
+                on_forget(destination)
+        except Exception:  # the cache's own bug: counted, logged, the subscriber goes on
+            self.metrics.store_errors.labels(self.kind, "apply").inc()
+            self._apply_warnings.warn("%d message(s) from %s could not be applied (latest for "
+                                      "%s)", CHANNEL, destination, exc_info=True)  # fmt: skip
 
     async def _watch_health(self) -> None:
         delay = HEALTH_INTERVAL_SECONDS
@@ -226,7 +356,7 @@ class RedisStore(WriteBehindStore):
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
                 continue
             delay = HEALTH_INTERVAL_SECONDS
-            if not self.up:
+            if not self.up and self._listening:  # the subscriber marks up once resubscribed
                 self.mark(True, f"sharing verdicts through {self._safe_url()} (reconnected)")
                 self._wake.set()  # write what piled up while Redis was away
 

@@ -4,8 +4,10 @@ A pod restart must not send a burst of traffic to dead servers, so verdicts are 
 before the proxy serves. Writes never touch the request path: `save` puts the verdict in
 a dict (later saves of one name coalesce) and a writer task flushes batches through one
 worker thread, the only thread that touches the connection. A corrupt file is moved
-aside and the sidecar starts empty; a full or read-only disk leaves it serving from
-memory, retrying, with `tombstone_store_up{store="sqlite"}` at 0.
+aside and the sidecar starts empty; a row that fails validation is dropped and counted
+(`tombstone_store_invalid_records_total`). A read-only file still loads its verdicts; it,
+a full disk or an unwritable directory leave the sidecar serving from memory, retrying,
+with `tombstone_store_up{store="sqlite"}` at 0.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import quote
 
 from sidecar.metrics import Metrics
+from sidecar.names import MAX_NAME_LENGTH
 from sidecar.store import RemoteForget, RemoteVerdict, WriteBehindStore
-from sidecar.verdicts import STALE_GRACE_SECONDS, Verdict, from_record, to_record
+from sidecar.verdicts import (
+    MAX_RECORD_BYTES,
+    STALE_GRACE_SECONDS,
+    Verdict,
+    decode_record,
+    to_record,
+)
 
 log = logging.getLogger("sidecar.store")
 
@@ -35,6 +45,11 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 CREATE INDEX IF NOT EXISTS verdicts_expiry ON verdicts (expires_at);
 """
+# Rows worth reading: a record within the size bound and a destination no longer than a
+# DNS name (sizes in bytes, whatever type a hostile row stored; a NULL is read, and fails).
+_SMALL_ENOUGH = ("coalesce(length(CAST(record AS BLOB)), 0) <= ? AND "
+                 "coalesce(length(CAST(destination AS BLOB)), 0) <= ?")  # fmt: skip
+_LIMITS = (MAX_RECORD_BYTES, MAX_NAME_LENGTH)
 
 
 class SqliteStore(WriteBehindStore):
@@ -85,16 +100,16 @@ class SqliteStore(WriteBehindStore):
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._db = self._connect()
         except sqlite3.OperationalError as e:  # permissions, read-only, disk full, locked
-            return self._unavailable("open", e)
+            return self._load_read_only(e)
         except sqlite3.DatabaseError as e:  # not a database, malformed image, failed check
-            self._move_aside(e)
             try:
+                self._move_aside(e)
                 self._db = self._connect()
             except (sqlite3.Error, OSError) as again:
                 return self._unavailable("open", again)
         except OSError as e:
-            return self._unavailable("open", e)
-        return self._load()
+            return self._load_read_only(e)
+        return self._load(self._db)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -109,6 +124,38 @@ class SqliteStore(WriteBehindStore):
             db.close()
             raise
         return db
+
+    def _load_read_only(self, error: Exception) -> list[Verdict]:
+        """The file cannot be opened for writing (a read-only mount or file): still serve
+        the verdicts it holds, and say that new ones are not persisted. A WAL database on
+        a read-only directory opens only as `immutable` (its -shm cannot be created);
+        nothing can write it there anyway."""
+        if not self.path.is_file():
+            return self._unavailable("open", error)
+        uri = f"file:{quote(str(self.path))}"
+        db = None
+        for mode in ("mode=ro", "immutable=1"):
+            try:
+                db = sqlite3.connect(f"{uri}?{mode}", uri=True, check_same_thread=False)
+                (check,) = db.execute("PRAGMA quick_check").fetchone()
+                if check != "ok":
+                    raise sqlite3.DatabaseError(f"integrity check failed: {check}")
+                break
+            except sqlite3.Error as e:
+                if db is not None:
+                    db.close()
+                db, error = None, e
+        if db is None:
+            return self._unavailable("open", error)
+        try:
+            verdicts = self._load(db, read_only=True)
+        finally:
+            db.close()
+        self.metrics.store_errors.labels(self.kind, "open").inc()
+        self.mark(False, f"cannot write {self.path} ({error}): loaded {len(verdicts)} "
+                         "verdict(s) from it read-only; new verdicts are kept in memory "
+                         "only")  # fmt: skip
+        return verdicts
 
     def _move_aside(self, error: Exception) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -125,27 +172,43 @@ class SqliteStore(WriteBehindStore):
         self.mark(False, f"cannot use {self.path}: {error}; serving from memory only")
         return []
 
-    def _load(self) -> list[Verdict]:
-        assert self._db is not None
+    def _load(self, db: sqlite3.Connection, read_only: bool = False) -> list[Verdict]:
+        """Every row that validates (sidecar.verdicts.decode_record); the others are dropped,
+        counted and summed up in one log line. Rows are read one at a time, and oversized
+        ones are only counted (in SQL), never read into memory."""
         now = time.time()
+        verdicts: list[Verdict] = []
+        bad, first = 0, ""
         try:
-            self._db.execute(
-                "DELETE FROM verdicts WHERE expires_at < ?", (now - STALE_GRACE_SECONDS,)
+            if not read_only:
+                db.execute(
+                    "DELETE FROM verdicts WHERE expires_at < ?", (now - STALE_GRACE_SECONDS,)
+                )
+            (oversized,) = db.execute(
+                f"SELECT count(*) FROM verdicts WHERE NOT ({_SMALL_ENOUGH})", _LIMITS
+            ).fetchone()
+            if oversized:
+                bad, first = oversized, f"{oversized} row(s) over {MAX_RECORD_BYTES} bytes"
+            rows = db.execute(
+                f"SELECT destination, record FROM verdicts WHERE {_SMALL_ENOUGH}", _LIMITS
             )
-            rows = self._db.execute("SELECT destination, record FROM verdicts").fetchall()
+            for destination, record in rows:
+                try:
+                    verdict = decode_record(record)
+                    if verdict.destination != destination:
+                        raise ValueError(f"the record is for {verdict.destination}")
+                except ValueError as e:
+                    bad += 1
+                    first = first or f"{str(destination)!r}: {e}"
+                    continue
+                if verdict.expires_at + STALE_GRACE_SECONDS >= now:
+                    verdicts.append(verdict)
         except sqlite3.Error as e:
             return self._unavailable("load", e)
-        verdicts, bad = [], 0
-        for destination, record in rows:
-            try:
-                verdicts.append(from_record(json.loads(record)))
-            except (ValueError, TypeError) as e:
-                bad += 1
-                if bad == 1:
-                    log.warning("skipping unreadable stored verdict for %r: %s", destination, e)
         if bad:
-            self.metrics.store_errors.labels(self.kind, "load").inc(bad)
-            log.warning("skipped %d unreadable stored verdict(s) in %s", bad, self.path)
+            self.metrics.store_invalid_records.labels(self.kind, "load").inc(bad)
+            log.warning("dropped %d invalid stored verdict(s) in %s (first: %s)", bad, self.path,
+                        first)  # fmt: skip
         log.info("loaded %d verdict(s) from %s", len(verdicts), self.path)
         return verdicts
 

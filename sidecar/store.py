@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,27 @@ class StoreHealth:
     store: str
     up: bool
     detail: str
+
+
+class RateLimitedWarning:
+    """A warning about outside input at most once per `interval`, counting the ones held
+    back, so whoever sends bad records cannot flood the log (the metric counts each)."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last = -math.inf
+        self._held = 0
+
+    def warn(self, message: str, *args: object, exc_info: bool = False) -> bool:
+        """Log `message` % (count, *args) if due; True when it was logged."""
+        self._held += 1
+        now = self._clock()
+        if now - self._last < self.interval:
+            return False
+        log.warning(message, self._held, *args, exc_info=exc_info)
+        self._held, self._last = 0, now
+        return True
 
 
 class VerdictStore:

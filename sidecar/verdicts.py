@@ -9,6 +9,8 @@ and live traffic never waits for DNS on a refresh.
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import math
 import time
 from collections import Counter
@@ -18,6 +20,9 @@ from enum import StrEnum
 from typing import Any
 
 from cachetools import TLRUCache
+
+from sidecar.names import InvalidName, normalize_host
+from sidecar.signals import Signal
 
 STALE_GRACE_SECONDS = 3600.0  # serve an expired verdict this long while re-checks fail
 
@@ -66,46 +71,170 @@ class Verdict:
         )
 
 
+# -- records: what the state file, Redis keys and Redis messages hold ---------------------
+#
+# Everything read back from a store came from outside this process (another replica, an
+# older version, whoever can write the file or reach Redis), so it is validated here, in
+# one place, before the request path ever sees it: a bad record is a ValueError, never a
+# crash and never an address the guard cannot judge.
+
+# A record is flat: {"addresses": [...]} is its deepest part (2); a pub/sub message wraps
+# one more level (3). Anything deeper is not ours.
+MAX_RECORD_DEPTH = 3
+# Evidence is for a person reading a log or the ops API. Real evidence is under 300
+# characters (a TXT tombstone quoted with its name, a hold with its key ids); 1,000 leaves
+# room and bounds what a hostile record may make every replica keep per cached name.
+MAX_EVIDENCE_CHARS = 1000
+# Synapse resolves a name to a handful of addresses; more than this is not a real answer.
+MAX_ADDRESSES = 64
+# Raw bytes of one record, checked before parsing: evidence at its bound escaped by
+# json.dumps (up to 12 bytes a character outside the BMP) plus 64 IPv6 addresses and a
+# name fit in about 15 KiB. A pub/sub message is a record plus a few fields.
+MAX_RECORD_BYTES = 16 * 1024
+MAX_MESSAGE_BYTES = MAX_RECORD_BYTES + 1024
+# No real timestamp is beyond the year 9999; larger ones overflow the millisecond TTLs a
+# store derives from them.
+MAX_TIMESTAMP = 253_402_300_799.0
+_STATES = frozenset({State.GONE.value, State.UNREACHABLE.value, State.ALIVE.value})
+_SIGNALS = frozenset(s.value for s in Signal)
+
+
+def load_json(raw: object, limit: int = MAX_RECORD_BYTES) -> Any:
+    """Parse one stored JSON document of at most `limit` bytes and MAX_RECORD_DEPTH levels;
+    ValueError otherwise. json.loads raises RecursionError past ~1,000 levels (measured:
+    0.1 ms for a 100,000-deep `[[[...`, Python 3.11), which is caught here; the depth is
+    then checked by an iterative walk, never by recursion."""
+    if not isinstance(raw, bytes | str):
+        raise ValueError(f"expected JSON text, got {type(raw).__name__}")
+    size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise ValueError(f"{size} bytes; a stored record is at most {limit}")
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_RECORD_DEPTH} levels") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int beyond 4,300 digits
+        raise ValueError(f"not JSON: {str(e)[:120]}") from None
+    check_depth(value)
+    return value
+
+
+def check_depth(value: Any, limit: int = MAX_RECORD_DEPTH) -> None:
+    """ValueError when `value` nests lists/objects deeper than `limit` (iterative)."""
+    if not isinstance(value, dict | list):
+        return
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise ValueError(f"nested deeper than {limit} levels")
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
 def to_record(verdict: Verdict) -> dict[str, Any]:
-    """The JSON-ready form shared by the state file, Redis and the ops API."""
+    """The JSON-ready form shared by the state file, Redis and the ops API. Evidence is cut
+    to MAX_EVIDENCE_CHARS, so what one replica writes every replica reads back."""
+    evidence = verdict.evidence
+    if len(evidence) > MAX_EVIDENCE_CHARS:
+        evidence = evidence[: MAX_EVIDENCE_CHARS - 1] + "…"
     return {
         "destination": verdict.destination,
         "state": verdict.state.value,
         "signal": verdict.signal,
-        "evidence": verdict.evidence,
+        "evidence": evidence,
         "observed_at": verdict.observed_at,
         "expires_at": verdict.expires_at,
     }
 
 
+def decode_record(raw: object) -> Verdict:
+    """A verdict from a stored JSON record (state file row, Redis key); ValueError if bad."""
+    return from_record(load_json(raw))
+
+
 def from_record(record: Any) -> Verdict:
     """Rebuild a verdict from `to_record` output; ValueError says what is wrong with it.
 
-    An `addresses` field (written by versions before 0.x) is ignored, never dialled."""
+    The one check at every store boundary: a normalized server name, a known state and
+    signal, bounded evidence, finite times in order. Unknown fields are ignored (a newer
+    replica may add some); only flat records pass. An `addresses` field, written by
+    earlier versions, must still be a list of IP literals (anything else is not a record
+    we wrote), and is then ignored: dial addresses live by their own DNS TTL
+    (sidecar.address_book) and are never taken from a store."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
-    try:
-        destination = record["destination"]
-        state = State(record["state"])
-        signal = record.get("signal")
-        evidence = record.get("evidence", "")
-        observed_at = float(record["observed_at"])
-        expires_at = float(record["expires_at"])
-    except KeyError as e:
-        raise ValueError(f"missing field {e}") from None
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(f"bad field value: {e}") from None
-    if not isinstance(destination, str) or not destination:
-        raise ValueError("destination must be a non-empty string")
-    if signal is not None and not isinstance(signal, str):
-        raise ValueError("signal must be a string or null")
-    if not isinstance(evidence, str):
-        raise ValueError("evidence must be a string")
+    check_depth(record, MAX_RECORD_DEPTH - 1)
+    for field in ("destination", "state", "observed_at", "expires_at"):
+        if field not in record:
+            raise ValueError(f"missing field {field!r}")
+    destination = destination_name(record["destination"])
+    raw_state = record["state"]
+    if not isinstance(raw_state, str) or raw_state not in _STATES:
+        raise ValueError(f"state {_quote(raw_state)} is not one of gone, unreachable, alive")
+    state = State(raw_state)
+    signal = record.get("signal")
+    if signal is not None and (not isinstance(signal, str) or signal not in _SIGNALS):
+        raise ValueError(f"signal {_quote(signal)} is not a known signal")
     if state is State.UNDECIDED or (state in SUPPRESSING) != (signal is not None):
         raise ValueError(f"state {state} does not go with signal {signal!r}")
-    if not math.isfinite(observed_at) or not math.isfinite(expires_at) or expires_at < observed_at:
-        raise ValueError("observed_at/expires_at must be finite and in order")
+    evidence = record.get("evidence", "")
+    if not isinstance(evidence, str):
+        raise ValueError("evidence must be a string")
+    if len(evidence) > MAX_EVIDENCE_CHARS:
+        raise ValueError(f"evidence is {len(evidence)} characters; at most {MAX_EVIDENCE_CHARS}")
+    observed_at = _timestamp(record["observed_at"], "observed_at")
+    expires_at = _timestamp(record["expires_at"], "expires_at")
+    if expires_at < observed_at:
+        raise ValueError("expires_at is before observed_at")
+    _check_addresses(record.get("addresses"))
     return Verdict(destination, state, signal, evidence, observed_at, expires_at)
+
+
+def destination_name(value: Any) -> str:
+    """`value` if it is a server name in the normalized form verdicts are keyed by (so a
+    stored `Example.ORG.` cannot shadow `example.org`); ValueError otherwise."""
+    if not isinstance(value, str) or not value:
+        raise ValueError("a destination must be a non-empty string")
+    try:
+        normalized = normalize_host(value)
+    except InvalidName:
+        normalized = None
+    if normalized != value:
+        raise ValueError(f"destination {_quote(value)} is not a normalized server name")
+    return value
+
+
+def _timestamp(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{field} must be a number, not {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{field} is beyond the range of a float") from None
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_TIMESTAMP):
+        raise ValueError(f"{field} {_quote(value)} is not a time between 1970 and 9999")
+    return seconds
+
+
+def _check_addresses(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or len(value) > MAX_ADDRESSES:
+        raise ValueError(f"addresses must be a list of at most {MAX_ADDRESSES} IP addresses")
+    for address in value:
+        if not isinstance(address, str):
+            raise ValueError(f"address {_quote(address)} is not a string")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ValueError(f"address {_quote(address)} is not an IP address") from None
+
+
+def _quote(value: Any, limit: int = 60) -> str:
+    """Outside input in an error message, cut so a hostile record cannot flood the log."""
+    text = repr(value) if not isinstance(value, dict | list) else type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 @dataclass(slots=True)

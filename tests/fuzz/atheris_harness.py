@@ -19,7 +19,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import importlib
-import json
 import math
 import os
 import subprocess
@@ -95,10 +94,14 @@ def make_target(name: str, instrument: bool = True) -> Callable[[bytes], None]:
             except ValueError as e:
                 assert str(e).strip()
 
-    config_dir = tempfile.mkdtemp(prefix="atheris-config-")
-    config_path = os.path.join(config_dir, "config.yaml")
-
     def fuzz_config(data: bytes) -> None:
+        # A directory per input, removed at once: libFuzzer ends the process without
+        # running atexit handlers, so one kept for the whole run would be left behind.
+        with tempfile.TemporaryDirectory(prefix="atheris-config-") as config_dir:
+            fuzz_config_in(data, config_dir)
+
+    def fuzz_config_in(data: bytes, config_dir: str) -> None:
+        config_path = os.path.join(config_dir, "config.yaml")
         with open(config_path, "wb") as file:
             file.write(data)
         try:
@@ -116,12 +119,10 @@ def make_target(name: str, instrument: bool = True) -> Callable[[bytes], None]:
             os.chdir(cwd)
 
     def fuzz_verdicts(data: bytes) -> None:
+        # Raw bytes, as a state-file row or a Redis value arrives: size, nesting and
+        # JSON errors are the store boundary's job too (decode_record), not the caller's.
         try:
-            record = json.loads(data)
-        except (ValueError, RecursionError):
-            return
-        try:
-            verdict = verdicts.from_record(record)
+            verdict = verdicts.decode_record(data)
         except ValueError as e:
             assert str(e).strip()
         else:

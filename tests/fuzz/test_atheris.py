@@ -34,6 +34,7 @@ SEEDS: list[bytes | str] = [
     b"min_ttl: !!timestamp foo\n",
     b'{"destination": "a", "state": "alive", "observed_at": 1' + b"0" * 400 + b', "expires_at": 1}',
     b"Basic " + b"bm9ib2R5OnDDpHNzd29yZA==",
+    b"[" * 10_000,  # a state-file row that stopped start-up with RecursionError (issue 14)
 ]
 
 

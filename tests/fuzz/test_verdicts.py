@@ -10,23 +10,45 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sidecar.verdicts import SUPPRESSING, State, Verdict, from_record, to_record
-from tests.fuzz.strategies import json_values
+from sidecar.names import InvalidName, normalize_host
+from sidecar.signals import Signal
+from sidecar.verdicts import (
+    MAX_EVIDENCE_CHARS,
+    MAX_TIMESTAMP,
+    SUPPRESSING,
+    State,
+    Verdict,
+    from_record,
+    to_record,
+)
+from tests.fuzz.strategies import dns_names, ipv4, json_values
 
-finite = st.floats(allow_nan=False, allow_infinity=False)
+times = st.floats(min_value=0, max_value=MAX_TIMESTAMP, allow_nan=False)
+
+
+def _normalized_or_empty(raw: str) -> str:
+    try:
+        return normalize_host(raw)
+    except InvalidName:
+        return ""
+
+
+destinations = st.one_of(dns_names().map(_normalized_or_empty).filter(bool), ipv4)
+addresses = st.ip_addresses().map(str)
 
 
 @st.composite
-def verdicts(draw: st.DrawFn) -> Verdict:
+def verdicts(draw: st.DrawFn, max_evidence: int = 60) -> Verdict:
+    """Verdicts as the sidecar makes them (what to_record must write and read back)."""
     state = draw(st.sampled_from([State.GONE, State.UNREACHABLE, State.ALIVE]))
-    signal = draw(st.text(max_size=20)) if state in SUPPRESSING else None
-    observed = draw(finite)
-    expires = draw(finite.filter(lambda t: t >= observed))
+    signal = draw(st.sampled_from([s.value for s in Signal])) if state in SUPPRESSING else None
+    observed = draw(times)
+    expires = draw(times.filter(lambda t: t >= observed))
     return Verdict(
-        destination=draw(st.text(min_size=1, max_size=40)),
+        destination=draw(destinations),
         state=state,
         signal=signal,
-        evidence=draw(st.text(max_size=60)),
+        evidence=draw(st.text(max_size=max_evidence)),
         observed_at=observed,
         expires_at=expires,
     )
@@ -62,10 +84,20 @@ def test_from_record_gives_a_valid_verdict_or_a_value_error(record: Any) -> None
     except ValueError as e:
         assert str(e).strip()
         return
-    assert verdict.destination and verdict.state is not State.UNDECIDED
-    assert verdict.suppresses == (verdict.signal is not None)
-    assert math.isfinite(verdict.observed_at) and verdict.observed_at <= verdict.expires_at
+    assert_valid(verdict)
     assert from_record(to_record(verdict)) == verdict
+
+
+def assert_valid(verdict: Verdict) -> None:
+    """Everything the request path may rely on in a verdict read from a store."""
+    assert verdict.destination and normalize_host(verdict.destination) == verdict.destination
+    assert verdict.state in (State.GONE, State.UNREACHABLE, State.ALIVE)
+    assert verdict.suppresses == (verdict.signal is not None)
+    assert verdict.signal is None or Signal(verdict.signal)
+    assert isinstance(verdict.evidence, str) and len(verdict.evidence) <= MAX_EVIDENCE_CHARS
+    assert math.isfinite(verdict.observed_at) and verdict.observed_at <= verdict.expires_at
+    assert verdict.observed_at >= 0 and verdict.expires_at <= MAX_TIMESTAMP
+    assert not hasattr(verdict, "addresses")  # never taken from a store (address_book)
 
 
 @given(verdicts())
@@ -76,6 +108,18 @@ def test_to_record_round_trips(verdict: Verdict) -> None:
 @given(verdicts())
 def test_to_record_round_trips_through_json_as_the_stores_keep_it(verdict: Verdict) -> None:
     assert from_record(json.loads(json.dumps(to_record(verdict)))) == verdict
+
+
+@given(verdicts(max_evidence=3 * MAX_EVIDENCE_CHARS))
+def test_long_evidence_is_cut_on_write_so_every_replica_reads_the_record_back(
+    verdict: Verdict,
+) -> None:
+    back = from_record(json.loads(json.dumps(to_record(verdict))))
+    assert len(back.evidence) <= MAX_EVIDENCE_CHARS
+    if len(verdict.evidence) <= MAX_EVIDENCE_CHARS:
+        assert back == verdict
+    else:
+        assert back.evidence[:-1] == verdict.evidence[: MAX_EVIDENCE_CHARS - 1]
 
 
 @pytest.mark.parametrize("field", ["observed_at", "expires_at"])

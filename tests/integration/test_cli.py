@@ -221,8 +221,11 @@ def test_mitmdump_script_loads_the_same_addon(
             "tombstone_deny=old.example",
             "--set",
             "tombstone_refusal=status",
+            "--set",
+            f"tombstone_state_dir={tmp_path / 'state'}",  # never the user's real state dir
         ],
         env={"PYTHONPATH": str(REPO)},
+        log_path=tmp_path / "mitmdump.log",
     ).start()
     try:
         process.wait_for_port(port)

@@ -6,17 +6,26 @@ the tests kill and restart, and the ops API and CLI over HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import DEAD_IP, LIVE_IP
+from sidecar.metrics import Metrics
+from sidecar.redis_store import CHANNEL, KEY_PREFIX, RedisStore
+from sidecar.sqlite_store import SCHEMA
+from sidecar.verdicts import Verdict
+from tests.integration.conftest import BASE_ARGS, DEAD_IP, LIVE_IP
 from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import wait_until
@@ -409,3 +418,321 @@ def test_disk_full_keeps_serving_from_memory_and_recovers(
     finally:
         sidecar.stop()
     assert dead_upstream.connections == 0
+
+
+# -- hostile records: every store validates what it reads (issue 14, defect 2) -----------
+
+
+def record(name: str, state: object = "gone", signal: str | None = "dns_txt_gone",
+           **fields: object) -> dict[str, object]:  # fmt: skip
+    now = time.time()
+    base: dict[str, object] = {"destination": name, "state": state, "signal": signal,
+                               "evidence": "planted by the test", "observed_at": now,
+                               "expires_at": now + 3600, "addresses": []}  # fmt: skip
+    return {**base, **fields}
+
+
+def alive(name: str, *addresses: str) -> dict[str, object]:
+    return record(name, "alive", None, addresses=list(addresses))
+
+
+def write_state_file(state: Path, rows: list[tuple[str, str | bytes]]) -> Path:
+    """A state file as the sidecar writes it (WAL, its schema), holding `rows` verbatim."""
+    state.mkdir(exist_ok=True)
+    path = state / "verdicts.sqlite3"
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.executescript(SCHEMA)
+    db.executemany("INSERT INTO verdicts VALUES (?, ?, ?)",
+                   [(name, raw, time.time() + 3600) for name, raw in rows])  # fmt: skip
+    db.close()
+    return path
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads: RecursionError; 200 kB
+DEEP_SMALL = '{"destination": ' + "[" * 5000 + "]" * 5000 + "}"  # under the size bound
+
+
+def hostile_rows(unique: Callable[[str], str]) -> list[tuple[str, str | bytes]]:
+    """One row per way a record can be wrong; each one names its own destination."""
+    rows: list[tuple[str, str | bytes]] = []
+
+    def add(prefix: str, make: Callable[[str], object]) -> None:
+        name = unique(prefix)
+        made = make(name)
+        rows.append((name, made if isinstance(made, str | bytes) else json.dumps(made)))
+
+    add("non-ip", lambda n: alive(n, "localhost"))
+    add("deep", lambda n: DEEP)
+    add("deep-small", lambda n: DEEP_SMALL)
+    add("huge-evidence", lambda n: record(n, evidence="x" * 5000))
+    add("giant", lambda n: record(n, evidence="x" * 1_000_000))
+    add("wrong-types", lambda n: record(n, observed_at="yesterday"))
+    add("state-type", lambda n: record(n, state=7))
+    add("unknown-signal", lambda n: record(n, signal="rumour"))
+    add("not-json", lambda n: "not json at all")
+    add("blob", lambda n: b"\xff\xfe binary")
+    add(
+        "nan", lambda n: json.dumps(record(n)).replace('"expires_at": ', '"expires_at": NaN, "x": ')
+    )
+    rows.append(("Bad Name!", json.dumps(record("Bad Name!"))))
+    upper = unique("upper").upper()
+    rows.append((upper, json.dumps(record(upper))))  # not the normalized form
+    other = unique("mismatch")
+    rows.append((other, json.dumps(record(unique("someone-else")))))
+    rows.append((None, json.dumps(record(unique("null-destination")))))  # type: ignore[arg-type]
+    return rows
+
+
+def test_hostile_state_file_rows_are_dropped_and_counted_and_good_rows_still_serve(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    dns_server: DnsServer,
+    dead_upstream: Upstream,
+    tmp_path: Path,
+    unique: Callable[[str], str],
+) -> None:
+    good = gone_name(zone, unique, "good-row")
+    bad = hostile_rows(unique)
+    write_state_file(tmp_path / "state", [*bad, (good, json.dumps(record(good)))])
+
+    sidecar = sidecar_factory("--state-dir", str(tmp_path / "state"))
+
+    assert sidecar.metric("tombstone_store_invalid_records_total", store="sqlite",
+                          source="load") == len(bad)  # fmt: skip
+    assert sidecar.metric("tombstone_store_up", store="sqlite") == 1
+    log = sidecar.log()
+    assert log.count("invalid stored verdict(s)") == 1, log  # one line for all of them
+    assert f"dropped {len(bad)} invalid stored verdict(s)" in log
+    assert "loaded 1 verdict(s)" in log and "Traceback" not in log
+    reply = sidecar.connect(f"{good}:{dead_upstream.port}")
+    assert reply.status == 502 and reply.headers["x-tombstone-signal"] == "dns_txt_gone"
+    assert dns_server.query_count(good) == 0  # served from the good row, not from DNS
+    listed = json.loads(sidecar.ops("/v1/verdicts")[1])
+    assert [v["destination"] for v in listed["verdicts"]] == [good]
+    assert dead_upstream.connections == 0
+
+
+class Canary:
+    """A TCP listener on loopback that counts every connection it is offered."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+
+def test_stored_junk_addresses_never_make_the_sidecar_dial_loopback(
+    dns_server: DnsServer, zone: Zone, tmp_path: Path, unique: Callable[[str], str]
+) -> None:
+    """Issue 14: an alive verdict whose address is not an IP made the hooks raise, and
+    mitmproxy then dialled the name itself: loopback reached without --allow-address."""
+    canary = Canary()
+    junk = ["localhost", "127.1", "0x7f.0.0.1", "2130706433", " 127.0.0.1", "127.0.0.1:80"]
+    names = [unique("canary") for _ in junk]
+    rows: list[tuple[str, str | bytes]] = [
+        (n, json.dumps(alive(n, a))) for n, a in zip(names, junk, strict=True)
+    ]
+    mapped = unique("mapped")  # a valid IP literal: loaded, and the guard refuses it
+    rows += [("localhost", json.dumps(alive("localhost", "localhost"))),
+             (mapped, json.dumps(alive(mapped, "::ffff:127.0.0.1")))]  # fmt: skip
+    for name in [*names, mapped]:
+        zone.add(name, "A", "127.0.0.1")  # DNS leads to loopback too: the guard must hold
+    write_state_file(tmp_path / "state", rows)
+    sidecar = Sidecar(dns_server.port, ["--refusal", "status", "--no-probe", "--state-dir",
+                                        str(tmp_path / "state")], log_dir=tmp_path)  # fmt: skip
+    try:
+        sidecar.start()
+        assert sidecar.metric("tombstone_store_invalid_records_total", store="sqlite",
+                              source="load") == len(junk) + 1  # fmt: skip
+        for name in [*names, "localhost", mapped]:
+            for target in (f"{name}:{canary.port}", f"{name}:443"):
+                assert not sidecar.tunnel_opens(target), target
+        assert "Traceback" not in sidecar.log() and "Addon error" not in sidecar.log()
+    finally:
+        sidecar.stop()
+        canary.close()
+    assert canary.connections == 0
+
+
+def test_read_only_state_file_still_loads_its_verdicts_and_says_it_is_not_persisting(
+    dns_server: DnsServer,
+    zone: Zone,
+    tmp_path: Path,
+    dead_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """Decided for issue 14: a read-only state directory (a read-only volume) serves the
+    verdicts it holds, runs without persistence and reports the store down, in one line."""
+    stored = gone_name(zone, unique, "read-only")
+    state = tmp_path / "state"
+    write_state_file(state, [(stored, json.dumps(record(stored)))])
+    sidecar = Sidecar(dns_server.port, [*BASE_ARGS, "--state-dir", str(state)],
+                      log_dir=tmp_path)  # fmt: skip
+    read_only = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+    sidecar.argv[:0] = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                        read_only, str(state)]  # fmt: skip
+    sidecar.process.argv = sidecar.argv
+    try:
+        sidecar.start()
+        reply = sidecar.connect(f"{stored}:{dead_upstream.port}")
+        assert reply.status == 502 and reply.headers["x-tombstone-signal"] == "dns_txt_gone"
+        assert dns_server.query_count(stored) == 0
+        assert sidecar.metric("tombstone_store_up", store="sqlite") == 0
+        ready = json.loads(sidecar.ops("/readyz")[1])
+        assert ready["status"] == "ready" and ready["store"]["up"] is False
+        assert "read-only" in ready["store"]["detail"] and "loaded 1" in ready["store"]["detail"]
+        learned = gone_name(zone, unique, "in-memory")
+        assert sidecar.connect(f"{learned}:{dead_upstream.port}").status == 502
+        warnings = [line for line in sidecar.log().splitlines() if "read-only" in line]
+        assert len(warnings) == 1, warnings
+    finally:
+        sidecar.stop()
+    assert dead_upstream.connections == 0
+
+
+def publish(redis: RedisServer, payload: str) -> None:
+    assert redis.command("PUBLISH", CHANNEL, payload).startswith(b":")
+
+
+def message(verdict: dict[str, object], origin: str = "another-replica") -> str:
+    return json.dumps({"origin": origin, "destination": verdict["destination"],
+                       "verdict": verdict})  # fmt: skip
+
+
+def test_hostile_redis_keys_and_messages_are_dropped_and_the_subscriber_keeps_listening(
+    sidecar_factory: Callable[..., Sidecar],
+    redis: RedisServer,
+    zone: Zone,
+    dead_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    sidecar = sidecar_factory("--store", redis.url)
+    keyed = [unique("key") for _ in range(5)]
+    for name in keyed:
+        zone.add(name, "A", DEAD_IP)  # what DNS says once the key is refused
+    values = [json.dumps(alive(keyed[0], "localhost")), DEEP,
+              json.dumps(record(unique("elsewhere"))), "x" * 1_000_000]  # fmt: skip
+    for name, value in zip(keyed, values, strict=False):
+        redis.command("SET", KEY_PREFIX + name, value)
+    redis.command("RPUSH", KEY_PREFIX + keyed[4], "not a string")
+    for name in keyed:  # judged by DNS (alive): the sidecar fetched, refused, and moved on
+        assert sidecar.tunnel_opens(f"{name}:{dead_upstream.port}")
+    # Each name's key was fetched once and refused (a fetch over its 5 ms budget on a busy
+    # machine is skipped instead, and counted as such).
+    refused = sidecar.metric("tombstone_store_invalid_records_total", store="redis",
+                             source="fetch")  # fmt: skip
+    skipped = sidecar.metric("tombstone_store_errors_total", store="redis", op="fetch_timeout")
+    assert refused >= 1 and refused + skipped == len(keyed), (refused, skipped)
+
+    target = unique("target")
+    bad_messages = [
+        "[" * 10_000,  # under the size bound: json.loads raises RecursionError
+        DEEP,
+        "not json",
+        "[]",
+        message(alive(target, "localhost")),
+        message(record(target, signal="rumour")),
+        json.dumps({"origin": "x", "destination": target, "verdict": record(unique("other"))}),
+        json.dumps({"origin": "x", "destination": "Bad Name!"}),
+        message(record(target, evidence="x" * 100_000)),
+    ]
+    for payload in bad_messages:
+        publish(redis, payload)
+    publish(redis, message(record(target)))  # a good one after all of them
+    assert wait_until(lambda: sidecar.ops(f"/v1/verdicts/{target}")[0] == 200, timeout=10)
+    reply = sidecar.connect(f"{target}:{dead_upstream.port}")
+    assert reply.status == 502 and reply.headers["x-tombstone-signal"] == "dns_txt_gone"
+    assert sidecar.metric("tombstone_store_invalid_records_total", store="redis",
+                          source="message") == len(bad_messages)  # fmt: skip
+    assert sidecar.metric("tombstone_store_up", store="redis") == 1  # bad records: no outage
+    log = sidecar.log()
+    assert log.count("invalid record(s) from") == 1, log  # rate-limited: once a minute
+    assert "Traceback" not in log
+    assert dead_upstream.connections == 0
+
+
+def test_a_lost_subscription_shows_the_store_down_until_it_is_resubscribed(
+    sidecar_factory: Callable[..., Sidecar],
+    redis: RedisServer,
+    unique: Callable[[str], str],
+) -> None:
+    sidecar = sidecar_factory("--store", redis.url)
+    assert b"tombstone:v1:verdicts" in redis.command("PUBSUB", "CHANNELS")
+    # No resubscribing for now: the window in which the store is down stays open.
+    assert redis.command("ACL", "SETUSER", "default", "-subscribe") == b"+OK\r\n"
+    assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":1")
+
+    assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="redis") == 0,
+                      timeout=10)  # fmt: skip
+    ready = json.loads(sidecar.ops("/readyz")[1])
+    assert ready["store"]["up"] is False and "subscribe" in ready["store"]["detail"], ready
+    # Refused resubscriptions (NOPERM) keep it down: no flapping up and down between them.
+    assert wait_until(lambda: sidecar.metric("tombstone_store_errors_total", store="redis",
+                                             op="subscribe") >= 3, timeout=10)  # fmt: skip
+    assert sidecar.metric("tombstone_store_up", store="redis") == 0
+    assert sidecar.log().count("redis store DOWN") == 1
+
+    redis.command("ACL", "SETUSER", "default", "+subscribe")
+    assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="redis") == 1,
+                      timeout=30)  # fmt: skip
+    assert json.loads(sidecar.ops("/readyz")[1])["store"]["up"] is True
+    name = unique("after-resubscribe")
+    publish(redis, message(record(name)))
+    assert wait_until(lambda: sidecar.ops(f"/v1/verdicts/{name}")[0] == 200, timeout=10)
+    assert "redis store DOWN" in sidecar.log() and "redis store up" in sidecar.log()
+
+
+def test_a_subscriber_task_that_ends_is_reported_and_started_again(redis: RedisServer) -> None:
+    """Not a message and not a lost connection: the subscriber task itself ended (here,
+    cancelled from outside). Health says so at once, and a new subscriber takes over."""
+
+    async def scenario() -> None:
+        store = RedisStore(redis.url, Metrics())
+        received: list[Verdict] = []
+        await store.start(received.append, lambda name: None)
+        try:
+            assert store.health().up
+            first = store._listener
+            assert first is not None
+            first.cancel()
+            await asyncio.wait([first])
+            await asyncio.sleep(0)  # its done callback runs
+            health = store.health()
+            assert not health.up and "stopped" in health.detail, health
+            assert store.metrics.store_up.labels("redis")._value.get() == 0
+
+            for _ in range(200):
+                if store.health().up:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.health().up and store._listener is not first
+            name = "restarted.hs.test"
+            await asyncio.to_thread(publish, redis, message(record(name)))
+            for _ in range(200):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+            assert [v.destination for v in received] == [name]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

@@ -27,6 +27,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
+        self.dir.mkdir(exist_ok=True)
         argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", str(self.dir)]  # fmt: skip
         self.process = ManagedProcess(argv, log_path=self.dir / "redis.log").start()
@@ -35,9 +36,11 @@ class RedisServer:
         return self
 
     def stop(self) -> None:
+        """Stop the server and remove its directory (`start()` makes it again)."""
         if self.process is not None:
             self.process.stop(grace=2)
             self.process = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def command(self, *args: str) -> bytes:
         """Send one command in RESP and return the raw reply (enough for GET/KEYS/PING)."""

@@ -1,10 +1,26 @@
-"""sidecar.verdicts: the verdict log form and the bounded, expiring verdict cache."""
+"""sidecar.verdicts: the verdict log form, the bounded expiring cache, and stored records."""
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 
-from sidecar.verdicts import STALE_GRACE_SECONDS, State, Verdict, VerdictCache
+from sidecar.signals import Signal
+from sidecar.store import RateLimitedWarning
+from sidecar.verdicts import (
+    MAX_ADDRESSES,
+    MAX_EVIDENCE_CHARS,
+    STALE_GRACE_SECONDS,
+    State,
+    Verdict,
+    VerdictCache,
+    decode_record,
+    from_record,
+    load_json,
+    to_record,
+)
 
 GRACE = 100.0
 
@@ -259,3 +275,108 @@ def test_counts_follow_expiry(cache: VerdictCache, clock: FakeClock) -> None:
 
 def test_counts_empty(cache: VerdictCache) -> None:
     assert cache.counts() == []
+
+
+# --- records read back from a store (issue 14) ------------------------------------------------
+
+
+def good_record(**fields: object) -> dict[str, object]:
+    record: dict[str, object] = {"destination": "example.org", "state": "gone",
+                                 "signal": "dns_txt_gone", "evidence": "TXT",
+                                 "observed_at": 10.0, "expires_at": 20.0,
+                                 "addresses": ["192.0.2.1", "2001:db8::1"]}  # fmt: skip
+    record.update(fields)
+    return record
+
+
+def test_a_good_record_reads_back_without_its_addresses() -> None:
+    """Addresses written by earlier versions are checked, then ignored: a live name is
+    dialled where DNS says it is now (sidecar.address_book), never where a store says."""
+    verdict = from_record(good_record())
+    assert verdict.destination == "example.org" and verdict.state is State.GONE
+    assert not hasattr(verdict, "addresses")
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"destination": "Example.ORG."}, "not a normalized server name"),
+        ({"destination": "bad name!"}, "not a normalized server name"),
+        ({"destination": 7}, "non-empty string"),
+        ({"state": "undecided", "signal": None}, "not one of"),
+        ({"state": ["gone"]}, "not one of"),
+        ({"signal": "rumour"}, "not a known signal"),
+        ({"state": "alive"}, "does not go with signal"),
+        ({"evidence": "x" * (MAX_EVIDENCE_CHARS + 1)}, "at most 1000"),
+        ({"evidence": 5}, "evidence must be a string"),
+        ({"observed_at": True}, "must be a number"),
+        ({"observed_at": "10"}, "must be a number"),
+        ({"observed_at": -1.0}, "between 1970 and 9999"),
+        ({"expires_at": 1e300}, "between 1970 and 9999"),
+        ({"expires_at": 10**400}, "beyond the range of a float"),
+        ({"expires_at": 5.0}, "before observed_at"),
+        ({"addresses": ["localhost"]}, "not an IP address"),
+        ({"addresses": ["127.1"]}, "not an IP address"),
+        ({"addresses": [7]}, "not a string"),
+        ({"addresses": "192.0.2.1"}, "must be a list"),
+        ({"addresses": ["192.0.2.1"] * (MAX_ADDRESSES + 1)}, "at most 64"),
+        ({"addresses": [["192.0.2.1"]]}, "nested deeper"),
+        ({"extra": {"a": [1]}}, "nested deeper"),
+    ],
+)
+def test_a_bad_record_is_a_value_error_saying_why(fields: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason) as error:
+        from_record(good_record(**fields))
+    assert len(str(error.value)) < 200
+
+
+def test_unknown_flat_fields_are_ignored_for_newer_replicas() -> None:
+    assert from_record(good_record(added_later="x")) == from_record(good_record())
+
+
+def test_every_signal_of_the_enum_is_accepted() -> None:
+    for signal in Signal:
+        assert from_record(good_record(signal=signal.value)).signal == signal
+
+
+def test_to_record_cuts_long_evidence_so_it_reads_back() -> None:
+    long = Verdict("example.org", State.GONE, "operator", "y" * 5000, 10.0, 20.0)
+    back = from_record(to_record(long))
+    assert len(back.evidence) == MAX_EVIDENCE_CHARS and back.evidence.endswith("…")
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        ("[" * 10_000, "nested deeper"),  # json.loads itself raises RecursionError
+        ("[" * 100_000 + "]" * 100_000, "at most 16384"),  # refused before parsing
+        ('{"a": [[[1]]]}', "nested deeper"),
+        ("not json", "not JSON"),
+        (b"\xff", "not JSON"),
+        ("1" + "0" * 5000, "not JSON"),  # beyond str(int)'s digit limit
+        (None, "expected JSON text"),
+    ],
+)
+def test_load_json_refuses_without_raising_anything_but_value_error(
+    raw: object, reason: str
+) -> None:
+    with pytest.raises(ValueError, match=reason):
+        load_json(raw)
+
+
+def test_decode_record_reads_what_the_stores_write() -> None:
+    verdict = from_record(good_record())
+    assert decode_record(json.dumps(to_record(verdict)).encode()) == verdict
+
+
+def test_rate_limited_warning_logs_once_per_interval_with_the_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock(0.0)
+    warning = RateLimitedWarning(60.0, clock)
+    with caplog.at_level(logging.WARNING, logger="sidecar.store"):
+        assert warning.warn("%d bad (%s)", "first")
+        assert not any(warning.warn("%d bad (%s)", "more") for _ in range(5))
+        clock.advance(60.0)
+        assert warning.warn("%d bad (%s)", "later")
+    assert [r.getMessage() for r in caplog.records] == ["1 bad (first)", "6 bad (later)"]
