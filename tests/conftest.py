@@ -17,8 +17,13 @@ from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from sidecar.store import default_state_dir
+
+# Hypothesis keeps its example database in pytest's cache for every suite (tests/unit has
+# property tests too), not in a `.hypothesis` directory in the checkout.
+set_hypothesis_home_dir(str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "hypothesis"))
 
 # What earlier runs left in the real temporary directory; none may appear during a run.
 LEAK_PATTERNS = ("atheris-config-*", "proc-*.log", "sidecar-state-*", "redis-*")
