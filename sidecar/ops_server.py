@@ -34,7 +34,6 @@ from sidecar import __version__
 from sidecar.lifting import is_hold
 from sidecar.names import Authority, InvalidName, normalize_host
 from sidecar.options import parse_duration
-from sidecar.policy import OPERATOR_TTL_SECONDS
 from sidecar.verdicts import Entry, State, to_record
 
 if TYPE_CHECKING:
@@ -49,7 +48,6 @@ DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 LIST_ORDERS = ("name", "suppressed")  # by server name, or most refused first
 DEFAULT_OPERATOR_TTL = "3650d"  # an operator's "gone" holds until they DELETE it
-MAX_OPERATOR_TTL = OPERATOR_TTL_SECONDS  # 10 years, as long as a deny-list verdict lasts
 # A sentence or a ticket link. The comment becomes the verdict's evidence, logged on the
 # verdict-change line: 500 characters (at most 2,000 bytes of UTF-8) keep that line far
 # below the 16 KiB at which container runtimes split a log line.
@@ -355,16 +353,13 @@ class OpsServer:
 
 
 def _operator_ttl(raw: object) -> float:
-    """The PUT body's `ttl`: a duration string up to MAX_OPERATOR_TTL (ValueError says why)."""
+    """The PUT body's `ttl`: a duration string up to 3650d, parse_duration's bound and as
+    long as a deny-list verdict lasts (ValueError says why)."""
     if isinstance(raw, int | float) and not isinstance(raw, bool):
         raw = repr(raw)  # plain seconds
     if not isinstance(raw, str) or len(raw) > 32:
         raise ValueError('ttl must be a duration such as "30d" or a number of seconds')
-    ttl = parse_duration(raw)  # rejects zero, negative, nan and inf
-    if ttl > MAX_OPERATOR_TTL:
-        raise ValueError(f"ttl {raw!r} is longer than the maximum, {DEFAULT_OPERATOR_TTL} "
-                         "(10 years); omit it to mark the server gone until DELETE")  # fmt: skip
-    return ttl
+    return parse_duration(raw)  # rejects zero, negative, nan, inf and beyond 3650d
 
 
 def _comment(raw: object) -> str:

@@ -26,6 +26,9 @@ from sidecar.textfile import read_small_text
 ENV_PREFIX = "TOMBSTONE_"
 MITM_PREFIX = "tombstone_"
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# No setting means more than ten years (the operator deny list's own lifetime); a longer
+# one would put expiry times past what the stores read back (the year 9999) or Redis takes.
+MAX_DURATION_SECONDS = 3650 * 86400
 MAX_DENY_FILE_BYTES = 16 * 1024 * 1024  # a deny list larger than this is a mistake
 
 
@@ -382,6 +385,8 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 24h, 7d)") from None
     if not seconds > 0 or seconds == float("inf"):
         raise ValueError(f"{text!r} must be a positive duration")
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text!r} is longer than 3650d (10 years), the longest duration")
     return seconds
 
 

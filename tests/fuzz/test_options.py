@@ -20,6 +20,7 @@ from sidecar.names import Authority, is_ip_literal, normalize_host
 from sidecar.options import (
     BY_NAME,
     DURATION_UNITS,
+    MAX_DURATION_SECONDS,
     OPTIONS,
     ConfigError,
     Option,
@@ -76,13 +77,17 @@ def test_parse_duration_is_positive_and_finite_or_a_value_error(text: str) -> No
     except ValueError as e:
         check_value_error(e)
         return
-    assert seconds > 0 and math.isfinite(seconds)
+    assert 0 < seconds <= MAX_DURATION_SECONDS
 
 
 @given(st.floats(min_value=0, exclude_min=True, allow_infinity=False), st.sampled_from("smhd"))
 def test_parse_duration_reads_back_what_it_means(number: float, unit: str) -> None:
     expected = number * DURATION_UNITS[unit]
     assume(math.isfinite(expected) and expected > 0)
+    if expected > MAX_DURATION_SECONDS:
+        with pytest.raises(ValueError, match="longer than 3650d"):
+            parse_duration(f"{number!r}{unit}")
+        return
     assert parse_duration(f"{number!r}{unit}") == expected
     assert parse_duration(f" {number!r}{unit.upper()} ") == expected
 

@@ -114,10 +114,10 @@ def test_head_answers_the_get_headers_without_a_body(ops_sidecar: Sidecar) -> No
 @pytest.mark.parametrize(
     ("ttl", "error"),
     [
-        ("1e300d", "longer than the maximum, 3650d"),
-        ("3651d", "longer than the maximum, 3650d"),
-        ("316000000", "longer than the maximum, 3650d"),
-        (1e300, "longer than the maximum, 3650d"),
+        ("1e300d", "longer than 3650d"),
+        ("3651d", "longer than 3650d"),
+        ("316000000", "longer than 3650d"),
+        (1e300, "longer than 3650d"),
         ("nan", "must be a positive duration"),
         ("inf", "must be a positive duration"),
         ("-1d", "must be a positive duration"),

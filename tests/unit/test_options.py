@@ -65,6 +65,8 @@ def test_parse_duration(text: str, seconds: float) -> None:
         ("nan", "must be a positive duration"),
         ("1e400", "must be a positive duration"),
         ("1e308d", "must be a positive duration"),
+        ("3651d", "longer than 3650d"),
+        ("1e300d", "longer than 3650d"),
     ],
 )
 def test_parse_duration_rejects(text: str, message_part: str) -> None:
