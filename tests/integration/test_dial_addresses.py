@@ -112,6 +112,7 @@ def test_a_restart_never_dials_addresses_from_the_state_file(
 def test_a_verdict_shared_through_redis_brings_no_addresses(
     sidecar_factory: Callable[..., Sidecar],
     redis: RedisServer,
+    dns_server: DnsServer,
     zone: Zone,
     ca: TestCA,
     live_upstream: Upstream,
@@ -131,6 +132,7 @@ def test_a_verdict_shared_through_redis_brings_no_addresses(
     assert get(two, name, live_upstream.port, ca) == 200  # the verdict from Redis, A from DNS
     assert get(one, name, live_upstream.port, ca) == 200  # its own A record expired
     assert (hits(live_upstream), hits(moved_upstream)) == (before_old, before_new + 2)
+    assert dns_server.query_count(name, "TXT") == 1  # two judged nothing: Redis's verdict
 
 
 def test_a_resolver_outage_serves_the_last_addresses_within_the_bound_then_fails(
