@@ -46,14 +46,20 @@ from mitmproxy.proxy.mode_specs import RegularMode
 from sidecar import answers
 from sidecar.empty_connect import CloseClient
 from sidecar.metrics import Metrics
-from sidecar.options import BY_NAME, ConfigError, Settings
+from sidecar.options import BY_NAME, ConfigError, Settings, open_proxy_problem
 from sidecar.proxy_auth import ProxyAuth
 
 log = logging.getLogger("sidecar.admission")
 
 OPTIONS = tuple(
     BY_NAME[name]
-    for name in ("proxy_auth_file", "head_timeout", "max_head_size", "max_pending_clients")
+    for name in (
+        "proxy_auth_file",
+        "head_timeout",
+        "max_head_size",
+        "max_pending_clients",
+        "allow_open_proxy",
+    )
 )
 # Hop-by-hop headers a proxy must not forward (RFC 9110 §7.6.1), besides those `Connection`
 # names. Proxy-Authorization carries the proxy's password: it must never reach an origin.
@@ -122,6 +128,7 @@ class Admission:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.auth: ProxyAuth | None = None
+        self.open_proxy: str | None = None  # why the listener would be an open proxy
         self.limits: Limits | None = None
         # Clients not admitted yet, oldest first, with their --head-timeout timer.
         self.pending: dict[connection.Client, asyncio.TimerHandle | None] = {}
@@ -134,7 +141,11 @@ class Admission:
     # -- configuration -------------------------------------------------------------------
 
     def configure(self, updated: set[str]) -> None:
-        if self.limits is not None and not any(o.mitm in updated for o in OPTIONS):
+        if (
+            self.limits is not None
+            and "listen_host" not in updated
+            and not any(o.mitm in updated for o in OPTIONS)
+        ):
             return
         if not all(o.mitm in ctx.options for o in OPTIONS):
             return  # TombstoneAddon declares the options; not all of them yet
@@ -145,6 +156,12 @@ class Admission:
             settings = Settings.from_raw(raw)
         except ConfigError as e:
             raise exceptions.OptionsError(e.for_mitmproxy()) from None
+        # mitmdump listens on every interface unless told otherwise: the same rule as
+        # `tombstone-sidecar run --listen` (which checks before it starts mitmproxy). Judged
+        # on every configure (the first one sees only defaults); while it holds, every
+        # client is refused and `running` stops the proxy with the reason.
+        listen_host = str(getattr(ctx.options, "listen_host", ""))
+        self.open_proxy = open_proxy_problem(listen_host, settings)
         self.apply(settings)
 
     def apply(self, settings: Settings) -> None:
@@ -157,8 +174,17 @@ class Admission:
 
     # -- hooks ---------------------------------------------------------------------------
 
+    def running(self) -> None:
+        if self.open_proxy is not None:
+            # An ERROR at start-up makes mitmproxy's ErrorCheck exit with status 1.
+            log.error("listen_host: %s", self.open_proxy)
+            ctx.master.shutdown()
+
     def client_connected(self, client: connection.Client) -> None:
         if client.error or not _regular(client):
+            return
+        if self.open_proxy is not None:
+            client.error = "refused: this proxy would be open to anyone (see the log)"
             return
         try:
             limits = self._limits()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import resource
 import signal
@@ -15,7 +14,15 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from sidecar import __version__, kit_cli, verdicts_cli
-from sidecar.options import BY_NAME, OPTIONS, ConfigError, Option, Settings, gather_raw
+from sidecar.options import (
+    BY_NAME,
+    OPTIONS,
+    ConfigError,
+    Option,
+    Settings,
+    gather_raw,
+    open_proxy_problem,
+)
 from sidecar.shared_port import mode_spec
 
 log = logging.getLogger("sidecar")
@@ -219,16 +226,9 @@ def _mitm_value(option: Option, value: Any) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
-    listen_host = settings.listen.host
-    loopback = listen_host == "localhost" or ipaddress.ip_address(listen_host).is_loopback
-    if not loopback and settings.proxy_users is None and not settings.allow_open_proxy:
-        print(
-            f"tombstone-sidecar: error: --listen: {settings.listen} is not a loopback address, "
-            "so anyone who reaches it could use this proxy. Give --proxy-auth-file (and put "
-            "the credentials in the homeserver's proxy URL), or --allow-open-proxy if a "
-            "NetworkPolicy admits only the homeserver.",
-            file=sys.stderr,
-        )
+    problem = open_proxy_problem(settings.listen.host, settings)
+    if problem is not None:
+        print(f"tombstone-sidecar: error: --listen: {problem}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(settings.log_level)
     _raise_open_file_limit()

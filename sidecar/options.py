@@ -8,6 +8,7 @@ its error, so a bad value reads the same whichever way it came in.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -345,7 +346,6 @@ OPTIONS: tuple[Option, ...] = (
         "Allow a non-loopback --listen without --proxy-auth-file (only behind a NetworkPolicy "
         "that admits nothing but the homeserver).",
         flag=True,
-        scope="run",
     ),
     Option(
         "reuse_port",
@@ -370,6 +370,25 @@ OPTIONS: tuple[Option, ...] = (
 BY_NAME = {o.name: o for o in OPTIONS}
 ADDON_OPTIONS = tuple(o for o in OPTIONS if o.scope == "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def open_proxy_problem(listen_host: str, settings: Settings) -> str | None:
+    """Why listening on `listen_host` would open the proxy to anyone who reaches it, or
+    None. The one rule for `run --listen` and for mitmdump's `--listen-host` (empty: every
+    interface)."""
+    host = listen_host.strip().strip("[]")
+    try:
+        loopback = host == "localhost" or (bool(host) and ipaddress.ip_address(host).is_loopback)
+    except ValueError:
+        loopback = False
+    if loopback or settings.proxy_users is not None or settings.allow_open_proxy:
+        return None
+    where = host or "every interface"
+    return (
+        f"{where} is not a loopback address, so anyone who reaches it could use this proxy. "
+        "Give --proxy-auth-file (and put the credentials in the homeserver's proxy URL), or "
+        "--allow-open-proxy if a NetworkPolicy admits only the homeserver."
+    )
 
 
 def parse_duration(text: str) -> float:

@@ -240,24 +240,21 @@ def test_mitmdump_script_loads_the_same_addon(
         process.stop()
     assert dead_upstream.connections == 0
 
-    bad = subprocess.run(
-        [
-            command,
-            "-q",
-            "-p",
-            str(free_port()),
-            "--set",
-            f"confdir={tmp_path}",
-            "-s",
-            str(REPO / "addons" / "tombstone.py"),
-            "--set",
-            "tombstone_min_ttl=abc",
-        ],
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert bad.returncode != 0
-    assert "tombstone_min_ttl: 'abc' is not a duration" in bad.stdout + bad.stderr
+    def mitmdump_fails(*args: str) -> str:
+        result = subprocess.run(
+            [command, "-q", "-p", str(free_port()), "--set", f"confdir={tmp_path}",
+             "-s", str(REPO / "addons" / "tombstone.py"),
+             "--set", f"tombstone_state_dir={tmp_path / 'state'}", *args],
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert result.returncode != 0, result
+        return result.stdout + result.stderr
+
+    output = mitmdump_fails("--listen-host", "127.0.0.1", "--set", "tombstone_min_ttl=abc")
+    assert "tombstone_min_ttl: 'abc' is not a duration" in output
+    # Without --listen-host mitmdump listens on every interface: refused like `run` refuses a
+    # non-loopback --listen without proxy auth (no unauthenticated proxy is ever opened).
+    output = mitmdump_fails()
+    assert "every interface is not a loopback address" in output, output
+    assert "--proxy-auth-file" in output and "--allow-open-proxy" in output
