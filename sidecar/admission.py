@@ -406,7 +406,7 @@ def _refused() -> http.Response:
 
 def _head_too_large(limit: int) -> bytes:
     body = {
-        "errcode": answers.ERRCODE_BAD_REQUEST,
+        "errcode": answers.ERRCODE_TOO_LARGE,
         "error": f"request head larger than {limit} bytes (--max-head-size)",
     }
     response = http.Response.make(

@@ -17,7 +17,8 @@ from sidecar.verdicts import Verdict
 
 ERRCODE_GONE = "M_SERVER_DECOMMISSIONED"  # not in the spec: names the reason for people and logs
 ERRCODE_FORBIDDEN = "M_FORBIDDEN"
-ERRCODE_BAD_REQUEST = "M_BAD_JSON"
+ERRCODE_BAD_REQUEST = "M_INVALID_PARAM"  # a malformed target: a parameter, not a JSON body
+ERRCODE_TOO_LARGE = "M_TOO_LARGE"
 ERRCODE_UNAVAILABLE = "M_UNKNOWN"
 SIGNAL_HEADER = "X-Tombstone-Signal"
 

@@ -43,6 +43,8 @@ signals (any one marks a server gone):
   invalid_tld   the name, or every SRV target of it, is under .invalid
   nxdomain      the name does not exist (NXDOMAIN; not SERVFAIL, not a timeout)
   operator      listed with --deny / --deny-file
+  http_410      the server answers 410 Gone on /.well-known/matrix/ or /_matrix/ (learned
+                by probes in pass-through, from its responses in intercept mode)
 A resolver timeout or SERVFAIL is never a tombstone: the connection passes (fail open).
 
 every option can also come from the environment (TOMBSTONE_MIN_TTL=10m, lists comma-
