@@ -355,6 +355,8 @@ class Policy:
             report = await signals.evaluate(self.dns, name)
             self.addresses.record(name, report.addresses, report.address_check)
             verdict = self.judge(report)
+            if verdict.state is State.UNDECIDED:  # the proxy forwards it: say so, rarely
+                self._warn_dns_failure(name, verdict.evidence.split("; ")[0] or "unknown")
             if (  # expired, or forgotten by DELETE / resume-early: DNS cannot lift a 410
                 was is not None
                 and was.signal == Signal.HTTP_410
@@ -434,7 +436,6 @@ class Policy:
             expires = now + self.ttl.clamp(report.alive_ttl or self.ttl.minimum)
             return Verdict(name, State.ALIVE, None, evidence, now, expires)
         failed = [c for c in (*report.checks, report.address_check) if c.finding is Finding.UNKNOWN]
-        self._warn_dns_failure(name, failed[0].detail if failed else "unknown")
         why = "; ".join(c.detail for c in failed)
         return Verdict(name, State.UNDECIDED, None, why, now, now + UNDECIDED_RETRY_SECONDS)
 
