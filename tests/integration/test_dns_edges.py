@@ -59,3 +59,21 @@ def test_a_tombstone_after_many_txt_records_is_found(
     reply = sidecar.connect(f"{name}:{dead_upstream.port}")
     assert reply.status == 502 and reply.headers["x-tombstone-signal"] == "dns_txt_gone", reply
     assert dead_upstream.connections == 0
+
+
+def test_a_failing_resolver_is_one_warning_and_the_connection_passes(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    live_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """Fail open, said once: three names whose SRV lookup SERVFAILs (no verdict) pass to
+    their addresses, and the log warns once (at most once a minute)."""
+    sidecar = sidecar_factory()
+    for _ in range(3):
+        name = unique("servfail")
+        zone.add(name, "A", LIVE_IP)
+        zone.servfail(f"_matrix-fed._tcp.{name}")
+        assert sidecar.tunnel_opens(f"{name}:{live_upstream.port}")
+    assert sidecar.metric("tombstone_undecided_total", stage="connect") == 3
+    assert sidecar.log().count("forwarding such names without a verdict (fail open)") == 1
