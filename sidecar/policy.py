@@ -436,7 +436,7 @@ class Policy:
             expires = now + self.ttl.clamp(report.alive_ttl or self.ttl.minimum)
             return Verdict(name, State.ALIVE, None, evidence, now, expires)
         failed = [c for c in (*report.checks, report.address_check) if c.finding is Finding.UNKNOWN]
-        why = "; ".join(c.detail for c in failed)
+        why = "; ".join(dict.fromkeys(c.detail for c in failed))  # each failure once
         return Verdict(name, State.UNDECIDED, None, why, now, now + UNDECIDED_RETRY_SECONDS)
 
     def _store(self, verdict: Verdict, was: Verdict | None = None) -> Entry:

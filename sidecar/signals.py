@@ -264,9 +264,7 @@ def _addresses(name: str, answers: Sequence[DnsAnswer]) -> tuple[tuple[str, ...]
             Signal.NXDOMAIN, Finding.CLEAR, f"{name} has no A/AAAA records", _min_ttl(answers)
         )
     failed = next(a for a in answers if not a.is_evidence)
-    return (), SignalCheck(
-        Signal.NXDOMAIN, Finding.UNKNOWN, f"{failed.rrtype} {failed.outcome}: {failed.detail}"
-    )
+    return (), _unknown(Signal.NXDOMAIN, failed)
 
 
 def _min_ttl(answers: Sequence[DnsAnswer]) -> int | None:

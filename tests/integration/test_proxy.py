@@ -235,7 +235,13 @@ def test_resolver_failure_on_a_signal_fails_open(
     assert sidecar.metric("tombstone_dns_queries_total", rrtype="TXT", result="timeout") >= 1
     assert sidecar.metric("tombstone_dns_queries_total", rrtype="SRV", result="servfail") >= 1
     status, body = sidecar.ops(f"/v1/verdicts/{name}")
-    assert json.loads(body)["state"] == "undecided"
+    verdict = json.loads(body)
+    assert verdict["state"] == "undecided"
+    # Each failure once, each naming what was asked (the TXT timeout is also why the
+    # NXDOMAIN signal has no evidence: said once, not twice).
+    failures = verdict["evidence"].split("; ")
+    assert len(failures) == len(set(failures)), failures
+    assert f"TXT {name}: timeout" in verdict["evidence"], failures
 
 
 def _servfail(request: object) -> bytes:
