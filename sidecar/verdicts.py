@@ -64,11 +64,18 @@ class Verdict:
 
     def describe(self) -> str:
         """The log form: `example.org gone (dns_txt_gone: TXT ...), ttl 3600s`."""
+        ttl = format_ttl(self.ttl)
         if self.state in (State.ALIVE, State.UNDECIDED):
-            return f"{self.destination} {self.state} ({self.evidence}), ttl {self.ttl:.0f}s"
-        return (
-            f"{self.destination} {self.state} ({self.signal}: {self.evidence}), ttl {self.ttl:.0f}s"
-        )
+            return f"{self.destination} {self.state} ({self.evidence}), ttl {ttl}"
+        return f"{self.destination} {self.state} ({self.signal}: {self.evidence}), ttl {ttl}"
+
+
+def format_ttl(seconds: float) -> str:
+    """Seconds as DNS people read them (`300s`, `3600s`), and days from a day on: an
+    operator verdict's ten years is `3650d`, not `315360000s`."""
+    if seconds >= 86400:
+        return f"{round(seconds / 86400, 1):g}d"
+    return f"{seconds:.0f}s"
 
 
 # -- records: what the state file, Redis keys and Redis messages hold ---------------------

@@ -17,6 +17,7 @@ from sidecar.verdicts import (
     Verdict,
     VerdictCache,
     decode_record,
+    format_ttl,
     from_record,
     load_json,
     to_record,
@@ -76,6 +77,15 @@ def test_describe_unreachable() -> None:
 def test_describe_alive_has_no_signal() -> None:
     v = verdict(state=State.ALIVE, signal=None, evidence="A 1.1.1.1", ttl=299.6)
     assert v.describe() == "example.org alive (A 1.1.1.1), ttl 300s"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.4, "0s"), (300, "300s"), (86399, "86399s"), (86400, "1d"), (129600, "1.5d"),
+     (10 * 365 * 86400.0, "3650d")],
+)  # fmt: skip
+def test_ttls_read_in_seconds_then_days(seconds: float, text: str) -> None:
+    assert format_ttl(seconds) == text
 
 
 @pytest.mark.parametrize(
