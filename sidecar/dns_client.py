@@ -2,7 +2,8 @@
 
 Each query ends in one `DnsAnswer` whose `outcome` says what DNS *proved*: records exist
 (`ok`), the name exists without this type (`nodata`), the name does not exist
-(`nxdomain`), or nothing could be learned (`timeout`, `servfail`, `error`). Only the first
+(`nxdomain`), or nothing could be learned (`timeout`, `servfail`, `refused` — every resolver
+answered REFUSED, usually one that does not recurse for us —, `error`). Only the first
 three are evidence; the rest fail open upstream of here.
 """
 
@@ -26,13 +27,14 @@ import dns.resolver
 from sidecar.dns_transport import UdpTransport, is_truncated, query_wire, question_wire
 from sidecar.metrics import Metrics
 
-Outcome = Literal["ok", "nodata", "nxdomain", "timeout", "servfail", "error"]
+Outcome = Literal["ok", "nodata", "nxdomain", "timeout", "servfail", "refused", "error"]
 EVIDENCE: frozenset[Outcome] = frozenset({"ok", "nodata", "nxdomain"})
 
 MAX_CONCURRENT_QUERIES = 256  # a storm of new names waits its turn instead of flooding
 MAX_ADDRESSES = 64  # addresses kept per A or AAAA answer: the sidecar dials one of them
 DEFAULT_NEGATIVE_TTL = 300  # RFC 2308 fallback when a negative answer carries no SOA
 PER_TRY_TIMEOUT = 2.0  # one lost UDP packet costs this much, not the whole lifetime
+REFUSED = "answered REFUSED"  # how _classify words a REFUSED reply
 MAX_TRIES_IN_FLIGHT = 4  # tries of one query still listening (5 s / 2 s per try needs 3)
 
 
@@ -154,6 +156,7 @@ class DnsClient:
                         answer, failure = _classify(name, rrtype, response)
                         if answer is not None:
                             return answer
+                        failure = f"{ns} {failure}"
                     if ns in usable:  # dropped for this query, with its other tries
                         usable.remove(ns)
                         failures.append(failure)
@@ -163,9 +166,9 @@ class DnsClient:
         finally:
             for attempt in tries:
                 attempt.cancel()
-        return DnsAnswer(
-            name, rrtype, "servfail", detail=f"no usable answer: {'; '.join(failures)}"[:200]
-        )
+        refused = bool(failures) and all(f.endswith(REFUSED) for f in failures)
+        return DnsAnswer(name, rrtype, "refused" if refused else "servfail",
+                         detail=f"no usable answer: {'; '.join(failures)}"[:200])  # fmt: skip
 
     async def _exchange(
         self, ns: Nameserver, question: bytes, seconds: float

@@ -183,3 +183,32 @@ def test_a_second_nameserver_answers_when_the_first_refuses(
 
     assert asyncio.run(ask()) == ["192.0.2.7"]
     assert sum(first.ports.values()) == 1 and sum(second.ports.values()) == 1
+
+
+def test_a_resolver_that_refuses_is_reported_as_refused_not_servfail(
+    resolver_for: Callable[[Script], ScriptedResolver],
+) -> None:
+    """A resolver that will not recurse for us answers REFUSED: the outcome (and the
+    `tombstone_dns_queries_total{result}` label) says so, with the nameserver named."""
+
+    def refuse(request: DNSRecord) -> list[bytes]:
+        reply = request.reply()
+        reply.header.rcode = RCODE.REFUSED
+        return [bytes(reply.pack())]
+
+    resolver = resolver_for(refuse)
+    metrics = Metrics()
+    client = DnsClient((Nameserver("127.0.0.1", resolver.port),), timeout=2.0, metrics=metrics)
+
+    async def ask() -> tuple[str, str]:
+        try:
+            answer = await client.query("refused.test.", "TXT")
+        finally:
+            client.close()
+        return answer.outcome, answer.detail
+
+    outcome, detail = asyncio.run(ask())
+    assert outcome == "refused", detail
+    assert f"127.0.0.1:{resolver.port} answered REFUSED" in detail
+    labels = {"rrtype": "TXT", "result": "refused"}
+    assert metrics.registry.get_sample_value("tombstone_dns_queries_total", labels) == 1
