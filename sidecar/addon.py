@@ -31,8 +31,9 @@ from typing import cast
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import layer, server_hooks
+from mitmproxy.utils import human
 
-from sidecar import answers, gone_http, request_classes, xmatrix
+from sidecar import __version__, answers, gone_http, request_classes, xmatrix
 from sidecar.address_book import AddressSet
 from sidecar.addresses import AddressPolicy
 from sidecar.breaker import Breaker, BreakerSettings, Gate
@@ -229,6 +230,19 @@ class TombstoneAddon:
                 ctx.master.shutdown()
                 return
         self.is_running = True
+        self._log_listening()
+
+    def _log_listening(self) -> None:
+        """The start-up line, written once the proxy port is bound (mitmproxy binds before
+        `running`), with the addresses it really listens on."""
+        proxyserver = ctx.master.addons.get("proxyserver")
+        bound = sorted({human.format_address(address)
+                        for server in getattr(proxyserver, "servers", ())
+                        for address in server.listen_addrs})  # fmt: skip
+        where = ", ".join(f"http://{b}" for b in bound) or "no address"
+        enforcing = "enforcing" if self._settings.enforce else "shadow mode (--no-enforce)"
+        log.info("tombstone-sidecar %s: proxy listening on %s (%s), %s", __version__, where,
+                 self._settings.mode, enforcing)  # fmt: skip
 
     async def done(self) -> None:
         self.is_running = False

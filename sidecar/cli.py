@@ -303,13 +303,6 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
         drain = _Drain(master, opts, addon, settings.shutdown_grace)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, drain.begin, sig)
-        log.info(
-            "tombstone-sidecar %s: proxy on http://%s (%s), %s",
-            __version__,
-            settings.listen,
-            settings.mode,
-            "enforcing" if settings.enforce else "shadow mode (--no-enforce)",
-        )
         await master.run()
         _quiet_cancelled_connections(loop)  # the connections still open are cancelled next
     if addon.fatal:

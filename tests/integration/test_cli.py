@@ -259,3 +259,15 @@ def test_mitmdump_script_loads_the_same_addon(
     output = mitmdump_fails()
     assert "every interface is not a loopback address" in output, output
     assert "--proxy-auth-file" in output and "--allow-open-proxy" in output
+
+
+def test_the_start_line_names_the_address_the_proxy_is_bound_to(
+    sidecar_factory: Callable[..., Sidecar],
+) -> None:
+    """Written once the port is bound (not before), with the address mitmproxy listens on."""
+    sidecar = sidecar_factory("--no-enforce")
+    line = next(line for line in sidecar.log().splitlines() if "proxy listening on" in line)
+    assert line.endswith(
+        f"proxy listening on http://127.0.0.1:{sidecar.proxy_port} (passthrough), "
+        "shadow mode (--no-enforce)"
+    ), line
