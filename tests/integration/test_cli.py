@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,15 @@ from tests.support.procs import ManagedProcess, free_port
 from tests.support.tls_upstream import Upstream
 
 REPO = Path(__file__).resolve().parents[2]
+# The session's private HOME, XDG directories and TMPDIR (tests/conftest.py): a command run
+# with a minimal environment must still never reach the real user's state directory.
+PRIVATE = ("HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "TMPDIR")
+
+
+def minimal_env(**extra: str) -> dict[str, str]:
+    """What a user's shell would give (PATH), plus the session's private directories."""
+    private = {k: os.environ[k] for k in PRIVATE if k in os.environ}
+    return {"PATH": "/usr/bin:/bin", **private, **extra}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -26,7 +36,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
         capture_output=True,
         text=True,
         timeout=30,
-        env={"PATH": "/usr/bin:/bin", **(env or {})},
+        env=minimal_env(**(env or {})),
         check=False,
     )
 
@@ -246,7 +256,7 @@ def test_mitmdump_script_loads_the_same_addon(
             [command, "-q", "-p", str(free_port()), "--set", f"confdir={tmp_path}",
              "-s", str(REPO / "addons" / "tombstone.py"),
              "--set", f"tombstone_state_dir={tmp_path / 'state'}", *args],
-            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+            env=minimal_env(PYTHONPATH=str(REPO)),
             capture_output=True, text=True, timeout=30, check=False,
         )  # fmt: skip
         assert result.returncode != 0, result
