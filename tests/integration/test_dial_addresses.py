@@ -190,3 +190,32 @@ def test_a_busy_name_asks_a_and_aaaa_by_their_ttl_and_the_signal_set_by_the_verd
     assert 3 <= a_queries <= 6, a_queries  # once per expired second, not per connection
     assert a_queries < connections
     assert dns_server.query_count(name, "AAAA") == a_queries
+
+
+def test_a_name_that_vanishes_at_an_address_refresh_is_judged_again_at_once(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    live_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """The alive verdict lasts an hour, but the A/AAAA refresh sees the name gone
+    (NXDOMAIN): that connection fails like Synapse's would, and the verdict is judged again
+    at once rather than in an hour, so the next one is refused as `nxdomain`."""
+    sidecar = sidecar_factory()
+    name = unique("vanishing")
+    publish_live(zone, name, LIVE_IP)
+    assert get(sidecar, name, live_upstream.port, ca) == 200
+    before = live_upstream.connections
+
+    zone.remove(name)
+    zone.nxdomain(name, soa_minimum=600)
+    time.sleep(2)  # the A record (TTL 1 s) has expired
+    first = sidecar.connect(f"{name}:{live_upstream.port}")
+    assert first.status == 502 and "has no A or AAAA records" in str(first.json()["error"])
+    assert wait_until(
+        lambda: sidecar.connect(f"{name}:{live_upstream.port}").headers.get("x-tombstone-signal")
+        == "nxdomain",
+        timeout=10,
+    )
+    assert live_upstream.connections == before
