@@ -427,7 +427,7 @@ class TombstoneAddon:
             if self._suppress(entry, "connect"):
                 self._refuse_connect(flow, entry.verdict)
                 return
-            flow.response = await self._pin_address(tunnel, entry.verdict)
+            flow.response = await self._pin_address(tunnel)
             if flow.response is not None:
                 return
             broken = self._breaker_verdict(tunnel.key)
@@ -485,7 +485,9 @@ class TombstoneAddon:
         started = time.perf_counter()
         try:
             name = self._destination(flow, tunnel)
-            host = None if tunnel is not None and tunnel.empty else self._request_host(flow)
+            host = (
+                None if tunnel is not None and tunnel.empty else normalize_host(flow.request.host)
+            )
         except (InvalidName, XMatrixError) as e:
             self.metrics.invalid_input.labels("request").inc()
             flow.response = answers.bad_target(str(e))
@@ -515,9 +517,6 @@ class TombstoneAddon:
             await self._pin_request(flow, host)
         self.metrics.decision_by_stage["request"].observe(time.perf_counter() - started)
 
-    def _request_host(self, flow: http.HTTPFlow) -> str:
-        return normalize_host(flow.request.host)
-
     async def _pin_request(self, flow: http.HTTPFlow, host: str) -> None:
         """Send this request to a checked address of its host (within its DNS TTL).
 
@@ -530,11 +529,9 @@ class TombstoneAddon:
         """
         if is_ip_literal(host):
             return  # server_connect checks literals itself
-        found = await self._dial_addresses(host)
-        address, refused = self.addresses.choose(found.addresses)
+        address, refused, found = await self._checked_address(host)
         if address is None:
             if refused:
-                self.metrics.blocked_address.inc()
                 flow.response = answers.blocked_address(host, refused)
             else:
                 flow.response = answers.unresolvable(host, self._no_address_reason(host, found))
@@ -640,11 +637,9 @@ class TombstoneAddon:
                 # requests before this; this is the last gate, not a second counter).
                 data.server.error = answers.gone_message(entry.verdict)
                 return
-            found = await self._dial_addresses(host)
-            address, refused = self.addresses.choose(found.addresses)
+            address, refused, found = await self._checked_address(host)
             if address is None:
                 if refused:
-                    self.metrics.blocked_address.inc()
                     data.server.error = answers.blocked_message(host, refused)
                 else:
                     data.server.error = self._no_address_reason(host, found)
@@ -804,6 +799,15 @@ class TombstoneAddon:
     async def _addresses_of(self, host: str) -> tuple[str, ...]:
         return (await self._dial_addresses(host)).addresses
 
+    async def _checked_address(self, host: str) -> tuple[str | None, list[str], AddressSet]:
+        """An address of `host` the address policy allows, within its DNS TTL; else None
+        and the addresses it refused (counted in tombstone_blocked_address_total)."""
+        found = await self._dial_addresses(host)
+        address, refused = self.addresses.choose(found.addresses)
+        if address is None and refused:
+            self.metrics.blocked_address.inc()
+        return address, refused, found
+
     async def _dial_addresses(self, host: str) -> AddressSet:
         """Where to connect for `host` now: its addresses within their own DNS TTL."""
         assert self.policy is not None
@@ -864,15 +868,13 @@ class TombstoneAddon:
             return self.breaker.verdict(key)
         return None
 
-    async def _pin_address(self, tunnel: Tunnel, verdict: Verdict) -> http.Response | None:
+    async def _pin_address(self, tunnel: Tunnel) -> http.Response | None:
         """Choose the address to dial for this tunnel, or the answer that refuses it."""
-        found = await self._dial_addresses(tunnel.host)
-        address, refused = self.addresses.choose(found.addresses)
+        address, refused, found = await self._checked_address(tunnel.host)
         if address is not None:
             tunnel.address = address
             return None
         if refused:
-            self.metrics.blocked_address.inc()
             return answers.blocked_address(tunnel.host, refused)
         self.metrics.upstream_errors.labels("resolve").inc()
         if found.known:  # DNS says: no address. Not our failure.

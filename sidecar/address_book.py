@@ -55,12 +55,12 @@ class AddressSet:
     expires_at: float
     known: bool = True
     detail: str = ""
-    stale: bool = False
 
 
 @dataclass(slots=True)
 class _Slot:
-    """The last good set for a name, plus when a stale serve may next ask DNS again."""
+    """The last good (DNS-answered) set for a name, and until when a stale serve may go on
+    before DNS is asked again."""
 
     last: AddressSet
     retry_at: float = 0.0
@@ -88,7 +88,7 @@ class AddressBook:
         self._inflight: dict[str, asyncio.Future[AddressSet]] = {}
 
     def _drop_at(self, _name: str, slot: _Slot, _now: float) -> float:
-        return slot.last.expires_at + (self.max_stale if slot.last.known else 0.0)
+        return slot.last.expires_at + self.max_stale
 
     def record(self, name: str, addresses: tuple[str, ...], check: signals.SignalCheck) -> None:
         """Keep what a full DNS evaluation learned (the A/AAAA answers it asked anyway)."""
@@ -106,7 +106,7 @@ class AddressBook:
         now = self._clock()
         if now < slot.last.expires_at:
             return slot.last
-        if slot.last.known and now < slot.retry_at and now < slot.last.expires_at + self.max_stale:
+        if now < slot.retry_at and now < slot.last.expires_at + self.max_stale:
             return self._stale(slot.last)
         return None
 
@@ -122,12 +122,6 @@ class AddressBook:
             future.add_done_callback(lambda _: self._inflight.pop(name, None))
         return await asyncio.shield(future)
 
-    def forget(self, name: str) -> None:
-        self._slots.pop(name, None)
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
     async def _refresh(self, name: str) -> AddressSet:
         addresses, check = await signals.resolve_addresses(self.dns, name)
         now = self._clock()
@@ -137,7 +131,7 @@ class AddressBook:
             self._metrics.address_refreshes.labels("fresh").inc()
             return current
         slot = self._slots.get(name)
-        if slot is not None and slot.last.known and now < slot.last.expires_at + self.max_stale:
+        if slot is not None and now < slot.last.expires_at + self.max_stale:
             # RFC 8767: serve the last answer, and ask again only after a short while.
             slot.retry_at = now + STALE_ANSWER_SECONDS
             self._metrics.address_refreshes.labels("stale").inc()
@@ -150,12 +144,6 @@ class AddressBook:
         return AddressSet(name, addresses, self._clock() + ttl)
 
     def _stale(self, last: AddressSet) -> AddressSet:
+        """The last set, served past its TTL: counted per connection that dials it."""
         self._metrics.stale_addresses.inc()
-        expired = self._clock() - last.expires_at
-        return AddressSet(
-            last.name,
-            last.addresses,
-            last.expires_at,
-            detail=f"DNS did not answer; dialling the last addresses, expired {expired:.0f}s ago",
-            stale=True,
-        )
+        return last

@@ -28,7 +28,7 @@ from tests.fuzz.processes import GuardedSidecar
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import authorities, dns_names, hostish
 from tests.support.dns_server import DnsServer
-from tests.support.procs import wait_until
+from tests.support.procs import closed_within, wait_until
 
 DENIED = "denied.test"
 USERS = {"synapse": "s3cret-pass", "üser": "pässwörd"}
@@ -416,25 +416,13 @@ def feed(port: int, head: Head, wait: float) -> tuple[bytes, bool, float]:
     """Send the chunks (a pause between them: separate reads), never end our side; read until
     the proxy answers and closes, or `wait` passes: (received, closed, seconds)."""
     started = time.monotonic()
-    received = b""
     with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
         with contextlib.suppress(OSError):
             for chunk in head.chunks:
                 sock.sendall(chunk)
                 time.sleep(0.02)
-        deadline = started + wait
-        while (remaining := deadline - time.monotonic()) > 0:
-            sock.settimeout(remaining)
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                break
-            except OSError:
-                return received, True, time.monotonic() - started
-            if not chunk:
-                return received, True, time.monotonic() - started
-            received += chunk
-    return received, False, time.monotonic() - started
+        closed, received = closed_within(sock, started + wait - time.monotonic())
+    return received, closed, time.monotonic() - started
 
 
 @settings(max_examples=examples(ci=40, deep=600), deadline=None)

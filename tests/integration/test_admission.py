@@ -22,7 +22,7 @@ import pytest
 from tests.integration.conftest import BASE_ARGS, LIVE_IP
 from tests.integration.harness import Sidecar, read_head
 from tests.support.dns_server import DnsServer, Zone
-from tests.support.procs import ManagedProcess, wait_until
+from tests.support.procs import ManagedProcess, closed_within, wait_until
 from tests.support.tls_upstream import TestCA, Upstream
 
 USER, PASSWORD = "synapse", "s3cret-pass"
@@ -42,24 +42,6 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS line")
-
-
-def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
-    """(True, what arrived) when the peer closes (or resets) within `seconds`."""
-    received = b""
-    deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        sock.settimeout(remaining)
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            break
-        except OSError:
-            return True, received
-        if not chunk:
-            return True, received
-        received += chunk
-    return False, received
 
 
 def connect_authorised(sidecar: Sidecar, target: str) -> socket.socket:

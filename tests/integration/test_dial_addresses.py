@@ -214,8 +214,10 @@ def test_a_name_that_vanishes_at_an_address_refresh_is_judged_again_at_once(
     first = sidecar.connect(f"{name}:{live_upstream.port}")
     assert first.status == 502 and "has no A or AAAA records" in str(first.json()["error"])
     assert wait_until(
-        lambda: sidecar.connect(f"{name}:{live_upstream.port}").headers.get("x-tombstone-signal")
-        == "nxdomain",
+        lambda: (
+            sidecar.connect(f"{name}:{live_upstream.port}").headers.get("x-tombstone-signal")
+            == "nxdomain"
+        ),
         timeout=10,
     )
     assert live_upstream.connections == before

@@ -257,3 +257,22 @@ class ManagedProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Read until the peer closes (or resets): (True, what arrived) when it does within
+    `seconds`, else (False, what arrived)."""
+    received = b""
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        sock.settimeout(remaining)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except OSError:
+            return True, received
+        if not chunk:
+            return True, received
+        received += chunk
+    return False, received
