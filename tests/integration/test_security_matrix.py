@@ -18,7 +18,6 @@ import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -193,11 +192,3 @@ def test_security_matrix(
     assert status == want_status, (status, delta)
     assert delta == {t: (1 if t == reached else 0) for t in TARGETS}, delta
     assert services.proxy_headers_seen() == []  # credentials never leave the proxy
-
-
-def test_the_matrix_sidecars_keep_their_state_in_their_temp_dirs(
-    sidecars: dict[tuple[str, str, bool], Sidecar],
-) -> None:
-    for sidecar in sidecars.values():
-        assert Path(sidecar.state_dir).exists()
-        assert str(sidecar.state_dir).startswith(str(Path(sidecar.state_dir).parents[1]))
