@@ -5,8 +5,8 @@ with `--set connection_strategy=lazy` so that a gone SNI is refused before anyth
 dialled (the `tombstone-sidecar run` command sets this for you).
 """
 
-from sidecar.addon import TombstoneAddon
-from sidecar.admission import Admission
+from sidecar.proxy.addon import TombstoneAddon
+from sidecar.proxy.admission import Admission
 
 tombstone = TombstoneAddon()
 # Admission first: proxy auth, header stripping and pre-auth limits before any decision.

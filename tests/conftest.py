@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from sidecar.store import default_state_dir
+from sidecar.store.base import default_state_dir
 
 # Hypothesis keeps its example database in pytest's cache for every suite (tests/unit has
 # property tests too), not in a `.hypothesis` directory in the checkout.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from sidecar.options import OPTIONS, Option
+from sidecar.config.options import OPTIONS, Option
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

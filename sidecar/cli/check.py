@@ -11,18 +11,18 @@ import json
 import sys
 from typing import Any
 
-from sidecar import check_http
-from sidecar.addresses import AddressPolicy
-from sidecar.check_http import HttpReport
-from sidecar.dns_client import DnsClient
-from sidecar.gone_http import GoneTtl
+from sidecar.config.options import Settings
+from sidecar.dns.client import DnsClient
+from sidecar.judge.gone_http import GoneTtl
+from sidecar.judge.names import InvalidName, is_ip_literal, parse_authority
+from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.signals import DnsReport, Signal, evaluate
+from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
-from sidecar.names import InvalidName, is_ip_literal, parse_authority
-from sidecar.options import Settings
-from sidecar.policy import Policy, TtlBounds
-from sidecar.probe import Prober, ProbeSettings
-from sidecar.signals import DnsReport, Signal, evaluate
-from sidecar.verdicts import State, Verdict
+from sidecar.remote import check_http
+from sidecar.remote.addresses import AddressPolicy
+from sidecar.remote.check_http import HttpReport
+from sidecar.remote.probe import Prober, ProbeSettings
 
 EXIT_BY_STATE = {State.ALIVE: 0, State.GONE: 1, State.UNREACHABLE: 1, State.UNDECIDED: 3}
 

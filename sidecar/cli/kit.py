@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 
-from sidecar import kit
-from sidecar.options import parse_duration
+from sidecar.config.options import parse_duration
+from sidecar.kit import tombstone as kit
 
 EXIT_OK, EXIT_USAGE = 0, 2
 

@@ -13,8 +13,10 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from sidecar import __version__, kit_cli, verdicts_cli
-from sidecar.options import (
+from sidecar import __version__
+from sidecar.cli import kit as kit_cli
+from sidecar.cli import verdicts as verdicts_cli
+from sidecar.config.options import (
     BY_NAME,
     OPTIONS,
     ConfigError,
@@ -23,7 +25,7 @@ from sidecar.options import (
     gather_raw,
     open_proxy_problem,
 )
-from sidecar.shared_port import mode_spec
+from sidecar.proxy.shared_port import mode_spec
 
 log = logging.getLogger("sidecar")
 
@@ -255,9 +257,9 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
     from mitmproxy.master import Master
     from mitmproxy.options import Options
 
-    from sidecar.addon import TombstoneAddon
-    from sidecar.admission import Admission
-    from sidecar.options import ADDON_OPTIONS
+    from sidecar.config.options import ADDON_OPTIONS
+    from sidecar.proxy.addon import TombstoneAddon
+    from sidecar.proxy.admission import Admission
 
     # Pass-through mode never intercepts, but mitmproxy insists on a CA in its confdir at
     # start: give it a private throwaway directory rather than ~/.mitmproxy. Intercept
@@ -265,7 +267,7 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
     with tempfile.TemporaryDirectory(prefix="tombstone-sidecar-") as scratch:
         mitm: dict[str, Any] = {}
         if settings.mode == "intercept":
-            from sidecar import ca
+            from sidecar.proxy import ca
 
             try:
                 cert = ca.ensure_ca(settings.state_dir)
@@ -389,7 +391,7 @@ def _quiet_cancelled_connections(loop: asyncio.AbstractEventLoop) -> None:
 def _cmd_ca(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
     from pathlib import Path
 
-    from sidecar import ca
+    from sidecar.proxy import ca
 
     try:
         cert = ca.ensure_ca(settings.state_dir)
@@ -412,7 +414,7 @@ def _cmd_verdicts(args: argparse.Namespace, settings: Settings, raw: dict[str, A
 
 
 def _cmd_check(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
-    from sidecar.check import run_check
+    from sidecar.cli.check import run_check
 
     return asyncio.run(run_check(args.name, settings, as_json=args.json, probe=args.probe))
 

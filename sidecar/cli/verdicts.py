@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.options import Settings
+from sidecar.config.options import Settings
 
 EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 REQUEST_TIMEOUT_SECONDS = 30.0  # a DELETE waits for a fresh DNS check
@@ -177,7 +177,7 @@ def _table(result: dict[str, Any]) -> str:
 
 
 def _list_with_synapse(result: dict[str, Any], settings: Settings, as_json: bool) -> int:
-    from sidecar import synapse_view
+    from sidecar.synapse import view as synapse_view
 
     if not settings.synapse_admin_url or not settings.synapse_admin_token:
         print("tombstone-sidecar: error: --synapse needs --synapse-admin-url and "

@@ -17,3 +17,23 @@ def read_small_text(path: str, limit: int) -> str:
         raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise ValueError(f"{path} is not UTF-8 text: {e}") from None
+
+
+MAX_CREDENTIALS_BYTES = 1024 * 1024
+
+
+def read_credentials(path: str) -> dict[str, str]:
+    """Parse a `user:password` file; ValueError names the file and line that is wrong."""
+    text = read_small_text(path, MAX_CREDENTIALS_BYTES)
+    users: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        user, sep, password = entry.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{path} line {number}: expected user:password")
+        users[user] = password
+    if not users:
+        raise ValueError(f"{path} has no user:password line")
+    return users

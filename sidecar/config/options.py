@@ -17,12 +17,17 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from sidecar.addresses import IPNetwork, parse_network
-from sidecar.dns_client import Nameserver
-from sidecar.names import Authority, InvalidName, is_ip_literal, normalize_host, parse_authority
-from sidecar.proxy_auth import read_credentials
-from sidecar.request_classes import DEFAULT_STATUS, parse_override
-from sidecar.textfile import read_small_text
+from sidecar.config.files import read_credentials, read_small_text
+from sidecar.dns.client import Nameserver
+from sidecar.judge.names import (
+    Authority,
+    InvalidName,
+    is_ip_literal,
+    normalize_host,
+    parse_authority,
+)
+from sidecar.judge.request_classes import DEFAULT_STATUS, parse_override
+from sidecar.remote.addresses import IPNetwork, parse_network
 
 ENV_PREFIX = "TOMBSTONE_"
 MITM_PREFIX = "tombstone_"
@@ -580,7 +585,7 @@ def parse_admin_url(text: object) -> str:
     """`http(s)://host[:port][/prefix]`, or empty for no admin API."""
     value = str(text or "").strip()
     if value:
-        from sidecar.synapse_admin import AdminEndpoint
+        from sidecar.synapse.admin import AdminEndpoint
 
         return str(AdminEndpoint.parse(value))
     return ""

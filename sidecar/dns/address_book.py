@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 from cachetools import TLRUCache
 
-from sidecar import signals
-from sidecar.dns_client import DnsClient
+from sidecar.dns.client import DnsClient
+from sidecar.judge import signals
+from sidecar.judge.names import is_ip_literal
+from sidecar.judge.signals import Finding
 from sidecar.metrics import Metrics
-from sidecar.names import is_ip_literal
-from sidecar.signals import Finding
 
 log = logging.getLogger("sidecar.addresses")
 

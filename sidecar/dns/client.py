@@ -24,7 +24,7 @@ import dns.rcode
 import dns.rdatatype
 import dns.resolver
 
-from sidecar.dns_transport import UdpTransport, is_truncated, query_wire, question_wire
+from sidecar.dns.transport import UdpTransport, is_truncated, query_wire, question_wire
 from sidecar.metrics import Metrics
 
 Outcome = Literal["ok", "nodata", "nxdomain", "timeout", "servfail", "refused", "error"]
@@ -237,7 +237,7 @@ def _classify(
                          authenticated=validated), ""  # fmt: skip
     # Every record is kept: the reply's size (at most 64 KiB) bounds them, and a cut would
     # make a verdict depend on record order (a tombstone TXT, or a real SRV target, after
-    # the cut). Only the addresses kept per name are capped (sidecar.signals).
+    # the cut). Only the addresses kept per name are capped (sidecar.judge.signals).
     records = tuple(chain.answer)
     return DnsAnswer(name, rrtype, "ok", records=records, ttl=chain.answer.ttl,
                      authenticated=validated), ""  # fmt: skip

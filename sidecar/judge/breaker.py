@@ -23,9 +23,9 @@ from enum import StrEnum
 
 from cachetools import LRUCache
 
+from sidecar.judge.signals import Signal
+from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
-from sidecar.signals import Signal
-from sidecar.verdicts import State, Verdict
 
 log = logging.getLogger("sidecar.breaker")
 

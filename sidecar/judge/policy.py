@@ -17,14 +17,14 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from sidecar import signals
-from sidecar.address_book import AddressBook, AddressSet
-from sidecar.dns_client import DnsClient
+from sidecar.dns.address_book import AddressBook, AddressSet
+from sidecar.dns.client import DnsClient
+from sidecar.judge import signals
+from sidecar.judge.signals import DnsReport, Finding, Signal
+from sidecar.judge.verdicts import Entry, State, Verdict, VerdictCache
 from sidecar.metrics import Metrics
-from sidecar.probe import Prober
-from sidecar.signals import DnsReport, Finding, Signal
-from sidecar.store import VerdictStore
-from sidecar.verdicts import Entry, State, Verdict, VerdictCache
+from sidecar.remote.probe import Prober
+from sidecar.store.base import VerdictStore
 
 log = logging.getLogger("sidecar.policy")
 
@@ -92,8 +92,8 @@ class Policy:
         self.allow = allow
         self._operator: dict[str, Entry] = {}  # the static deny lists (flags, files)
         self._manual: dict[str, Entry] = {}  # marked gone through the ops API: stored, shared
-        self.lift_guard: LiftGuard | None = None  # resurrection check (sidecar.lifting)
-        self.on_lifted: Lifted | None = None  # Synapse reset_connection (sidecar.lifting)
+        self.lift_guard: LiftGuard | None = None  # resurrection check (sidecar.synapse.lifting)
+        self.on_lifted: Lifted | None = None  # Synapse reset_connection (sidecar.synapse.lifting)
         self._lifting: dict[str, Verdict] = {}  # what a re-check forgot, until it is judged
         self._delisting: set[asyncio.Future[None]] = set()  # re-checks of names off the deny list
         self._delisted: dict[str, Verdict] = {}  # off the deny list, waiting for a re-check
@@ -253,7 +253,7 @@ class Policy:
         """A name left the deny list: judge it now, as the lift of the operator's verdict.
 
         Now, not at its next request: Synapse may be backing the name off and not ask for
-        days. As a lift, it gets the resurrection check and Synapse's reset (sidecar.lifting).
+        days. As a lift, it gets the resurrection check and Synapse's reset (synapse/lifting.py).
         """
         try:
             await self._judge_afresh(name, was)

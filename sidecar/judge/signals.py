@@ -17,9 +17,9 @@ from enum import StrEnum
 
 import dns.name
 
-from sidecar.dns_client import MAX_ADDRESSES, DnsAnswer, DnsClient
-from sidecar.names import is_ip_literal, is_under
-from sidecar.tombstone_txt import find_tombstone, join_strings
+from sidecar.dns.client import MAX_ADDRESSES, DnsAnswer, DnsClient
+from sidecar.judge.names import is_ip_literal, is_under
+from sidecar.judge.tombstone_txt import find_tombstone, join_strings
 
 INVALID_TLD = "invalid"  # RFC 6761 §6.4: guaranteed never to resolve
 SRV_PREFIXES = ("_matrix-fed._tcp", "_matrix._tcp")  # current first, then the legacy name
@@ -84,7 +84,7 @@ class DnsReport:
     def alive_ttl(self) -> int | None:
         """How long the evidence of life holds: the shortest TTL among the tombstone checks.
 
-        Not the A/AAAA TTL: addresses live by their own TTL (sidecar.address_book), and
+        Not the A/AAAA TTL: addresses live by their own TTL (sidecar.dns.address_book), and
         each time they are asked again the name's existence is seen again (an NXDOMAIN
         there starts a re-check). A busy name with A TTL 60 s and TXT TTL 3600 s is then
         asked A+AAAA once a minute and the whole signal set once an hour, not every 5 min.

@@ -21,8 +21,8 @@ from typing import Any
 
 from cachetools import TLRUCache
 
-from sidecar.names import InvalidName, normalize_host
-from sidecar.signals import Signal
+from sidecar.judge.names import InvalidName, normalize_host
+from sidecar.judge.signals import Signal
 
 STALE_GRACE_SECONDS = 3600.0  # serve an expired verdict this long while re-checks fail
 
@@ -43,7 +43,7 @@ SUPPRESSING = frozenset({State.GONE, State.UNREACHABLE})
 class Verdict:
     """One destination's verdict (DESIGN.md §3): gone or alive, why, and until when.
 
-    No addresses: those live by their own A/AAAA TTL in sidecar.address_book, so a stored
+    No addresses: those live by their own A/AAAA TTL in sidecar.dns.address_book, so a stored
     or shared verdict can never make the sidecar dial an address from another time.
     """
 
@@ -168,7 +168,7 @@ def from_record(record: Any) -> Verdict:
     replica may add some); only flat records pass. An `addresses` field, written by
     earlier versions, must still be a list of IP literals (anything else is not a record
     we wrote), and is then ignored: dial addresses live by their own DNS TTL
-    (sidecar.address_book) and are never taken from a store."""
+    (sidecar.dns.address_book) and are never taken from a store."""
     if not isinstance(record, dict):
         raise ValueError(f"expected an object, got {type(record).__name__}")
     check_depth(record, MAX_RECORD_DEPTH - 1)

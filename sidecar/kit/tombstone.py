@@ -18,10 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar import gone_http
-from sidecar.names import InvalidName, is_ip_literal, parse_authority
-from sidecar.signals import SRV_PREFIXES
-from sidecar.tombstone_txt import TOMBSTONE_FLAG, TOMBSTONE_VERSION
+from sidecar.judge import gone_http
+from sidecar.judge.names import InvalidName, is_ip_literal, parse_authority
+from sidecar.judge.signals import SRV_PREFIXES
+from sidecar.judge.tombstone_txt import TOMBSTONE_FLAG, TOMBSTONE_VERSION
 
 ERRCODE = "M_SERVER_DECOMMISSIONED"  # the code the sidecar's own answers carry (answers.py)
 TXT_TEXT = f"v={TOMBSTONE_VERSION};{TOMBSTONE_FLAG}"  # exactly what synapse#3765 proposed

@@ -31,13 +31,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import __version__
-from sidecar.lifting import is_hold
-from sidecar.names import Authority, InvalidName, normalize_host
-from sidecar.options import parse_duration
-from sidecar.verdicts import Entry, State, to_record
+from sidecar.config.options import parse_duration
+from sidecar.judge.names import Authority, InvalidName, normalize_host
+from sidecar.judge.verdicts import Entry, State, to_record
+from sidecar.synapse.lifting import is_hold
 
 if TYPE_CHECKING:
-    from sidecar.addon import TombstoneAddon
+    from sidecar.proxy.addon import TombstoneAddon
 
 log = logging.getLogger("sidecar.ops")
 

@@ -33,32 +33,35 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import layer, server_hooks
 from mitmproxy.utils import human
 
-from sidecar import __version__, answers, gone_http, request_classes, xmatrix
-from sidecar.address_book import AddressSet
-from sidecar.addresses import AddressPolicy
-from sidecar.breaker import Breaker, BreakerSettings, Gate
-from sidecar.dns_client import DnsClient
-from sidecar.empty_connect import (
+from sidecar import __version__
+from sidecar.config.options import ADDON_OPTIONS, ConfigError, Option, Settings
+from sidecar.dns.address_book import AddressSet
+from sidecar.dns.client import DnsClient
+from sidecar.judge import gone_http, request_classes
+from sidecar.judge.breaker import Breaker, BreakerSettings, Gate
+from sidecar.judge.gone_http import GoneTtl
+from sidecar.judge.names import InvalidName, is_ip_literal, normalize_host, parse_authority
+from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.verdicts import Entry, State, Verdict
+from sidecar.metrics import Metrics
+from sidecar.ops.loop_lag import watch_loop_lag
+from sidecar.ops.server import OpsServer
+from sidecar.proxy import answers, xmatrix
+from sidecar.proxy.empty_connect import (
     EMPTY_HOST,
     accept_empty_host,
     is_empty_host_connect,
     refuse_connection,
 )
-from sidecar.gone_http import GoneTtl
-from sidecar.identity import FILE_NAME as KEYS_FILE
-from sidecar.identity import KEY_PATH, KeyBook, KeyFetcher
-from sidecar.lifting import Lifter
-from sidecar.loop_lag import watch_loop_lag
-from sidecar.metrics import Metrics
-from sidecar.names import InvalidName, is_ip_literal, normalize_host, parse_authority
-from sidecar.ops_server import OpsServer
-from sidecar.options import ADDON_OPTIONS, ConfigError, Option, Settings
-from sidecar.policy import Policy, TtlBounds
-from sidecar.probe import Prober, ProbeResult, ProbeSettings
-from sidecar.store import default_state_dir, open_store
-from sidecar.synapse_admin import AdminEndpoint, SynapseAdmin
-from sidecar.verdicts import Entry, State, Verdict
-from sidecar.xmatrix import XMatrixError
+from sidecar.proxy.xmatrix import XMatrixError
+from sidecar.remote.addresses import AddressPolicy
+from sidecar.remote.identity import FILE_NAME as KEYS_FILE
+from sidecar.remote.identity import KEY_PATH, KeyBook, KeyFetcher
+from sidecar.remote.probe import Prober, ProbeResult, ProbeSettings
+from sidecar.store.base import default_state_dir
+from sidecar.store.open import open_store
+from sidecar.synapse.admin import AdminEndpoint, SynapseAdmin
+from sidecar.synapse.lifting import Lifter
 
 log = logging.getLogger("sidecar.addon")
 

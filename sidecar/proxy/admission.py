@@ -43,11 +43,11 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.mode_specs import RegularMode
 
-from sidecar import answers
-from sidecar.empty_connect import CloseClient
+from sidecar.config.options import BY_NAME, ConfigError, Settings, open_proxy_problem
 from sidecar.metrics import Metrics
-from sidecar.options import BY_NAME, ConfigError, Settings, open_proxy_problem
-from sidecar.proxy_auth import ProxyAuth
+from sidecar.proxy import answers
+from sidecar.proxy.auth import ProxyAuth
+from sidecar.proxy.empty_connect import CloseClient
 
 log = logging.getLogger("sidecar.admission")
 

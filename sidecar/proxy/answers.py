@@ -12,8 +12,8 @@ import time
 
 from mitmproxy import http
 
-from sidecar.proxy_auth import CHALLENGE
-from sidecar.verdicts import Verdict
+from sidecar.judge.verdicts import Verdict
+from sidecar.proxy.auth import CHALLENGE
 
 ERRCODE_GONE = "M_SERVER_DECOMMISSIONED"  # not in the spec: names the reason for people and logs
 ERRCODE_FORBIDDEN = "M_FORBIDDEN"

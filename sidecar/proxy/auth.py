@@ -11,28 +11,8 @@ import base64
 import binascii
 import hmac
 
-from sidecar.textfile import read_small_text
-
-MAX_FILE_BYTES = 1024 * 1024
 REALM = "tombstone-sidecar"
 CHALLENGE = f'Basic realm="{REALM}"'
-
-
-def read_credentials(path: str) -> dict[str, str]:
-    """Parse a `user:password` file; ValueError names the file and line that is wrong."""
-    text = read_small_text(path, MAX_FILE_BYTES)
-    users: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
-            continue
-        user, sep, password = entry.partition(":")
-        if not sep or not user or not password:
-            raise ValueError(f"{path} line {number}: expected user:password")
-        users[user] = password
-    if not users:
-        raise ValueError(f"{path} has no user:password line")
-    return users
 
 
 class ProxyAuth:

@@ -20,7 +20,7 @@ import certifi
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from sidecar.store import default_state_dir
+from sidecar.store.base import default_state_dir
 
 CA_DIR = "ca"
 BASENAME = "mitmproxy"  # mitmproxy's file names: mitmproxy-ca.pem, mitmproxy-ca-cert.pem

@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from sidecar.dns_client import DnsClient
-from sidecar.names import Authority, InvalidName, is_ip_literal, parse_authority
-from sidecar.probe import VERSION_PATH, WELL_KNOWN_PATH, Prober, ProbeResult
-from sidecar.signals import SRV_PREFIXES, Finding, choose_srv, srv_targets
+from sidecar.dns.client import DnsClient
+from sidecar.judge.names import Authority, InvalidName, is_ip_literal, parse_authority
+from sidecar.judge.signals import SRV_PREFIXES, Finding, choose_srv, srv_targets
+from sidecar.remote.probe import VERSION_PATH, WELL_KNOWN_PATH, Prober, ProbeResult
 
 FEDERATION_PORT = 8448  # the spec's default when nothing delegates
 WELL_KNOWN_PORT = 443

@@ -36,8 +36,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from sidecar import http1
-from sidecar.verdicts import MAX_TIMESTAMP, check_depth, destination_name
+from sidecar.judge.verdicts import MAX_TIMESTAMP, check_depth, destination_name
+from sidecar.remote import http1
 
 log = logging.getLogger("sidecar.identity")
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from sidecar import gone_http, http1
-from sidecar.addresses import AddressPolicy
+from sidecar.judge import gone_http
 from sidecar.metrics import Metrics
+from sidecar.remote import http1
+from sidecar.remote.addresses import AddressPolicy
 
 log = logging.getLogger("sidecar.probe")
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sidecar.judge.verdicts import Verdict
 from sidecar.metrics import Metrics
-from sidecar.verdicts import Verdict
 
 log = logging.getLogger("sidecar.store")
 
@@ -85,7 +85,7 @@ class VerdictStore:
         return None
 
     def save_keys(self, name: str, record: dict[str, Any]) -> None:
-        """Share the signing keys `name` published while alive (sidecar.identity) with the
+        """Share the signing keys `name` published while alive (sidecar.remote.identity) with the
         other sidecars; never blocks, never raises. Local stores keep them in the key book."""
 
     async def fetch_keys(self, name: str) -> dict[str, Any] | None:
@@ -140,16 +140,3 @@ def default_state_dir() -> str:
     """$XDG_STATE_HOME/tombstone-sidecar, as the XDG base directory spec places state."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return str(Path(base) / "tombstone-sidecar")
-
-
-def open_store(spec: str, state_dir: str, metrics: Metrics) -> VerdictStore:
-    """`memory`, `sqlite` (a file in `state_dir`) or `redis://host:port/db`."""
-    if spec == "memory":
-        return VerdictStore(metrics)
-    if spec == "sqlite":
-        from sidecar.sqlite_store import SqliteStore
-
-        return SqliteStore(Path(state_dir or default_state_dir()), metrics)
-    from sidecar.redis_store import RedisStore
-
-    return RedisStore(spec, metrics)

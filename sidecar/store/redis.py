@@ -33,10 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from sidecar.identity import MAX_KEY_RECORD_BYTES, KeyRecord
-from sidecar.metrics import Metrics
-from sidecar.store import RateLimitedWarning, RemoteForget, RemoteVerdict, WriteBehindStore
-from sidecar.verdicts import (
+from sidecar.judge.verdicts import (
     MAX_MESSAGE_BYTES,
     MAX_RECORD_BYTES,
     STALE_GRACE_SECONDS,
@@ -47,11 +44,14 @@ from sidecar.verdicts import (
     load_json,
     to_record,
 )
+from sidecar.metrics import Metrics
+from sidecar.remote.identity import MAX_KEY_RECORD_BYTES, KeyRecord
+from sidecar.store.base import RateLimitedWarning, RemoteForget, RemoteVerdict, WriteBehindStore
 
 log = logging.getLogger("sidecar.store")
 
 KEY_PREFIX = "tombstone:v1:verdict:"
-KEYS_PREFIX = "tombstone:v1:keys:"  # signing keys recorded while alive (sidecar.identity)
+KEYS_PREFIX = "tombstone:v1:keys:"  # signing keys recorded while alive (sidecar.remote.identity)
 KEYS_TTL_SECONDS = 365 * 86400  # a retired server may come back a year later
 KEYS_FETCH_BUDGET_SECONDS = 0.5  # asked at a lift, off the request path
 CHANNEL = "tombstone:v1:verdicts"

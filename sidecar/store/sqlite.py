@@ -21,16 +21,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
-from sidecar.metrics import Metrics
-from sidecar.names import MAX_NAME_LENGTH
-from sidecar.store import RemoteForget, RemoteVerdict, WriteBehindStore
-from sidecar.verdicts import (
+from sidecar.judge.names import MAX_NAME_LENGTH
+from sidecar.judge.verdicts import (
     MAX_RECORD_BYTES,
     STALE_GRACE_SECONDS,
     Verdict,
     decode_record,
     to_record,
 )
+from sidecar.metrics import Metrics
+from sidecar.store.base import RemoteForget, RemoteVerdict, WriteBehindStore
 
 log = logging.getLogger("sidecar.store")
 

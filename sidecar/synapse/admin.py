@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sidecar import http1
 from sidecar.metrics import Metrics
+from sidecar.remote import http1
 
 log = logging.getLogger("sidecar.synapse")
 T = TypeVar("T")

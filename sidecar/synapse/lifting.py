@@ -1,7 +1,7 @@
 """What happens around a lifted verdict: identity check, Synapse's backoff, resume early.
 
 - Before a gone verdict is lifted, `guard` compares the server's signing keys with those
-  recorded while it was alive (sidecar.identity) and, with `--hold-reborn`, keeps a
+  recorded while it was alive (sidecar.remote.identity) and, with `--hold-reborn`, keeps a
   re-keyed server suppressed until an operator lifts it (ops DELETE).
 - After it is lifted, `lifted` asks Synapse (`--synapse-admin-url`) to reset its backoff
   for the name, so federation resumes now instead of after up to a week.
@@ -21,16 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sidecar.identity import KeyBook, KeyDocumentError, KeyFetcher, KeyRecord, Resurrection
+from sidecar.judge.names import InvalidName, parse_authority
+from sidecar.judge.signals import Signal
+from sidecar.judge.verdicts import Verdict
 from sidecar.metrics import Metrics
-from sidecar.names import InvalidName, parse_authority
-from sidecar.signals import Signal
-from sidecar.synapse_admin import AdminError, SynapseAdmin
-from sidecar.verdicts import Verdict
+from sidecar.remote.identity import KeyBook, KeyDocumentError, KeyFetcher, KeyRecord, Resurrection
+from sidecar.synapse.admin import AdminError, SynapseAdmin
 
 if TYPE_CHECKING:
-    from sidecar.policy import Policy
-    from sidecar.store import VerdictStore
+    from sidecar.judge.policy import Policy
+    from sidecar.store.base import VerdictStore
 
 log = logging.getLogger("sidecar.lifting")
 
@@ -294,7 +294,7 @@ class Lifter:
 
 
 def _parse(body: bytes, name: str, target: tuple[str, int] | None, now: float) -> KeyRecord:
-    from sidecar.identity import parse_key_document
+    from sidecar.remote.identity import parse_key_document
 
     return parse_key_document(body, frozenset({name}), target, now)
 

@@ -11,7 +11,7 @@ import asyncio
 import time
 from typing import Any
 
-from sidecar.synapse_admin import AdminEndpoint, AdminError, SynapseAdmin
+from sidecar.synapse.admin import AdminEndpoint, AdminError, SynapseAdmin
 
 CONCURRENT_CALLS = 8  # admin requests in flight at once; each is a database query
 

@@ -330,7 +330,7 @@ class Bench:
             "deny": [GONE],
             "allow_address": ["127.0.0.0/8"],
         }
-        from sidecar.options import BY_NAME
+        from sidecar.config.options import BY_NAME
 
         if "refusal" in BY_NAME:
             options["refusal"] = refusal
@@ -689,7 +689,7 @@ class Bench:
         )
 
         targets = [ours, base]
-        from sidecar.options import BY_NAME
+        from sidecar.config.options import BY_NAME
 
         closing = "refusal" in BY_NAME and BY_NAME["refusal"].default == "close"
         if closing:  # what operators get by default: the connection closed, no answer

@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sidecar.dns_client import DnsAnswer, DnsClient, Nameserver
+from sidecar.dns.client import DnsAnswer, DnsClient, Nameserver
+from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.signals import SRV_PREFIXES
+from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
-from sidecar.policy import Policy, TtlBounds
-from sidecar.signals import SRV_PREFIXES
-from sidecar.verdicts import State, Verdict
 
 TTL = TtlBounds(300.0, 86400.0)  # the sidecar's defaults: --min-ttl 5m, --max-ttl 24h
 
@@ -165,8 +165,8 @@ async def _addon_decision(args: argparse.Namespace) -> dict[str, Any]:
     """
     from mitmproxy.test import taddons
 
-    from sidecar.addon import TombstoneAddon
-    from sidecar.options import BY_NAME
+    from sidecar.config.options import BY_NAME
+    from sidecar.proxy.addon import TombstoneAddon
     from tests.bench.connect_502 import Answer502
 
     addon = TombstoneAddon()

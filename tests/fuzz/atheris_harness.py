@@ -41,7 +41,9 @@ def make_target(name: str, instrument: bool = True) -> Callable[[bytes], None]:
     with hook or contextlib.nullcontext():
         import yaml  # noqa: F401  (instrumented too: config goes through it)
 
-        from sidecar import names, options, proxy_auth, tombstone_txt, verdicts
+        from sidecar.config import options
+        from sidecar.judge import names, tombstone_txt, verdicts
+        from sidecar.proxy import auth as proxy_auth
 
     def text(data: bytes) -> str:
         return str(atheris.FuzzedDataProvider(data).ConsumeUnicodeNoSurrogates(len(data)))

@@ -76,7 +76,7 @@ def install() -> None:
 
 def main() -> int:
     install()
-    from sidecar.cli import main as sidecar_main
+    from sidecar.cli.main import main as sidecar_main
 
     return sidecar_main(sys.argv[1:])
 

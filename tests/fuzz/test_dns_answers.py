@@ -21,12 +21,12 @@ from dnslib import CNAME, QTYPE, RR, SRV, TXT, A, DNSRecord
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.dns_client import MAX_ADDRESSES, DnsClient, Nameserver
+from sidecar.dns.client import MAX_ADDRESSES, DnsClient, Nameserver
+from sidecar.judge.policy import UNDECIDED_RETRY_SECONDS, Policy, TtlBounds
+from sidecar.judge.signals import DnsReport, Finding, Signal, evaluate
+from sidecar.judge.tombstone_txt import find_tombstone, join_strings
+from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
-from sidecar.policy import UNDECIDED_RETRY_SECONDS, Policy, TtlBounds
-from sidecar.signals import DnsReport, Finding, Signal, evaluate
-from sidecar.tombstone_txt import find_tombstone, join_strings
-from sidecar.verdicts import State
 from tests.fuzz.profiles import examples
 from tests.support.dns_server import DnsServer
 

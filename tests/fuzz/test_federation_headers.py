@@ -9,7 +9,8 @@ import math
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from sidecar import gone_http, request_classes, xmatrix
+from sidecar.judge import gone_http, request_classes
+from sidecar.proxy import xmatrix
 
 TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~:[]"
 param_names = st.text(TOKEN_CHARS, min_size=1, max_size=12)

@@ -1,4 +1,4 @@
-"""sidecar.names: CONNECT authorities, SNI and Host values from the outside world."""
+"""sidecar.judge.names: CONNECT authorities, SNI and Host values from the outside world."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from sidecar.names import (
+from sidecar.judge.names import (
     MAX_LABEL_LENGTH,
     MAX_NAME_LENGTH,
     Authority,

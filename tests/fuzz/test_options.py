@@ -1,4 +1,4 @@
-"""sidecar.options: option values from flags, the environment, YAML files and mitmproxy."""
+"""sidecar.config.options: option values from flags, the environment, YAML files and mitmproxy."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from sidecar.dns_client import Nameserver
-from sidecar.names import Authority, is_ip_literal, normalize_host
-from sidecar.options import (
+from sidecar.config.files import read_credentials
+from sidecar.config.options import (
     BY_NAME,
     DURATION_UNITS,
     MAX_DURATION_SECONDS,
@@ -37,7 +36,8 @@ from sidecar.options import (
     read_name_file,
     read_token_file,
 )
-from sidecar.proxy_auth import read_credentials
+from sidecar.dns.client import Nameserver
+from sidecar.judge.names import Authority, is_ip_literal, normalize_host
 from tests.fuzz.strategies import authorities, dns_names, hostish, json_values
 
 REPO = Path(__file__).resolve().parents[2]
@@ -413,7 +413,7 @@ def test_regression_config_alias_expansion_is_bounded(scratch: Path) -> None:
     program = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20))\n"
-        "from sidecar.options import ConfigError, Settings, load_config_file\n"
+        "from sidecar.config.options import ConfigError, Settings, load_config_file\n"
         "try:\n"
         f"    Settings.from_raw(load_config_file({str(config)!r}))\n"
         "except ConfigError as e:\n"

@@ -1,4 +1,4 @@
-"""sidecar.proxy_auth: Proxy-Authorization values from any client that reaches the proxy;
+"""sidecar.proxy.auth: Proxy-Authorization values from any client that reaches the proxy;
 sidecar.admission.strip_hop_by_hop: what of a request's headers may be forwarded."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 from mitmproxy.http import Headers
 
-from sidecar.admission import CONNECTION_TOKENS, FRAMING, HOP_BY_HOP, strip_hop_by_hop
-from sidecar.proxy_auth import ProxyAuth
+from sidecar.proxy.admission import CONNECTION_TOKENS, FRAMING, HOP_BY_HOP, strip_hop_by_hop
+from sidecar.proxy.auth import ProxyAuth
 
 USERS = {"synapse": "s3cret-pass", "üser": "pässwörd", "a": "b:c"}
 AUTH = ProxyAuth(USERS)

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.answers import SIGNAL_HEADER
+from sidecar.proxy.answers import SIGNAL_HEADER
 from tests.fuzz.processes import GuardedSidecar
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import authorities, dns_names, hostish

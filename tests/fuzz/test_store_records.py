@@ -14,10 +14,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sidecar.identity import MAX_KEY_RECORD_BYTES, KeyBook, KeyRecord
-from sidecar.metrics import Metrics
-from sidecar.redis_store import RedisStore
-from sidecar.verdicts import (
+from sidecar.judge.verdicts import (
     MAX_MESSAGE_BYTES,
     MAX_RECORD_BYTES,
     Verdict,
@@ -25,6 +22,9 @@ from sidecar.verdicts import (
     load_json,
     to_record,
 )
+from sidecar.metrics import Metrics
+from sidecar.remote.identity import MAX_KEY_RECORD_BYTES, KeyBook, KeyRecord
+from sidecar.store.redis import RedisStore
 from tests.fuzz.strategies import json_documents, json_values
 from tests.fuzz.test_verdicts import assert_valid, records, verdicts
 

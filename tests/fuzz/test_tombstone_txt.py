@@ -1,11 +1,11 @@
-"""sidecar.tombstone_txt: TXT record text from any zone on the internet."""
+"""sidecar.judge.tombstone_txt: TXT record text from any zone on the internet."""
 
 from __future__ import annotations
 
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from sidecar.tombstone_txt import (
+from sidecar.judge.tombstone_txt import (
     MAX_TXT_LENGTH,
     find_tombstone,
     is_tombstone,

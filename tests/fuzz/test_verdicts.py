@@ -10,9 +10,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from sidecar.names import InvalidName, normalize_host
-from sidecar.signals import Signal
-from sidecar.verdicts import (
+from sidecar.judge.names import InvalidName, normalize_host
+from sidecar.judge.signals import Signal
+from sidecar.judge.verdicts import (
     MAX_EVIDENCE_CHARS,
     MAX_TIMESTAMP,
     SUPPRESSING,

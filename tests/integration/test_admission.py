@@ -291,9 +291,9 @@ def test_an_admission_hook_that_fails_refuses_the_connection() -> None:
     from mitmproxy.proxy.layers.modes import HttpProxy
     from mitmproxy.test import taddons, tflow
 
-    from sidecar.admission import Admission
-    from sidecar.empty_connect import CloseClient
     from sidecar.metrics import Metrics
+    from sidecar.proxy.admission import Admission
+    from sidecar.proxy.empty_connect import CloseClient
 
     metrics = Metrics()
     admission = Admission(metrics)

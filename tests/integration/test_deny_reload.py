@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.policy import DELIST_RECHECKS_PER_SECOND
+from sidecar.judge.policy import DELIST_RECHECKS_PER_SECOND
 from tests.integration.conftest import LIVE_IP
 from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer, Zone

@@ -13,11 +13,11 @@ from collections.abc import Callable
 import pytest
 from dnslib import QTYPE, RR, TXT, DNSRecord
 
-from sidecar.dns_client import DnsClient, Nameserver
+from sidecar.dns.client import DnsClient, Nameserver
+from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.signals import Finding, Signal, evaluate
+from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
-from sidecar.policy import Policy, TtlBounds
-from sidecar.signals import Finding, Signal, evaluate
-from sidecar.verdicts import State
 from tests.support.dns_server import DnsServer, Zone
 
 

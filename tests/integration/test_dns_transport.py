@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
 
-from sidecar.dns_client import DnsClient, Nameserver
-from sidecar.dns_transport import UdpTransport, question_wire
+from sidecar.dns.client import DnsClient, Nameserver
+from sidecar.dns.transport import UdpTransport, question_wire
 from sidecar.metrics import Metrics
 
 Script = Callable[[DNSRecord], list[bytes]]

@@ -19,11 +19,11 @@ import httpx
 import pytest
 from dnslib import QTYPE, RR, TXT, DNSRecord
 
-from sidecar.dns_client import DnsClient, Nameserver
+from sidecar.dns.client import DnsClient, Nameserver
+from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.signals import evaluate
+from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
-from sidecar.policy import Policy, TtlBounds
-from sidecar.signals import evaluate
-from sidecar.verdicts import State
 from tests.integration.conftest import LIVE_IP
 from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import DnsServer, Zone

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar import xmatrix
+from sidecar.proxy import xmatrix
 from tests.integration.conftest import LIVE_IP
 from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import Zone

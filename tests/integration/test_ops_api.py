@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.addon import TombstoneAddon
-from sidecar.names import parse_authority
-from sidecar.ops_server import MAX_COMMENT, OpsServer
-from sidecar.options import Settings
+from sidecar.config.options import Settings
+from sidecar.judge.names import parse_authority
+from sidecar.ops.server import MAX_COMMENT, OpsServer
+from sidecar.proxy.addon import TombstoneAddon
 from tests.fuzz.processes import CRASH_MARKS, exchange
 from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.procs import free_port

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.judge.verdicts import Verdict
 from sidecar.metrics import Metrics
-from sidecar.redis_store import CHANNEL, KEY_PREFIX, RedisStore
-from sidecar.sqlite_store import SCHEMA
-from sidecar.verdicts import Verdict
+from sidecar.store.redis import CHANNEL, KEY_PREFIX, RedisStore
+from sidecar.store.sqlite import SCHEMA
 from tests.integration.conftest import BASE_ARGS, DEAD_IP, LIVE_IP
 from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.dns_server import DnsServer, Zone

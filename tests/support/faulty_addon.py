@@ -11,8 +11,8 @@ import inspect
 import os
 from typing import Any
 
-from sidecar.addon import TombstoneAddon
-from sidecar.admission import Admission
+from sidecar.proxy.addon import TombstoneAddon
+from sidecar.proxy.admission import Admission
 
 FAULT = os.environ["TOMBSTONE_TEST_FAULT"]
 

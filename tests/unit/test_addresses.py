@@ -1,4 +1,4 @@
-"""sidecar.addresses: the proxy refuses the upstream addresses Synapse would refuse."""
+"""sidecar.remote.addresses: the proxy refuses the upstream addresses Synapse would refuse."""
 
 from __future__ import annotations
 
@@ -8,8 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.addresses import DEFAULT_BLOCKED_RANGES, AddressPolicy, own_addresses, parse_network
-from sidecar.names import Authority
+from sidecar.judge.names import Authority
+from sidecar.remote.addresses import (
+    DEFAULT_BLOCKED_RANGES,
+    AddressPolicy,
+    own_addresses,
+    parse_network,
+)
 
 # Synapse's DEFAULT_IP_RANGE_BLACKLIST (synapse/config/server.py), copied here on purpose so a
 # change to the sidecar's table cannot silently drop one.

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sidecar import http1
+from sidecar.remote import http1
 
 
 async def exchange(answer: bytes, limit: int = 1000, read_body: bool = True) -> http1.HttpReply:

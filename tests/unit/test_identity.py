@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.identity import KeyBook, KeyDocumentError, KeyRecord, Resurrection, parse_key_document
+from sidecar.remote.identity import (
+    KeyBook,
+    KeyDocumentError,
+    KeyRecord,
+    Resurrection,
+    parse_key_document,
+)
 from tests.e2e.federation import SigningKey
 
 NAME = "old.example.org"

@@ -1,4 +1,4 @@
-"""sidecar.kit: what `tombstone NAME` renders, read back by the parsers that will read it.
+"""sidecar.kit.tombstone: what `tombstone NAME` renders, read back by the parsers that will read it.
 
 The DNS records go through dnspython (as a zone file line) and then the sidecar's own TXT
 and SRV code; the HTTP body through json; the config quoting through the rules nginx and
@@ -17,10 +17,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar import kit
-from sidecar.dns_client import DnsAnswer
-from sidecar.signals import srv_targets
-from sidecar.tombstone_txt import is_tombstone, join_strings
+from sidecar.dns.client import DnsAnswer
+from sidecar.judge.signals import srv_targets
+from sidecar.judge.tombstone_txt import is_tombstone, join_strings
+from sidecar.kit import tombstone as kit
 
 DAY = 86400
 HOSTILE = 'it\'s $host {http.request.host} {$HOME} `x` "q" back\\slash; #hash é 🎉'
@@ -164,6 +164,6 @@ def test_delegated_federation_hosts_get_their_own_txt_record() -> None:
 
 
 def test_the_published_errcode_is_the_one_the_sidecar_answers_with() -> None:
-    from sidecar.answers import ERRCODE_GONE  # imports mitmproxy, which the kit need not load
+    from sidecar.proxy.answers import ERRCODE_GONE  # imports mitmproxy, which the kit need not load
 
     assert kit.ERRCODE == ERRCODE_GONE

@@ -1,10 +1,10 @@
-"""sidecar.names: one canonical key per server, and a precise reason for every rejection."""
+"""sidecar.judge.names: one canonical key per server, and a precise reason for every rejection."""
 
 from __future__ import annotations
 
 import pytest
 
-from sidecar.names import (
+from sidecar.judge.names import (
     DEFAULT_PORT,
     MAX_LABEL_LENGTH,
     MAX_NAME_LENGTH,

@@ -1,4 +1,4 @@
-"""sidecar.options: every option validated once, every error naming its option."""
+"""sidecar.config.options: every option validated once, every error naming its option."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.addresses import parse_network
-from sidecar.dns_client import Nameserver
-from sidecar.names import Authority
-from sidecar.options import (
+from sidecar.config.options import (
     BY_NAME,
     OPTIONS,
     ConfigError,
@@ -25,6 +22,9 @@ from sidecar.options import (
     parse_nameserver,
     read_name_file,
 )
+from sidecar.dns.client import Nameserver
+from sidecar.judge.names import Authority
+from sidecar.remote.addresses import parse_network
 
 # --- parse_duration -------------------------------------------------------------------------
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.options import ConfigError, Settings
-from sidecar.synapse_admin import AdminEndpoint, Destination
+from sidecar.config.options import ConfigError, Settings
+from sidecar.synapse.admin import AdminEndpoint, Destination
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,10 @@
-"""sidecar.tombstone_txt: the TXT `v=matrix;gone` record, parsed as tolerantly as SPF."""
+"""sidecar.judge.tombstone_txt: the TXT `v=matrix;gone` record, parsed as tolerantly as SPF."""
 
 from __future__ import annotations
 
 import pytest
 
-from sidecar.tombstone_txt import MAX_TXT_LENGTH, find_tombstone, is_tombstone, join_strings
+from sidecar.judge.tombstone_txt import MAX_TXT_LENGTH, find_tombstone, is_tombstone, join_strings
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""sidecar.verdicts: the verdict log form, the bounded expiring cache, and stored records."""
+"""sidecar.judge.verdicts: the verdict log form, the bounded expiring cache, and stored records."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import logging
 
 import pytest
 
-from sidecar.signals import Signal
-from sidecar.store import RateLimitedWarning
-from sidecar.verdicts import (
+from sidecar.judge.signals import Signal
+from sidecar.judge.verdicts import (
     MAX_ADDRESSES,
     MAX_EVIDENCE_CHARS,
     STALE_GRACE_SECONDS,
@@ -22,6 +21,7 @@ from sidecar.verdicts import (
     load_json,
     to_record,
 )
+from sidecar.store.base import RateLimitedWarning
 
 GRACE = 100.0
 

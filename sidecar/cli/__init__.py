@@ -1,0 +1,1 @@
+"""The `tombstone-sidecar` command: one module per subcommand, `main` dispatches."""
