@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import unicodedata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -34,10 +34,7 @@ from sidecar import __version__
 from sidecar.config.options import parse_duration
 from sidecar.judge.names import Authority, InvalidName, normalize_host
 from sidecar.judge.verdicts import Entry, State, to_record
-from sidecar.synapse.lifting import is_hold
-
-if TYPE_CHECKING:
-    from sidecar.proxy.addon import TombstoneAddon
+from sidecar.ops.backend import Listed, OpsBackend, Unavailable
 
 log = logging.getLogger("sidecar.ops")
 
@@ -72,10 +69,10 @@ def verdict_json(entry: Entry) -> dict[str, Any]:
 
 
 class OpsServer:
-    """Serves the ops endpoints for one addon."""
+    """Serves the ops endpoints over one running sidecar (`OpsBackend`)."""
 
-    def __init__(self, addon: TombstoneAddon) -> None:
-        self._addon = addon
+    def __init__(self, backend: OpsBackend) -> None:
+        self._backend = backend
         self._server: asyncio.Server | None = None
         self.address: tuple[str, int] | None = None
         self._failures = 0
@@ -172,6 +169,13 @@ class OpsServer:
 
     async def route(self, method: str, path: str, query: dict[str, list[str]],
                     headers: dict[str, str], body: bytes) -> Reply:  # fmt: skip
+        try:
+            return await self._route(method, path, query, headers, body)
+        except Unavailable as e:
+            return _json(404 if path == "/v1/synapse" else 503, {"error": str(e)})
+
+    async def _route(self, method: str, path: str, query: dict[str, list[str]],
+                     headers: dict[str, str], body: bytes) -> Reply:  # fmt: skip
         if path.startswith("/v1/verdicts/"):
             name = unquote(path.removeprefix("/v1/verdicts/"))
             if method in ("GET", "HEAD"):
@@ -184,9 +188,8 @@ class OpsServer:
             return _json(405, {"error": f"{method} is not supported on {path}"})
         if method not in ("GET", "HEAD"):
             return _json(405, {"error": f"{method} is not supported on {path[:100]}"})
-        addon = self._addon
         if path == "/metrics":
-            payload = generate_latest(addon.metrics.registry)
+            payload = generate_latest(self._backend.registry)
             return 200, {"Content-Type": CONTENT_TYPE_LATEST}, payload
         if path == "/healthz":
             return _json(200, {"status": "ok", "version": __version__})
@@ -197,13 +200,13 @@ class OpsServer:
         if path == "/v1/resurrections":
             return self._resurrections()
         if path == "/v1/synapse":
-            return self._synapse()
+            return _json(200, self._backend.synapse())
         endpoints = ["/metrics", "/healthz", "/readyz", "/v1/verdicts", "/v1/resurrections",
                      "/v1/synapse"]  # fmt: skip
         return _json(404, {"error": f"no such endpoint {path[:100]!r}", "endpoints": endpoints})
 
     def _authorize(self, headers: dict[str, str]) -> Reply | None:
-        token = self._addon.settings.ops_token if self._addon.settings else None
+        token = self._backend.ops_token
         if token is None:
             return _json(403, {"error": "the ops API is read-only: start the sidecar with "
                                         "--ops-token-file to allow changes"})  # fmt: skip
@@ -223,27 +226,19 @@ class OpsServer:
         return None
 
     def _readyz(self) -> Reply:
-        addon = self._addon
-        policy = addon.policy
-        ready = (addon.is_running and policy is not None and addon.loaded.is_set()
-                 and not addon.draining)  # fmt: skip
-        status = "draining" if addon.draining else "ready" if ready else "starting"
+        readiness = self._backend.readiness()
         detail: dict[str, Any] = {
-            "status": status,
-            "proxy_running": addon.is_running,
-            "enforce": addon.settings.enforce if addon.settings else None,
-            "nameservers": policy.dns.nameservers if policy else [],
-            "verdicts_cached": len(policy.cache) if policy else 0,
+            "status": readiness.status,
+            "proxy_running": readiness.proxy_running,
+            "enforce": readiness.enforce,
+            "nameservers": readiness.nameservers,
+            "verdicts_cached": readiness.verdicts_cached,
         }
-        if policy is not None:
-            health = policy.store.health()
-            detail["store"] = {"kind": health.store, "up": health.up, "detail": health.detail}
-        return _json(200 if ready else 503, detail)
+        if readiness.store is not None:
+            detail["store"] = readiness.store
+        return _json(200 if readiness.ready else 503, detail)
 
     def _list(self, query: dict[str, list[str]]) -> Reply:
-        policy = self._addon.policy
-        if policy is None:
-            return _json(503, {"error": "not configured yet"})
         state = query.get("state", [None])[0]
         signal = query.get("signal", [None])[0]
         order = query.get("sort", ["name"])[0]
@@ -259,7 +254,7 @@ class OpsServer:
         except ValueError:
             return _json(400, {"error": "limit and offset must be whole numbers"})
         chosen = [
-            e for e in self._addon.entries()
+            e for e in self._backend.entries()
             if (state is None or e.verdict.state == state)
             and (signal is None or e.verdict.signal == signal)
         ]  # fmt: skip
@@ -271,27 +266,21 @@ class OpsServer:
         return _json(200, {"total": len(chosen), "offset": offset, "limit": limit,
                            "verdicts": [verdict_json(e) for e in page]})  # fmt: skip
 
-    def _name(self, raw: str) -> str | Reply:
+    def _show(self, raw_name: str) -> Reply:
         try:
-            return normalize_host(raw)
+            name = normalize_host(raw_name)
         except InvalidName as e:
             return _json(400, {"error": str(e)})
-
-    def _show(self, raw_name: str) -> Reply:
-        policy = self._addon.policy
-        name = self._name(raw_name)
-        if policy is None or not isinstance(name, str):
-            return name if not isinstance(name, str) else _json(503, {"error": "starting"})
-        entry = policy.cached(name)
+        entry = self._backend.verdict(name)
         if entry is None:
             return _json(404, {"error": f"no verdict for {name}", "destination": name})
         return _json(200, verdict_json(entry))
 
     def _mark(self, raw_name: str, body: bytes) -> Reply:
-        policy = self._addon.policy
-        name = self._name(raw_name)
-        if policy is None or not isinstance(name, str):
-            return name if not isinstance(name, str) else _json(503, {"error": "starting"})
+        try:
+            name = normalize_host(raw_name)
+        except InvalidName as e:
+            return _json(400, {"error": str(e)})
         try:
             request = json.loads(body) if body.strip() else {}
             if not isinstance(request, dict):
@@ -300,56 +289,27 @@ class OpsServer:
             comment = _comment(request.get("comment", ""))
         except (ValueError, RecursionError) as e:
             return _json(400, {"error": f"bad request body: {str(e)[:200]}"})
-        entry = policy.mark_gone(name, ttl, comment)
+        entry = self._backend.mark_gone(name, ttl, comment)
         log.info("%s marked gone through the ops API", name)
         return _json(200, verdict_json(entry))
 
     async def _recheck(self, raw_name: str) -> Reply:
-        policy = self._addon.policy
-        name = self._name(raw_name)
-        if policy is None or not isinstance(name, str):
-            return name if not isinstance(name, str) else _json(503, {"error": "starting"})
-        if policy.is_listed(name):
-            return _json(409, {"error": f"{name} is on --deny/--deny-file; remove it there "
-                                        "(the file is reloaded on change)"})  # fmt: skip
-        lifter = self._addon.lifter
-        current = policy.cached(name)
-        held = current.verdict if current is not None else None
-        released = lifter.release(name, held) if lifter is not None else False
         try:
-            entry = await policy.recheck(name)
-        finally:
-            if lifter is not None:
-                lifter.release_done(name)
+            name = normalize_host(raw_name)
+        except InvalidName as e:
+            return _json(400, {"error": str(e)})
+        try:
+            entry, released = await self._backend.recheck(name)
+        except Listed as e:
+            return _json(409, {"error": str(e)})
         log.info("%s forgotten through the ops API%s; now %s", name,
                  " (hold released)" if released else "", entry.verdict.state)  # fmt: skip
         return _json(200, verdict_json(entry))
 
     def _resurrections(self) -> Reply:
-        lifter = self._addon.lifter
-        events = lifter.book.resurrections if lifter is not None else []
-        held = sorted(lifter.book.held) if lifter is not None else []
-        policy = self._addon.policy
-        if policy is not None:  # released elsewhere (shared store): no longer held here either
-            held = [n for n in held if (e := policy.cached(n)) is not None and is_hold(e.verdict)]
-        return _json(200, {"total": len(events), "held": held,
-                           "resurrections": [e.to_json() for e in reversed(events)]})  # fmt: skip
-
-    def _synapse(self) -> Reply:
-        lifter = self._addon.lifter
-        admin = lifter.admin if lifter is not None else None
-        if lifter is None or admin is None:
-            return _json(404, {"error": "no --synapse-admin-url configured"})
-        view = lifter.view
-        return _json(200, {
-            "url": str(admin.endpoint),
-            "state": admin.state,
-            "detail": admin.detail,
-            "polled_at": view.polled_at,
-            "destinations": view.destinations,
-            "truncated": view.truncated,
-            "backing_off_gone": list(view.backing_off_gone),
-        })  # fmt: skip
+        found = self._backend.resurrections()
+        events = [e.to_json() for e in reversed(found.events)]
+        return _json(200, {"total": len(events), "held": found.held, "resurrections": events})
 
 
 def _operator_ttl(raw: object) -> float:

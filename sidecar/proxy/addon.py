@@ -26,12 +26,13 @@ import weakref
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from mitmproxy import connection, ctx, exceptions, http, tls
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy import layer, server_hooks
 from mitmproxy.utils import human
+from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
 from sidecar.config.options import ADDON_OPTIONS, ConfigError, Option, Settings
@@ -44,6 +45,7 @@ from sidecar.judge.names import InvalidName, is_ip_literal, normalize_host, pars
 from sidecar.judge.policy import Policy, TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict
 from sidecar.metrics import Metrics
+from sidecar.ops.backend import Listed, Readiness, Resurrections, Unavailable
 from sidecar.ops.loop_lag import watch_loop_lag
 from sidecar.ops.server import OpsServer
 from sidecar.proxy import answers, xmatrix
@@ -61,7 +63,7 @@ from sidecar.remote.probe import Prober, ProbeResult, ProbeSettings
 from sidecar.store.base import default_state_dir
 from sidecar.store.open import open_store
 from sidecar.synapse.admin import AdminEndpoint, SynapseAdmin
-from sidecar.synapse.lifting import Lifter
+from sidecar.synapse.lifting import Lifter, is_hold
 
 log = logging.getLogger("sidecar.addon")
 
@@ -746,10 +748,91 @@ class TombstoneAddon:
         if entry.verdict.state is State.UNDECIDED:
             self.metrics.undecided.labels(stage).inc()
 
+    # -- the ops API (OpsBackend) -------------------------------------------------------
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    @property
+    def ops_token(self) -> str | None:
+        return self.settings.ops_token if self.settings else None
+
+    def readiness(self) -> Readiness:
+        policy = self.policy
+        ready = self.is_running and policy is not None and self.loaded.is_set()
+        status = "draining" if self.draining else "ready" if ready else "starting"
+        store = None
+        if policy is not None:
+            health = policy.store.health()
+            store = {"kind": health.store, "up": health.up, "detail": health.detail}
+        return Readiness(
+            status=status,
+            proxy_running=self.is_running,
+            enforce=self.settings.enforce if self.settings else None,
+            nameservers=policy.dns.nameservers if policy else [],
+            verdicts_cached=len(policy.cache) if policy else 0,
+            store=store,
+        )
+
+    def _policy(self) -> Policy:
+        if self.policy is None:
+            raise Unavailable("starting")
+        return self.policy
+
     def entries(self) -> list[Entry]:
         """Every verdict for the ops API: names (policy) and open breakers (host:port)."""
-        assert self.policy is not None and self.breaker is not None
-        return [*self.policy.entries(), *(Entry(v) for v in self.breaker.open_verdicts())]
+        policy = self._policy()
+        assert self.breaker is not None
+        return [*policy.entries(), *(Entry(v) for v in self.breaker.open_verdicts())]
+
+    def verdict(self, name: str) -> Entry | None:
+        return self._policy().cached(name)
+
+    def mark_gone(self, name: str, ttl: float, comment: str) -> Entry:
+        return self._policy().mark_gone(name, ttl, comment)
+
+    async def recheck(self, name: str) -> tuple[Entry, bool]:
+        policy = self._policy()
+        if policy.is_listed(name):
+            raise Listed(f"{name} is on --deny/--deny-file; remove it there "
+                         "(the file is reloaded on change)")  # fmt: skip
+        lifter = self.lifter
+        current = policy.cached(name)
+        held = current.verdict if current is not None else None
+        released = lifter.release(name, held) if lifter is not None else False
+        try:
+            entry = await policy.recheck(name)
+        finally:
+            if lifter is not None:
+                lifter.release_done(name)
+        return entry, released
+
+    def resurrections(self) -> Resurrections:
+        lifter = self.lifter
+        if lifter is None:
+            return Resurrections([], [])
+        held = sorted(lifter.book.held)
+        if self.policy is not None:  # released elsewhere (shared store): no longer held here
+            policy = self.policy
+            held = [n for n in held if (e := policy.cached(n)) is not None and is_hold(e.verdict)]
+        return Resurrections(list(lifter.book.resurrections), held)
+
+    def synapse(self) -> dict[str, Any]:
+        lifter = self.lifter
+        admin = lifter.admin if lifter is not None else None
+        if lifter is None or admin is None:
+            raise Unavailable("no --synapse-admin-url configured")
+        view = lifter.view
+        return {
+            "url": str(admin.endpoint),
+            "state": admin.state,
+            "detail": admin.detail,
+            "polled_at": view.polled_at,
+            "destinations": view.destinations,
+            "truncated": view.truncated,
+            "backing_off_gone": list(view.backing_off_gone),
+        }
 
     def _verdict_counts(self) -> list[tuple[tuple[str, str], int]]:
         assert self.policy is not None and self.breaker is not None
