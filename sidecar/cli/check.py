@@ -12,17 +12,20 @@ import sys
 from typing import Any
 
 from sidecar.config.options import Settings
+from sidecar.dns.address_book import AddressBook
 from sidecar.dns.client import DnsClient
+from sidecar.dns.questions import DnsQuestions, evaluate
 from sidecar.judge.gone_http import GoneTtl
 from sidecar.judge.names import InvalidName, is_ip_literal, parse_authority
 from sidecar.judge.policy import Policy, TtlBounds
-from sidecar.judge.signals import DnsReport, Signal, evaluate
+from sidecar.judge.signals import DnsReport, Signal
 from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
 from sidecar.remote import check_http
 from sidecar.remote.addresses import AddressPolicy
 from sidecar.remote.check_http import HttpReport
 from sidecar.remote.probe import Prober, ProbeSettings
+from sidecar.store.base import VerdictStore
 
 EXIT_BY_STATE = {State.ALIVE: 0, State.GONE: 1, State.UNREACHABLE: 1, State.UNDECIDED: 3}
 
@@ -40,9 +43,12 @@ async def run_check(raw_name: str, settings: Settings, as_json: bool = False,
     except ValueError as e:
         print(f"tombstone-sidecar: error: --nameserver: {e}", file=sys.stderr)
         return 2
+    metrics = Metrics()
     policy = Policy(
-        dns,
-        metrics=Metrics(),
+        DnsQuestions(dns),
+        addresses=AddressBook(dns, metrics, max_stale=settings.dns_max_stale, maxsize=1),
+        store=VerdictStore(metrics),
+        metrics=metrics,
         ttl=TtlBounds(settings.min_ttl, settings.max_ttl),
         cache_size=1,
         deny=settings.deny,

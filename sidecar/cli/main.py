@@ -218,17 +218,6 @@ def _setup_logging(level: str) -> None:
     log.setLevel(level.upper())
 
 
-def _mitm_value(option: Option, value: Any) -> Any:
-    """Raw values (flags, env strings, YAML scalars) in the type of the mitmproxy option."""
-    if option.flag:
-        return value if isinstance(value, bool) else str(value)
-    if option.repeatable:
-        if isinstance(value, str):
-            return [v for v in value.replace(",", " ").split() if v]
-        return [str(v) for v in value]
-    return "" if value is None else str(value)
-
-
 def _cmd_run(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) -> int:
     problem = open_proxy_problem(settings.listen.host, settings)
     if problem is not None:
@@ -236,7 +225,7 @@ def _cmd_run(args: argparse.Namespace, settings: Settings, raw: dict[str, Any]) 
         return EXIT_USAGE
     _setup_logging(settings.log_level)
     _raise_open_file_limit()
-    return asyncio.run(_serve(settings, raw))
+    return asyncio.run(_serve(settings))
 
 
 def _raise_open_file_limit() -> None:
@@ -252,12 +241,11 @@ def _raise_open_file_limit() -> None:
         log.warning("could not raise the open file limit (%s); it caps concurrent tunnels", e)
 
 
-async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
+async def _serve(settings: Settings) -> int:
     from mitmproxy.exceptions import OptionsError
     from mitmproxy.master import Master
     from mitmproxy.options import Options
 
-    from sidecar.config.options import ADDON_OPTIONS
     from sidecar.proxy.addon import TombstoneAddon
     from sidecar.proxy.admission import Admission
 
@@ -286,17 +274,16 @@ async def _serve(settings: Settings, raw: dict[str, Any]) -> int:
             confdir = scratch
         opts = Options(confdir=confdir)
         master = Master(opts, with_termlog=False)
-        addon = TombstoneAddon()
+        addon = TombstoneAddon(settings)  # validated once, handed over whole
         try:
             # Admission first: nothing reaches the decision hooks before it admits a client.
-            master.addons.add(*_mitmproxy_addons(), Admission(addon.metrics), addon)
+            master.addons.add(*_mitmproxy_addons(), Admission(addon.metrics, settings), addon)
             # Options defined by addons exist only once the addons are loaded.
             opts.update(
                 mode=[mode_spec(settings.listen.port, settings.reuse_port)],
                 listen_host=settings.listen.host,
                 connection_strategy="lazy",
                 **mitm,
-                **{o.mitm: _mitm_value(o, raw[o.name]) for o in ADDON_OPTIONS if o.name in raw},
             )
         except OptionsError as e:
             print(f"tombstone-sidecar: error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from cachetools import TLRUCache
 
+from sidecar.dns import questions
 from sidecar.dns.client import DnsClient
 from sidecar.judge import signals
 from sidecar.judge.names import is_ip_literal
@@ -123,7 +124,7 @@ class AddressBook:
         return await asyncio.shield(future)
 
     async def _refresh(self, name: str) -> AddressSet:
-        addresses, check = await signals.resolve_addresses(self.dns, name)
+        addresses, check = await questions.resolve_addresses(self.dns, name)
         now = self._clock()
         if check.finding is not Finding.UNKNOWN:
             current = self._set(name, addresses, check)

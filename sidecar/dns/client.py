@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import dns.asyncquery
 import dns.exception
@@ -25,13 +24,10 @@ import dns.rdatatype
 import dns.resolver
 
 from sidecar.dns.transport import UdpTransport, is_truncated, query_wire, question_wire
+from sidecar.judge.dns_answer import DnsAnswer
 from sidecar.metrics import Metrics
 
-Outcome = Literal["ok", "nodata", "nxdomain", "timeout", "servfail", "refused", "error"]
-EVIDENCE: frozenset[Outcome] = frozenset({"ok", "nodata", "nxdomain"})
-
 MAX_CONCURRENT_QUERIES = 256  # a storm of new names waits its turn instead of flooding
-MAX_ADDRESSES = 64  # addresses kept per A or AAAA answer: the sidecar dials one of them
 DEFAULT_NEGATIVE_TTL = 300  # RFC 2308 fallback when a negative answer carries no SOA
 PER_TRY_TIMEOUT = 2.0  # one lost UDP packet costs this much, not the whole lifetime
 REFUSED = "answered REFUSED"  # how _classify words a REFUSED reply
@@ -48,23 +44,6 @@ class Nameserver:
     def __str__(self) -> str:
         host = f"[{self.address}]" if ":" in self.address else self.address
         return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class DnsAnswer:
-    """The classified result of one query (records as dnspython rdata objects)."""
-
-    name: str
-    rrtype: str
-    outcome: Outcome
-    records: tuple[object, ...] = ()
-    ttl: int | None = None  # positive: RRset TTL; negative: min(SOA TTL, SOA minimum)
-    detail: str = ""
-    authenticated: bool = False  # the resolver set AD: it validated this answer (DNSSEC)
-
-    @property
-    def is_evidence(self) -> bool:
-        return self.outcome in EVIDENCE
 
 
 class UnreadableReply(Exception):

@@ -16,15 +16,17 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from sidecar.dns.address_book import AddressBook, AddressSet
-from sidecar.dns.client import DnsClient
-from sidecar.judge import signals
 from sidecar.judge.signals import DnsReport, Finding, Signal
 from sidecar.judge.verdicts import Entry, State, Verdict, VerdictCache
-from sidecar.metrics import Metrics
-from sidecar.remote.probe import Prober
-from sidecar.store.base import VerdictStore
+
+if TYPE_CHECKING:  # the I/O collaborators arrive through the constructor
+    from sidecar.dns.address_book import AddressBook, AddressSet
+    from sidecar.dns.questions import DnsQuestions
+    from sidecar.metrics import Metrics
+    from sidecar.remote.probe import Prober
+    from sidecar.store.base import VerdictStore
 
 log = logging.getLogger("sidecar.policy")
 
@@ -66,23 +68,30 @@ class Policy:
 
     def __init__(
         self,
-        dns: DnsClient,
+        questions: DnsQuestions,
         *,
+        addresses: AddressBook,
+        store: VerdictStore,
         metrics: Metrics,
         ttl: TtlBounds,
         cache_size: int,
         deny: frozenset[str] = frozenset(),
         allow: frozenset[str] = frozenset(),
-        store: VerdictStore | None = None,
-        max_stale: float = 3600.0,
+        prober: Prober | None = None,
+        lift_guard: LiftGuard | None = None,
+        on_lifted: Lifted | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.dns = dns
-        # Where live names are dialled: their own A/AAAA TTL, never the verdict's.
-        self.addresses = AddressBook(dns, metrics, max_stale=max_stale, maxsize=cache_size,
-                                     clock=clock)  # fmt: skip
-        self.store = store if store is not None else VerdictStore(metrics)
-        self.prober: Prober | None = None  # set when HTTP probes are on; re-checks 410s
+        """`questions` asks DNS about a name; `addresses` keeps where live names are dialled
+        (their own A/AAAA TTL, never the verdict's); `prober` re-checks a 410 before it is
+        lifted (None: probes off); `lift_guard` is the resurrection check and `on_lifted`
+        Synapse's reset (synapse/lifting.py)."""
+        self.questions = questions
+        self.addresses = addresses
+        self.store = store
+        self.prober = prober
+        self.lift_guard = lift_guard
+        self.on_lifted = on_lifted
         self.ttl = ttl
         self.cache = VerdictCache(cache_size, clock)
         self._clock = clock
@@ -92,8 +101,6 @@ class Policy:
         self.allow = allow
         self._operator: dict[str, Entry] = {}  # the static deny lists (flags, files)
         self._manual: dict[str, Entry] = {}  # marked gone through the ops API: stored, shared
-        self.lift_guard: LiftGuard | None = None  # resurrection check (sidecar.synapse.lifting)
-        self.on_lifted: Lifted | None = None  # Synapse reset_connection (sidecar.synapse.lifting)
         self._lifting: dict[str, Verdict] = {}  # what a re-check forgot, until it is judged
         self._delisting: set[asyncio.Future[None]] = set()  # re-checks of names off the deny list
         self._delisted: dict[str, Verdict] = {}  # off the deny list, waiting for a re-check
@@ -101,7 +108,6 @@ class Policy:
         self._deny_generation = 0  # a newer deny list stops an older one being applied
         self._afresh: set[str] = set()  # being re-checked: DNS decides, not the store's copy
         self.set_deny(deny)
-        metrics.watch_verdicts(self.counts)
 
     def set_deny(self, names: frozenset[str]) -> None:
         """Replace the operator deny list at once (at start, on a config change); one
@@ -278,10 +284,9 @@ class Policy:
         self.cache.forget(name)
         self._manual.pop(name, None)
 
-    def use_dns(self, dns: DnsClient) -> None:
-        """A reconfigured resolver: verdicts and addresses ask the new one from now on."""
-        self.dns = dns
-        self.addresses.dns = dns
+    def use_questions(self, questions: DnsQuestions) -> None:
+        """A reconfigured resolver: verdicts ask the new one from now on."""
+        self.questions = questions
 
     async def dial_addresses(self, name: str) -> AddressSet:
         """Where to connect for `name` now: its addresses within their own TTL, else asked
@@ -352,7 +357,7 @@ class Policy:
         previous = self.cache.get(name)
         was = previous.verdict if previous is not None else self._lifting.pop(name, None)
         try:
-            report = await signals.evaluate(self.dns, name)
+            report = await self.questions.evaluate(name)
             self.addresses.record(name, report.addresses, report.address_check)
             verdict = self.judge(report)
             if verdict.state is State.UNDECIDED:  # the proxy forwards it: say so, rarely
@@ -482,5 +487,5 @@ class Policy:
                 "verdict (fail open). Check the resolver; this repeats at most once a minute.",
                 name,
                 detail,
-                ", ".join(self.dns.nameservers) or "the system resolver",
+                ", ".join(self.questions.nameservers) or "the system resolver",
             )

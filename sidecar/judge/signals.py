@@ -9,7 +9,6 @@ ends as a `SignalCheck`: gone (positive evidence), clear (evidence of life), or 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from enum import StrEnum
 
 import dns.name
 
-from sidecar.dns.client import MAX_ADDRESSES, DnsAnswer, DnsClient
+from sidecar.judge.dns_answer import MAX_ADDRESSES, DnsAnswer
 from sidecar.judge.names import is_ip_literal, is_under
 from sidecar.judge.tombstone_txt import find_tombstone, join_strings
 
@@ -95,8 +94,9 @@ class DnsReport:
         return min(ttls) if ttls else None
 
 
-async def evaluate(client: DnsClient, name: str) -> DnsReport:
-    """Run every DNS signal for the normalized `name` concurrently."""
+def literal_report(name: str) -> DnsReport | None:
+    """The report for a name no DNS question is asked about: an IP literal (alive as far
+    as DNS can tell) or a name under `.invalid` (gone by definition); else None."""
     if is_ip_literal(name):
         clear = SignalCheck(Signal.NXDOMAIN, Finding.CLEAR, "an IP literal has no DNS records")
         return DnsReport(name, (), (name,), clear)
@@ -105,13 +105,12 @@ async def evaluate(client: DnsClient, name: str) -> DnsReport:
         return DnsReport(
             name, (gone,), (), SignalCheck(Signal.NXDOMAIN, Finding.UNKNOWN, "not asked")
         )
-    txt, srv_fed, srv_legacy, a, aaaa = await asyncio.gather(
-        client.query(name, "TXT"),
-        client.query(f"{SRV_PREFIXES[0]}.{name}", "SRV"),
-        client.query(f"{SRV_PREFIXES[1]}.{name}", "SRV"),
-        client.query(name, "A"),
-        client.query(name, "AAAA"),
-    )
+    return None
+
+
+def report(name: str, *, txt: DnsAnswer, srv_fed: DnsAnswer, srv_legacy: DnsAnswer,
+           a: DnsAnswer, aaaa: DnsAnswer, require_dnssec: bool) -> DnsReport:  # fmt: skip
+    """Every DNS signal of `name` from the answers to its five questions."""
     srv = choose_srv(srv_fed, srv_legacy)
     addresses, address_check = _addresses(name, (a, aaaa))
     checks: tuple[SignalCheck, ...] = (
@@ -120,14 +119,13 @@ async def evaluate(client: DnsClient, name: str) -> DnsReport:
         _invalid_tld_check(srv),
         _nxdomain_check(name, (txt, a, aaaa)),
     )
-    if client.require_dnssec:
+    if require_dnssec:
         checks = tuple(_require_validation(c, (txt, srv, a, aaaa)) for c in checks)
     return DnsReport(name, checks, addresses, address_check)
 
 
-async def resolve_addresses(client: DnsClient, name: str) -> tuple[tuple[str, ...], SignalCheck]:
-    """A and AAAA only: what `name` resolves to now, for a live name whose addresses expired."""
-    a, aaaa = await asyncio.gather(client.query(name, "A"), client.query(name, "AAAA"))
+def addresses_of(name: str, a: DnsAnswer, aaaa: DnsAnswer) -> tuple[tuple[str, ...], SignalCheck]:
+    """The addresses in the A and AAAA answers, and what they say of the name."""
     return _addresses(name, (a, aaaa))
 
 

@@ -125,8 +125,11 @@ class Admission:
     the same under `tombstone-sidecar run` and `mitmdump -s addons/tombstone.py`.
     """
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, settings: Settings | None = None) -> None:
+        """`settings`: given whole by `tombstone-sidecar run` (which refuses an open proxy
+        before it starts); None under mitmdump, where `configure` reads the options."""
         self.metrics = metrics
+        self.given = settings
         self.auth: ProxyAuth | None = None
         self.open_proxy: str | None = None  # why the listener would be an open proxy
         self.limits: Limits | None = None
@@ -137,10 +140,14 @@ class Admission:
         self._next_log: dict[str, float] = {}
         self._held_back: dict[str, int] = {}
         metrics.pending_clients.set_function(lambda: len(self.pending))
+        if settings is not None:
+            self.apply(settings)
 
     # -- configuration -------------------------------------------------------------------
 
     def configure(self, updated: set[str]) -> None:
+        if self.given is not None:
+            return
         if (
             self.limits is not None
             and "listen_host" not in updated

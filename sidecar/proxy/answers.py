@@ -12,6 +12,7 @@ import time
 
 from mitmproxy import http
 
+from sidecar.dns.address_book import AddressSet
 from sidecar.judge.verdicts import Verdict
 from sidecar.proxy.auth import CHALLENGE
 
@@ -102,3 +103,10 @@ def nowhere(name: str) -> http.Response:
 def unresolvable(host: str, detail: str) -> http.Response:
     """502 when the sidecar cannot learn an address to connect to (it never guesses one)."""
     return _make(502, {"errcode": ERRCODE_UNAVAILABLE, "error": f"cannot resolve {host}: {detail}"})
+
+
+def no_address_reason(host: str, found: AddressSet) -> str:
+    """Why there is no address to dial for `host`: DNS failed, or said there is none."""
+    if not found.known:
+        return f"DNS did not answer for {host}: {found.detail}"
+    return f"{host} has no A or AAAA records"

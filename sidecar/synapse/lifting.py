@@ -64,6 +64,7 @@ class Lifter:
         *,
         fetcher: KeyFetcher | None = None,
         admin: SynapseAdmin | None = None,
+        store: VerdictStore | None = None,
         hold_reborn: bool = False,
         poll_interval: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -80,7 +81,7 @@ class Lifter:
         self.view = SynapseView(None, 0, False, ())
         self._tasks: set[asyncio.Task[Any]] = set()
         self._recording: set[str] = set()
-        self.store: VerdictStore | None = None  # shares key records (--store redis)
+        self.store = store  # shares key records (--store redis)
 
     # -- identity -------------------------------------------------------------------------
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from dnslib import QTYPE, RR, TXT, DNSRecord
 
 from sidecar.dns.client import DnsClient, Nameserver
+from sidecar.dns.questions import evaluate
 from sidecar.judge.policy import Policy, TtlBounds
-from sidecar.judge.signals import Finding, Signal, evaluate
+from sidecar.judge.signals import Finding, Signal
 from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.support.dns_server import DnsServer, Zone
+from tests.support.policy import policy_over
 
 
 @pytest.fixture
@@ -26,9 +29,9 @@ def client(dns_server: DnsServer) -> DnsClient:
     return DnsClient((Nameserver("127.0.0.1", dns_server.port),), timeout=1.0, metrics=Metrics())
 
 
-def policy_for(client: DnsClient, **kwargs: object) -> Policy:
+def policy_for(client: DnsClient, **kwargs: Any) -> Policy:
     ttl = TtlBounds(300, 86400)
-    return Policy(client, metrics=Metrics(), ttl=ttl, cache_size=1000, **kwargs)  # type: ignore[arg-type]
+    return policy_over(client, ttl=ttl, cache_size=1000, **kwargs)
 
 
 def test_tombstone_among_an_oversized_txt_set_is_found_over_tcp(
@@ -202,8 +205,8 @@ def test_failed_recheck_keeps_the_last_verdict(
     now = [1000.0]
     name = unique("keep")
     zone.add(name, "TXT", "v=matrix;gone")
-    policy = Policy(client, metrics=Metrics(), ttl=TtlBounds(60, 60), cache_size=10,
-                    clock=lambda: now[0])  # fmt: skip
+    policy = policy_over(client, ttl=TtlBounds(60, 60), cache_size=10,
+                         clock=lambda: now[0])  # fmt: skip
 
     async def scenario() -> tuple[State, State]:
         first = (await policy.decide(name)).verdict.state

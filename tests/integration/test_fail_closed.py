@@ -115,10 +115,10 @@ def tls_get(sock: socket.socket, context: ssl.SSLContext, name: str) -> int:
 @pytest.mark.parametrize(
     ("fault", "hook"),
     [
-        ("_next_layer", "next_layer"),
-        ("_connect", "http_connect"),
-        ("_clienthello", "tls_clienthello"),
-        ("_server_connect", "server_connect"),
+        ("TunnelGate.next_layer", "next_layer"),
+        ("TunnelGate.connect", "http_connect"),
+        ("TunnelGate.clienthello", "tls_clienthello"),
+        ("DialGate.server_connect", "server_connect"),
     ],
 )
 def test_a_failing_passthrough_hook_refuses_and_dials_nothing(
@@ -153,7 +153,7 @@ def test_a_failing_request_decision_refuses_plain_http(
     plain_live: Upstream,
     unique: Callable[[str], str],
 ) -> None:
-    proxy = faulty("_request", "passthrough")
+    proxy = faulty("RequestGate.request", "passthrough")
     name = unique("faultyplain")
     zone.add(name, "A", LIVE_IP)
     before = plain_live.connections
@@ -173,7 +173,7 @@ def test_a_failing_request_decision_refuses_inside_an_intercepted_tunnel(
     live_upstream: Upstream,
     unique: Callable[[str], str],
 ) -> None:
-    proxy = faulty("_request", "intercept")
+    proxy = faulty("RequestGate.request", "intercept")
     trust = ssl.create_default_context(cafile=str(proxy.confdir / "mitmproxy-ca-cert.pem"))
     name = unique("faultytunnel")
     zone.add(name, "A", LIVE_IP)

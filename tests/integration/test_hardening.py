@@ -20,13 +20,14 @@ import pytest
 from dnslib import QTYPE, RR, TXT, DNSRecord
 
 from sidecar.dns.client import DnsClient, Nameserver
-from sidecar.judge.policy import Policy, TtlBounds
-from sidecar.judge.signals import evaluate
+from sidecar.dns.questions import evaluate
+from sidecar.judge.policy import TtlBounds
 from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.integration.conftest import LIVE_IP
 from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
+from tests.support.policy import policy_over
 from tests.support.procs import free_port, port_open, wait_until
 from tests.support.tls_upstream import Blackhole, RefusingPort, TestCA, Upstream
 
@@ -192,7 +193,7 @@ def test_require_dnssec_counts_only_validated_tombstones(
         zone.add_raw(name, "TXT", _txt_answer(validated))
     client = DnsClient((Nameserver("127.0.0.1", dns_server.port),), 1.0, Metrics(),
                        require_dnssec=True)  # fmt: skip
-    policy = Policy(client, metrics=Metrics(), ttl=TtlBounds(300, 3600), cache_size=10)
+    policy = policy_over(client, ttl=TtlBounds(300, 3600), cache_size=10)
 
     async def judge(name: str) -> State:
         return policy.judge(await evaluate(client, name)).state

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.app import Sidecar as RunningSidecar
 from sidecar.config.options import Settings
 from sidecar.judge.names import parse_authority
 from sidecar.ops.server import MAX_COMMENT, OpsServer
-from sidecar.proxy.addon import TombstoneAddon
 from tests.fuzz.processes import CRASH_MARKS, exchange
 from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.procs import free_port
@@ -203,39 +203,37 @@ def test_verdicts_cli_without_a_token_hints_at_the_token_file(
 @pytest.fixture
 def in_process_ops(
     tmp_path: Path,
-) -> Iterator[tuple[asyncio.AbstractEventLoop, OpsServer, TombstoneAddon]]:
-    """The real addon and ops server on a loopback port, in this process, so a fault can be
+) -> Iterator[tuple[asyncio.AbstractEventLoop, OpsServer, RunningSidecar]]:
+    """The real sidecar and ops server on a loopback port, in this process, so a fault can be
     injected into one handler (nothing else here is replaced)."""
     settings = Settings.from_raw(
         {"listen": f"127.0.0.1:{free_port()}", "nameserver": ["127.0.0.1:9"],
          "state_dir": str(tmp_path), "store": "memory"}
     )  # fmt: skip
     loop = asyncio.new_event_loop()
-    addon = TombstoneAddon()
-    addon.apply(settings)
-    server = OpsServer(addon)
+    sidecar = RunningSidecar(settings)
+    server = OpsServer(sidecar)
     loop.run_until_complete(server.start(parse_authority(f"127.0.0.1:{free_port()}")))
     try:
-        yield loop, server, addon
+        yield loop, server, sidecar
     finally:
         loop.run_until_complete(server.stop())
-        assert addon.policy is not None
-        addon.policy.dns.close()
+        sidecar.dns.close()
         loop.close()
 
 
 def test_a_handler_bug_answers_500_and_logs_one_line(
-    in_process_ops: tuple[asyncio.AbstractEventLoop, OpsServer, TombstoneAddon],
+    in_process_ops: tuple[asyncio.AbstractEventLoop, OpsServer, RunningSidecar],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    loop, server, addon = in_process_ops
+    loop, server, sidecar = in_process_ops
     assert server.address is not None
     port = server.address[1]
 
     def broken() -> list[object]:
         raise RuntimeError("injected\nfault")
 
-    addon.entries = broken  # type: ignore[method-assign,assignment]
+    sidecar.entries = broken  # type: ignore[method-assign,assignment]
 
     async def hammer() -> list[bytes]:
         answers = []

@@ -1,8 +1,9 @@
 """mitmdump script for the fail-closed tests: the real addon with one decision raising.
 
-`TOMBSTONE_TEST_FAULT` names the decision inside a hook (`_connect`, `_clienthello`,
-`_request`, `_server_connect`, `_next_layer`); it raises as any bug there would, and the
-hook around it must refuse. Nothing else of the addon is changed.
+`TOMBSTONE_TEST_FAULT` names the decision a hook hands its work to (`TunnelGate.connect`,
+`TunnelGate.clienthello`, `TunnelGate.next_layer`, `RequestGate.request`,
+`DialGate.server_connect`); it raises as any bug there would, and the hook around it must
+refuse. Nothing else of the addon is changed.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ from typing import Any
 
 from sidecar.proxy.addon import TombstoneAddon
 from sidecar.proxy.admission import Admission
+from sidecar.proxy.dials import DialGate
+from sidecar.proxy.requests import RequestGate
+from sidecar.proxy.tunnels import TunnelGate
 
 FAULT = os.environ["TOMBSTONE_TEST_FAULT"]
+GATES: dict[str, type] = {"TunnelGate": TunnelGate, "RequestGate": RequestGate,
+                          "DialGate": DialGate}  # fmt: skip
 
 
 class InjectedFault(RuntimeError):
@@ -29,7 +35,9 @@ async def _raise_async(*_args: Any, **_kwargs: Any) -> None:
     raise InjectedFault(f"injected fault in {FAULT}")
 
 
+gate_name, _, method = FAULT.partition(".")
+gate = GATES[gate_name]
+original = getattr(gate, method)
+setattr(gate, method, _raise_async if inspect.iscoroutinefunction(original) else _raise)
 addon = TombstoneAddon()
-original = getattr(addon, FAULT)
-setattr(addon, FAULT, _raise_async if inspect.iscoroutinefunction(original) else _raise)
 addons = [Admission(addon.metrics), addon]  # as addons/tombstone.py loads them

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sidecar.dns.client import DnsAnswer
+from sidecar.judge.dns_answer import DnsAnswer
 from sidecar.judge.signals import srv_targets
 from sidecar.judge.tombstone_txt import is_tombstone, join_strings
 from sidecar.kit import tombstone as kit

@@ -1,0 +1,148 @@
+"""Decisions for each HTTP request the proxy sees, and what its response teaches.
+
+Plain-HTTP proxy requests, and in intercept mode each request inside a (pooled) tunnel.
+The rule, for every mode and path: a request is answered here when the host it would be
+sent to is gone, or the server it is for (X-Matrix destination, else Host) is gone; the
+answer names whichever is gone (the server it is for first). A live request is pinned to
+a checked address of its host. Real responses teach: a `410 Gone` from `/_matrix/` or
+`/.well-known/matrix/` is a tombstone (judge/gone_http.py), and a live server's key
+document is recorded for the resurrection check (synapse/lifting.py).
+"""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import http
+
+from sidecar.app import Sidecar
+from sidecar.judge import gone_http, request_classes
+from sidecar.judge.names import InvalidName, is_ip_literal, normalize_host, parse_authority
+from sidecar.judge.verdicts import Entry
+from sidecar.proxy import answers, xmatrix
+from sidecar.proxy.connections import LOCAL_ANSWER, Connections, Tunnel
+from sidecar.proxy.xmatrix import XMatrixError
+from sidecar.remote.identity import KEY_PATH
+
+
+class RequestGate:
+    """`requestheaders` and `response` for one sidecar."""
+
+    def __init__(self, sidecar: Sidecar, connections: Connections) -> None:
+        self.sidecar = sidecar
+        self.connections = connections
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or flow.request.method == "CONNECT":
+            return
+        sidecar = self.sidecar
+        tunnel = self.connections.tunnels.get(flow.client_conn)
+        started = time.perf_counter()
+        try:
+            name = destination(flow, tunnel)
+            host = (
+                None if tunnel is not None and tunnel.empty else normalize_host(flow.request.host)
+            )
+        except (InvalidName, XMatrixError) as e:
+            sidecar.metrics.invalid_input.labels("request").inc()
+            flow.response = answers.bad_target(str(e))
+            flow.metadata[LOCAL_ANSWER] = True
+            return
+        entry = await sidecar.decide(name)
+        if not entry.verdict.suppresses and host is not None and host != name:
+            via = await sidecar.decide(host)  # e.g. the delegated federation host is gone
+            entry = via if via.verdict.suppresses else entry
+        if not entry.verdict.suppresses and tunnel is not None and host is not None:
+            broken = sidecar.breaker_verdict(f"{host}:{flow.request.port}")
+            entry = Entry(broken) if broken is not None else entry
+        if sidecar.suppress(entry, "request"):
+            settings = sidecar.settings
+            if tunnel is None:  # plain HTTP (URL previews): --suppress-status, as its help says
+                flow.response = answers.suppressed(entry.verdict, settings.suppress_status)
+            else:
+                cls = request_classes.classify(flow.request.path)
+                status = settings.answer_status[cls]
+                flow.response = answers.request_refused(entry.verdict, status, cls)
+            flow.metadata[LOCAL_ANSWER] = True
+        elif host is None:
+            # CONNECT :0 and the server it is for is not gone: there is nowhere to send it.
+            flow.response = answers.nowhere(name)
+            flow.metadata[LOCAL_ANSWER] = True
+        else:
+            sidecar.forward(entry, "request")
+            await self._pin(flow, host)
+        sidecar.metrics.decision_by_stage["request"].observe(time.perf_counter() - started)
+
+    async def _pin(self, flow: http.HTTPFlow, host: str) -> None:
+        """Send this request to a checked address of its host (within its DNS TTL).
+
+        mitmproxy pools upstream connections by the request's (host, port), and allows only
+        five per address per client; dialling by a different address than the request
+        names would open a new connection per request until the tunnel stalls. So the
+        request itself names the checked IP (its Host header is kept), and server_connect
+        puts the server name back as the TLS SNI for that connection. Plain-HTTP requests
+        are pinned the same way, so a blocked address gets the 403 JSON answer.
+        """
+        if is_ip_literal(host):
+            return  # server_connect checks literals itself
+        address, refused, found = await self.sidecar.checked_address(host)
+        if address is None:
+            if refused:
+                flow.response = answers.blocked_address(host, refused)
+            else:
+                flow.response = answers.unresolvable(host, answers.no_address_reason(host, found))
+            flow.metadata[LOCAL_ANSWER] = True
+            return
+        if "host" not in flow.request.headers:
+            flow.request.headers["Host"] = flow.request.host_header or host
+        names = self.connections.upstream_names.setdefault(flow.client_conn, {})
+        names[(address, flow.request.port)] = host
+        flow.request.data.host = address
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        """Passive 410 learning from real responses, keyed by the request's destination."""
+        response = flow.response
+        if response is None or flow.metadata.get(LOCAL_ANSWER):
+            return
+        if response.status_code == 200 and flow.request.path.startswith(KEY_PATH):
+            self._observe_keys(flow, response)
+            return
+        if not gone_http.is_tombstone(response.status_code, flow.request.path):
+            return
+        try:
+            name = destination(flow)
+        except (InvalidName, XMatrixError):
+            return
+        sidecar = self.sidecar
+        seconds = gone_http.lifetime(response.headers, sidecar.gone_ttl)
+        where = f"https://{flow.request.host_header or flow.request.host}"
+        path = flow.request.path.split("?", 1)[0]
+        sidecar.policy.learn_gone(name, seconds, gone_http.evidence(410, path, where, seconds))
+
+    def _observe_keys(self, flow: http.HTTPFlow, response: http.Response) -> None:
+        """Intercept mode: record the signing keys an alive server published to Synapse."""
+        try:
+            name = destination(flow)
+        except (InvalidName, XMatrixError):
+            return
+        port = flow.request.port
+        names = self.connections.upstream_names.get(flow.client_conn, {})
+        pinned = names.get((flow.request.host, port))
+        target = (pinned or normalize_host(flow.request.host), port)  # a name, not the IP
+        self.sidecar.observe_keys(name, response.content or b"", target)
+
+
+def destination(flow: http.HTTPFlow, tunnel: Tunnel | None = None) -> str:
+    """X-Matrix `destination`, else the Host header, else the TLS SNI of a `CONNECT :0`
+    tunnel, else the request's host."""
+    named = xmatrix.destination(flow.request.headers.get("Authorization"))
+    if named is not None:
+        return parse_authority(named).host
+    host = flow.request.host_header
+    if host:
+        return parse_authority(host).host
+    if tunnel is not None and tunnel.empty:
+        if tunnel.sni is None:
+            raise InvalidName("CONNECT :0 without a TLS server name or Host header")
+        return tunnel.sni
+    return normalize_host(flow.request.host)
