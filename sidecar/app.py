@@ -30,8 +30,8 @@ from sidecar.dns.address_book import AddressBook, AddressSet
 from sidecar.dns.client import DnsClient
 from sidecar.dns.questions import DnsQuestions
 from sidecar.judge.breaker import Breaker, BreakerSettings, Gate
-from sidecar.judge.gone_http import GoneTtl
-from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.policy import Policy
+from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict
 from sidecar.metrics import Metrics
 from sidecar.ops.backend import Listed, Readiness, Resurrections, Unavailable
@@ -424,8 +424,8 @@ def _address_policy(settings: Settings) -> AddressPolicy:
     )
 
 
-def _gone_ttl(settings: Settings) -> GoneTtl:
-    return GoneTtl(settings.gone_ttl, settings.min_gone_ttl, settings.max_gone_ttl)
+def _gone_ttl(settings: Settings) -> TtlBounds:
+    return TtlBounds(settings.min_gone_ttl, settings.max_gone_ttl, default=settings.gone_ttl)
 
 
 def _breaker_settings(settings: Settings) -> BreakerSettings:

@@ -15,10 +15,10 @@ from sidecar.config.options import Settings
 from sidecar.dns.address_book import AddressBook
 from sidecar.dns.client import DnsClient
 from sidecar.dns.questions import DnsQuestions, evaluate
-from sidecar.judge.gone_http import GoneTtl
 from sidecar.judge.names import InvalidName, is_ip_literal, parse_authority
-from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.policy import Policy
 from sidecar.judge.signals import DnsReport, Signal
+from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
 from sidecar.remote import check_http
@@ -75,7 +75,7 @@ async def run_check(raw_name: str, settings: Settings, as_json: bool = False,
 async def _probe(raw_name: str, settings: Settings, dns: DnsClient, policy: Policy,
                  verdict: Verdict) -> tuple[HttpReport, Verdict]:  # fmt: skip
     """The HTTP side; a 410 makes the verdict http_410 exactly as the sidecar would."""
-    ttl = GoneTtl(settings.gone_ttl, settings.min_gone_ttl, settings.max_gone_ttl)
+    ttl = TtlBounds(settings.min_gone_ttl, settings.max_gone_ttl, default=settings.gone_ttl)
     probe = ProbeSettings(settings.probe_timeout, 1, settings.probe_interval, ttl,
                           settings.upstream_ca or None)  # fmt: skip
 
@@ -86,7 +86,7 @@ async def _probe(raw_name: str, settings: Settings, dns: DnsClient, policy: Poli
     http = await check_http.discover(prober, dns, raw_name)
     gone = http.gone
     if gone is not None and not verdict.suppresses:
-        policy.learn_gone(verdict.destination, gone.lifetime or ttl.default, gone.detail)
+        policy.learn_gone(verdict.destination, gone.lifetime or ttl.clamp(None), gone.detail)
         learned = policy.cached(verdict.destination)
         if learned is not None:
             verdict = learned.verdict

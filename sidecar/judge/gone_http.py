@@ -12,23 +12,12 @@ import email.utils
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+
+from sidecar.judge.ttl import TtlBounds
 
 TOMBSTONE_STATUS = 410
 TOMBSTONE_PATHS = ("/_matrix/", "/.well-known/matrix/")
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d{1,10})\"?", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class GoneTtl:
-    """`--gone-ttl`, `--min-gone-ttl`, `--max-gone-ttl`."""
-
-    default: float
-    minimum: float
-    maximum: float
-
-    def clamp(self, seconds: float) -> float:
-        return max(self.minimum, min(self.maximum, seconds))
 
 
 def is_tombstone(status: int, path: str) -> bool:
@@ -36,7 +25,7 @@ def is_tombstone(status: int, path: str) -> bool:
     return status == TOMBSTONE_STATUS and path.startswith(TOMBSTONE_PATHS)
 
 
-def lifetime(headers: Mapping[str, str], ttl: GoneTtl, now: float | None = None) -> float:
+def lifetime(headers: Mapping[str, str], ttl: TtlBounds, now: float | None = None) -> float:
     """How long the 410 holds: max-age, else Expires, else the default; clamped."""
     cache_control = headers.get("cache-control") or headers.get("Cache-Control") or ""
     match = _MAX_AGE.search(cache_control)
@@ -50,7 +39,7 @@ def lifetime(headers: Mapping[str, str], ttl: GoneTtl, now: float | None = None)
             when = None
         if when is not None:
             return ttl.clamp(when - (time.time() if now is None else now))
-    return ttl.clamp(ttl.default)
+    return ttl.clamp(None)
 
 
 def evidence(status: int, path: str, where: str, seconds: float) -> str:

@@ -15,10 +15,10 @@ import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sidecar.judge.signals import DnsReport, Finding, Signal
+from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict, VerdictCache
 
 if TYPE_CHECKING:  # the I/O collaborators arrive through the constructor
@@ -48,19 +48,6 @@ DELIST_RECHECKS_PER_SECOND = 50.0
 LiftGuard = Callable[[str, Verdict, Verdict], Awaitable[str | None]]
 # After a suppressing verdict was replaced by an alive one: (old, new).
 Lifted = Callable[[Verdict, Verdict], None]
-
-
-@dataclass(frozen=True)
-class TtlBounds:
-    """`--min-ttl` and `--max-ttl`: every DNS-derived lifetime is clamped into this range."""
-
-    minimum: float
-    maximum: float
-
-    def clamp(self, ttl: float | None) -> float:
-        if ttl is None:
-            return self.maximum
-        return max(self.minimum, min(self.maximum, float(ttl)))
 
 
 class Policy:

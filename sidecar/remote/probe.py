@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from cachetools import TTLCache
 
 from sidecar.judge import gone_http
+from sidecar.judge.ttl import TtlBounds
 from sidecar.metrics import Metrics
 from sidecar.remote import http1
 from sidecar.remote.addresses import AddressPolicy
@@ -51,7 +52,7 @@ class ProbeSettings:
     timeout: float
     concurrency: int
     interval: float  # at most one probe per name per interval
-    ttl: gone_http.GoneTtl
+    ttl: TtlBounds
     ca_file: str | None
 
 

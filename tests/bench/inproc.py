@@ -29,8 +29,8 @@ from typing import Any
 
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.judge.dns_answer import DnsAnswer
-from sidecar.judge.policy import TtlBounds
 from sidecar.judge.signals import SRV_PREFIXES
+from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
 from tests.support.policy import policy_over

@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.dns.questions import evaluate
 from sidecar.judge.dns_answer import MAX_ADDRESSES
-from sidecar.judge.policy import UNDECIDED_RETRY_SECONDS, TtlBounds
+from sidecar.judge.policy import UNDECIDED_RETRY_SECONDS
 from sidecar.judge.signals import DnsReport, Finding, Signal
 from sidecar.judge.tombstone_txt import find_tombstone, join_strings
+from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.fuzz.profiles import examples

@@ -10,6 +10,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from sidecar.judge import gone_http, request_classes
+from sidecar.judge.ttl import TtlBounds
 from sidecar.proxy import xmatrix
 
 TOKEN_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-.^_`|~:[]"
@@ -75,7 +76,7 @@ def test_xmatrix_destination_is_a_string_none_or_an_xmatrix_error(header: str | 
     assert found is None or (isinstance(found, str) and found)
 
 
-TTL = gone_http.GoneTtl(default=86400.0, minimum=3600.0, maximum=30 * 86400.0)
+TTL = TtlBounds(default=86400.0, minimum=3600.0, maximum=30 * 86400.0)
 cache_controls = st.one_of(
     st.text(max_size=60),
     st.builds(

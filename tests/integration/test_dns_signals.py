@@ -16,8 +16,9 @@ from dnslib import QTYPE, RR, TXT, DNSRecord
 
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.dns.questions import evaluate
-from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.policy import Policy
 from sidecar.judge.signals import Finding, Signal
+from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.support.dns_server import DnsServer, Zone

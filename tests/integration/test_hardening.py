@@ -21,7 +21,7 @@ from dnslib import QTYPE, RR, TXT, DNSRecord
 
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.dns.questions import evaluate
-from sidecar.judge.policy import TtlBounds
+from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.integration.conftest import LIVE_IP

@@ -10,7 +10,8 @@ from typing import Any
 from sidecar.dns.address_book import AddressBook
 from sidecar.dns.client import DnsClient
 from sidecar.dns.questions import DnsQuestions
-from sidecar.judge.policy import Policy, TtlBounds
+from sidecar.judge.policy import Policy
+from sidecar.judge.ttl import TtlBounds
 from sidecar.metrics import Metrics
 from sidecar.store.base import VerdictStore
 
