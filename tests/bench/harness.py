@@ -511,10 +511,9 @@ class Bench:
                     f"other processes {result['foreign_cpu_share']:.0%}, "
                     f"steal {result['steal_share']:.0%}"
                 )
-        if cfg.py_spy is not None:
-            for target in targets:
-                if target.proxy is not None:
-                    self.profile(target)
+        for target in targets:
+            if cfg.py_spy is not None and target.proxy is not None:
+                self.profile(target)  # may turn profiling off (no py-spy)
 
     def _quiet_run(
         self,
@@ -555,7 +554,9 @@ class Bench:
         """
         cfg = self.config
         assert cfg.py_spy is not None and target.proxy is not None
-        py_spy = shutil.which("py-spy")
+        py_spy = shutil.which("py-spy") or shutil.which(
+            "py-spy", path=str(Path(sys.executable).parent)
+        )
         if py_spy is None:
             self.report.note("py-spy not found (`pip install py-spy`): no profiles")
             cfg.py_spy = None
@@ -589,7 +590,7 @@ class Bench:
             total += n
             frames = stack.split(";")
             if any(
-                ("sidecar/" in f and "sidecar/cli.py" not in f) or "connect_502.py" in f
+                ("sidecar/" in f and "sidecar/cli/" not in f) or "connect_502.py" in f
                 for f in frames
             ):
                 ours += n
