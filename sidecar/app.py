@@ -26,11 +26,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from sidecar.config.options import ConfigError, Settings
-from sidecar.dns.address_book import AddressBook, AddressSet
+from sidecar.dns.address_book import AddressBook
 from sidecar.dns.client import DnsClient
 from sidecar.dns.questions import DnsQuestions
 from sidecar.judge.breaker import Breaker, BreakerSettings, Gate
 from sidecar.judge.policy import Policy
+from sidecar.judge.ports import FoundAddresses
 from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict
 from sidecar.metrics import Metrics
@@ -230,7 +231,7 @@ class Sidecar:
             return self.breaker.verdict(key)
         return None
 
-    async def dial_addresses(self, host: str) -> AddressSet:
+    async def dial_addresses(self, host: str) -> FoundAddresses:
         """Where to connect for `host` now: its addresses within their own DNS TTL."""
         if not self.loaded.is_set():
             await self.loaded.wait()
@@ -243,7 +244,7 @@ class Sidecar:
         address, _ = self.addresses.choose(addresses)
         return address
 
-    async def checked_address(self, host: str) -> tuple[str | None, list[str], AddressSet]:
+    async def checked_address(self, host: str) -> tuple[str | None, list[str], FoundAddresses]:
         """An address of `host` the address policy allows, within its DNS TTL; else None
         and the addresses it refused (counted in tombstone_blocked_address_total)."""
         found = await self.dial_addresses(host)

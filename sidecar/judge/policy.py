@@ -15,18 +15,12 @@ import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
 
+from sidecar.judge.ports import Addresses, FoundAddresses, Questions, Rechecker, SharedVerdicts
 from sidecar.judge.signals import DnsReport, Finding, Signal
 from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict, VerdictCache
-
-if TYPE_CHECKING:  # the I/O collaborators arrive through the constructor
-    from sidecar.dns.address_book import AddressBook, AddressSet
-    from sidecar.dns.questions import DnsQuestions
-    from sidecar.metrics import Metrics
-    from sidecar.remote.probe import Prober
-    from sidecar.store.base import VerdictStore
+from sidecar.metrics import Metrics
 
 log = logging.getLogger("sidecar.policy")
 
@@ -55,16 +49,16 @@ class Policy:
 
     def __init__(
         self,
-        questions: DnsQuestions,
+        questions: Questions,
         *,
-        addresses: AddressBook,
-        store: VerdictStore,
+        addresses: Addresses,
+        store: SharedVerdicts,
         metrics: Metrics,
         ttl: TtlBounds,
         cache_size: int,
         deny: frozenset[str] = frozenset(),
         allow: frozenset[str] = frozenset(),
-        prober: Prober | None = None,
+        prober: Rechecker | None = None,
         lift_guard: LiftGuard | None = None,
         on_lifted: Lifted | None = None,
         clock: Callable[[], float] = time.time,
@@ -271,11 +265,11 @@ class Policy:
         self.cache.forget(name)
         self._manual.pop(name, None)
 
-    def use_questions(self, questions: DnsQuestions) -> None:
+    def use_questions(self, questions: Questions) -> None:
         """A reconfigured resolver: verdicts ask the new one from now on."""
         self.questions = questions
 
-    async def dial_addresses(self, name: str) -> AddressSet:
+    async def dial_addresses(self, name: str) -> FoundAddresses:
         """Where to connect for `name` now: its addresses within their own TTL, else asked
         again (A/AAAA). A name that no longer exists there is judged again at once."""
         found = await self.addresses.resolve(name)

@@ -12,7 +12,7 @@ import time
 
 from mitmproxy import http
 
-from sidecar.dns.address_book import AddressSet
+from sidecar.judge.ports import FoundAddresses
 from sidecar.judge.verdicts import Verdict
 from sidecar.proxy.auth import CHALLENGE
 
@@ -105,7 +105,7 @@ def unresolvable(host: str, detail: str) -> http.Response:
     return _make(502, {"errcode": ERRCODE_UNAVAILABLE, "error": f"cannot resolve {host}: {detail}"})
 
 
-def no_address_reason(host: str, found: AddressSet) -> str:
+def no_address_reason(host: str, found: FoundAddresses) -> str:
     """Why there is no address to dial for `host`: DNS failed, or said there is none."""
     if not found.known:
         return f"DNS did not answer for {host}: {found.detail}"
