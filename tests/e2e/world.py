@@ -55,8 +55,8 @@ from tests.e2e.netns import (
 )
 from tests.e2e.packets import SynCounter
 from tests.e2e.synapse import Account, Synapse, find_venv
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer, Zone
+from tests.support.sidecar import Sidecar
 from tests.support.tls_upstream import Blackhole, TestCA, Upstream
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tests.fuzz.loopback_only import GUARD_MARK
-from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.procs import ManagedProcess
+from tests.support.sidecar import Sidecar, sidecar_command
 
 REPO = Path(__file__).resolve().parents[2]
 # What a crash inside the sidecar leaves in its log: a hook that raised (mitmproxy logs
@@ -19,7 +19,7 @@ CRASH_MARKS = ("Traceback (most recent call last)", "Addon error", "Unhandled er
 
 
 class GuardedSidecar(Sidecar):
-    """`tests.integration.harness.Sidecar`, run through `tests.fuzz.loopback_only`."""
+    """`tests.support.sidecar.Sidecar`, run through `tests.fuzz.loopback_only`."""
 
     def __init__(self, dns_port: int, args: Sequence[str], log_dir: Path) -> None:
         super().__init__(dns_port, args, env={"PYTHONPATH": str(REPO)}, log_dir=log_dir)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer, Zone
+from tests.support.sidecar import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 LIVE_IP = "127.0.0.2"

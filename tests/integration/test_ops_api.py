@@ -21,8 +21,8 @@ from sidecar.judge.names import parse_authority
 from sidecar.ops.server import MAX_COMMENT, OpsServer
 from sidecar.proxy.addon import TombstoneAddon
 from tests.fuzz.processes import CRASH_MARKS, exchange
-from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.procs import free_port
+from tests.support.sidecar import Sidecar, sidecar_command
 
 TOKEN = "ops-api-token-0123456789abcdef"
 ANSWER_WITHIN = 5.0

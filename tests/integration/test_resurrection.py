@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.federation import SigningKey
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.sidecar import Sidecar
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 
 REMOTE_IP = "127.0.0.9"
