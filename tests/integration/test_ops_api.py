@@ -20,9 +20,8 @@ from sidecar.config.options import Settings
 from sidecar.judge.names import parse_authority
 from sidecar.ops.server import MAX_COMMENT, OpsServer
 from sidecar.proxy.addon import TombstoneAddon
-from tests.fuzz.processes import CRASH_MARKS, exchange
 from tests.support.procs import free_port
-from tests.support.sidecar import Sidecar, sidecar_command
+from tests.support.sidecar import CRASH_MARKS, Sidecar, exchange, sidecar_command
 
 TOKEN = "ops-api-token-0123456789abcdef"
 ANSWER_WITHIN = 5.0
