@@ -1,1 +1,4 @@
-"""Unit tests: pure parsers and small pieces, no network, no processes."""
+"""Unit tests: pure parsers and small pieces, no processes (a loopback socket at most).
+
+Laid out like the package: tests/unit/judge/test_names.py tests sidecar/judge/names.py.
+"""
