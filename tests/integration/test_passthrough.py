@@ -1,4 +1,5 @@
-"""The sidecar process, driven through its real sockets as Synapse drives it.
+"""The sidecar process in pass-through mode (the default; see test_intercept.py for the
+other), driven through its real sockets as Synapse drives it.
 
 Each tombstone signal must answer the CONNECT locally with nothing dialled (the dead
 upstream sees zero connections); live names pass through byte for byte with TLS end to
