@@ -8,6 +8,8 @@ this keeps them in tests/support.
 from __future__ import annotations
 
 import ast
+import sys
+from importlib.machinery import PathFinder
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
@@ -61,3 +63,14 @@ def test_the_check_sees_a_crossing(tmp_path: Path) -> None:
         "tests/support/b.py:1 imports tests.integration.conftest",
         "tests/unit/a.py:1 imports tests.e2e.federation",
     ]
+
+
+def test_no_support_module_shadows_an_installed_module() -> None:
+    """mitmdump puts a script's own directory first on sys.path (tests/support/faulty_addon.py
+    runs that way), so a support module named like a package (`sidecar.py`) would replace
+    that package inside the proxy."""
+    support = TESTS / SHARED
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != support]
+    modules = [path for path in sorted(support.glob("*.py")) if path.stem != "__init__"]
+    shadowing = [path.name for path in modules if PathFinder.find_spec(path.stem, elsewhere)]
+    assert shadowing == []

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tests.support.dns_server import DnsServer
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 NAME = "busy.example.test"

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from tests.support.dns_server import DnsServer
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar_process import Sidecar
 
 LINE_BYTES = 40 * 1024 * 1024
 CHUNK = b"a" * 65536

@@ -15,7 +15,7 @@ from tests.deploy.launch import Localizer, Plan, get, running, volume_files
 from tests.deploy.manifests import Container, render, sidecar_containers
 from tests.deploy.tools import WORKLOAD_OVERLAYS
 from tests.support.redis_server import RedisServer
-from tests.support.sidecar import read_head, sidecar_command
+from tests.support.sidecar_process import read_head, sidecar_command
 
 
 @pytest.fixture(scope="module")

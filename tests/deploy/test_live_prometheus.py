@@ -24,7 +24,7 @@ from tests.deploy.promql import (
 from tests.deploy.rules import write_promtool_files
 from tests.support.dns_server import DnsServer
 from tests.support.procs import wait_until
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar_process import Sidecar
 
 JOB = "tombstone-sidecar"
 ROUNDS = (0, 1)

@@ -56,7 +56,7 @@ from tests.e2e.netns import (
 from tests.e2e.packets import SynCounter
 from tests.e2e.synapse import Account, Synapse, find_venv
 from tests.support.dns_server import DnsServer, Zone
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar_process import Sidecar
 from tests.support.signing import KEY_ID
 from tests.support.tls_upstream import Blackhole, TestCA, Upstream
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from tests.fuzz.loopback_only import GUARD_MARK
 from tests.support.procs import ManagedProcess
-from tests.support.sidecar import CRASH_MARKS, Sidecar, sidecar_command
+from tests.support.sidecar_process import CRASH_MARKS, Sidecar, sidecar_command
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 class GuardedSidecar(Sidecar):
-    """`tests.support.sidecar.Sidecar`, run through `tests.fuzz.loopback_only`."""
+    """`tests.support.sidecar_process.Sidecar`, run through `tests.fuzz.loopback_only`."""
 
     def __init__(self, dns_port: int, args: Sequence[str], log_dir: Path) -> None:
         super().__init__(dns_port, args, env={"PYTHONPATH": str(REPO)}, log_dir=log_dir)

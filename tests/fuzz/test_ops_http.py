@@ -27,7 +27,7 @@ from tests.fuzz.processes import GuardedSidecar
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import hostish, json_documents
 from tests.support.dns_server import DnsServer
-from tests.support.sidecar import exchange
+from tests.support.sidecar_process import exchange
 
 TOKEN = "fuzz-token-0123456789abcdef"
 ANSWER_WITHIN = 5.0  # seconds; the server has the whole request and end of input by then

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.dns_server import DnsServer, Zone
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 LIVE_IP = "127.0.0.2"

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.support.dns_server import Zone
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar_process import Sidecar
 
 
 class Canary:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from tests.integration.conftest import DEAD_IP, LIVE_IP
 from tests.support.dns_server import Zone
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import Upstream
 
 

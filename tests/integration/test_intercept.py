@@ -16,7 +16,7 @@ from sidecar.proxy import xmatrix
 from tests.integration.conftest import LIVE_IP
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
-from tests.support.sidecar import Sidecar, read_head, sidecar_command
+from tests.support.sidecar_process import Sidecar, read_head, sidecar_command
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 
 SHARED_IP = "127.0.0.8"

@@ -21,7 +21,7 @@ from sidecar.judge.names import parse_authority
 from sidecar.ops.server import MAX_COMMENT, OpsServer
 from sidecar.proxy.addon import TombstoneAddon
 from tests.support.procs import free_port
-from tests.support.sidecar import CRASH_MARKS, Sidecar, exchange, sidecar_command
+from tests.support.sidecar_process import CRASH_MARKS, Sidecar, exchange, sidecar_command
 
 TOKEN = "ops-api-token-0123456789abcdef"
 ANSWER_WITHIN = 5.0

@@ -22,7 +22,7 @@ import pytest
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
-from tests.support.sidecar import Sidecar
+from tests.support.sidecar_process import Sidecar
 from tests.support.signing import SigningKey
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 

@@ -29,7 +29,7 @@ from tests.integration.conftest import BASE_ARGS, DEAD_IP, LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
-from tests.support.sidecar import Sidecar, sidecar_command
+from tests.support.sidecar_process import Sidecar, sidecar_command
 from tests.support.tls_upstream import TestCA, Upstream
 
 TOKEN = "0123456789abcdef0123456789abcdef"
