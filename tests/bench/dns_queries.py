@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 NAME = "busy.example.test"

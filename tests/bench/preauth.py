@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer
+from tests.support.sidecar_process import Sidecar
 
 LINE_BYTES = 40 * 1024 * 1024
 CHUNK = b"a" * 65536

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from tests.integration.harness import sidecar_command
 from tests.support.procs import ManagedProcess, free_port, wait_for_port, wait_until
+from tests.support.sidecar_process import sidecar_command
 
 LISTEN_FLAGS = ("--listen", "--ops-listen")
 LISTEN_KEYS = ("listen", "ops_listen", "ops-listen")

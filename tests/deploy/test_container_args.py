@@ -14,8 +14,8 @@ import pytest
 from tests.deploy.launch import Localizer, Plan, get, running, volume_files
 from tests.deploy.manifests import Container, render, sidecar_containers
 from tests.deploy.tools import WORKLOAD_OVERLAYS
-from tests.integration.harness import read_head, sidecar_command
 from tests.support.redis_server import RedisServer
+from tests.support.sidecar_process import read_head, sidecar_command
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from tests.deploy.promql import (
     panels,
 )
 from tests.deploy.rules import write_promtool_files
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer
 from tests.support.procs import wait_until
+from tests.support.sidecar_process import Sidecar
 
 JOB = "tombstone-sidecar"
 ROUNDS = (0, 1)

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.harness import Sidecar
+from tests.support.sidecar_process import Sidecar
 
 quote = urllib.parse.quote
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from tests.e2e.federation import FakeHomeserver
 from tests.e2e.synapse import Account, Synapse
 from tests.e2e.world import FEDERATION, World
-from tests.integration.harness import Sidecar
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import Request, Response, Upstream
 
 FLIP_IP = "127.0.3.1"

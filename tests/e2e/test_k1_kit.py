@@ -19,8 +19,8 @@ from tests.e2e.actions import join, profile, suppressed
 from tests.e2e.actions import verdict as verdict_of
 from tests.e2e.intercept import Behind, start_behind
 from tests.e2e.world import World
-from tests.integration.harness import sidecar_command
 from tests.support.procs import wait_until
+from tests.support.sidecar_process import sidecar_command
 from tests.support.web_servers import Nginx
 
 KIT_NAME = "kit.test"

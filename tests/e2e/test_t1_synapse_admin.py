@@ -31,8 +31,8 @@ import pytest
 
 from tests.e2e.actions import join, send_text
 from tests.e2e.world import LIVE_IP, World
-from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.procs import wait_until
+from tests.support.sidecar_process import Sidecar, sidecar_command
 
 BACK = "resumed.test"  # tombstoned, then back: only this test names it
 TIED = "member-txt.test"  # a dead server with a member in rooms Synapse joins

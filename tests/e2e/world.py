@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.federation import KEY_ID, FakeHomeserver
+from tests.e2e.federation import FakeHomeserver
 from tests.e2e.netns import (
     NamespaceError,
     bring_up_loopback,
@@ -55,8 +55,9 @@ from tests.e2e.netns import (
 )
 from tests.e2e.packets import SynCounter
 from tests.e2e.synapse import Account, Synapse, find_venv
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer, Zone
+from tests.support.sidecar_process import Sidecar
+from tests.support.signing import KEY_ID
 from tests.support.tls_upstream import Blackhole, TestCA, Upstream
 
 ROOT = Path(__file__).resolve().parents[2]

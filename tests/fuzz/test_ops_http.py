@@ -23,10 +23,11 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.ops.server import MAX_BODY_BYTES, REASONS
-from tests.fuzz.processes import GuardedSidecar, exchange
+from tests.fuzz.processes import GuardedSidecar
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import hostish, json_documents
 from tests.support.dns_server import DnsServer
+from tests.support.sidecar_process import exchange
 
 TOKEN = "fuzz-token-0123456789abcdef"
 ANSWER_WITHIN = 5.0  # seconds; the server has the whole request and end of input by then

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer, Zone
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 LIVE_IP = "127.0.0.2"
 DEAD_IP = "127.0.0.3"
 # --refusal status: these tests read the sidecar's answer (status, headers, JSON body);
-# the default, close, is tested on its own in test_proxy.py.
+# the default, close, is tested on its own in test_passthrough.py.
 # --no-probe: a probe would send its own requests to the test upstreams and muddle their
 # counts; probing has its own tests in test_probe.py.
 BASE_ARGS = ("--allow-address", "127.0.0.0/8", "--refusal", "status", "--no-probe")

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import Zone
+from tests.support.sidecar_process import Sidecar
 
 
 class Canary:

@@ -20,9 +20,9 @@ import httpx
 import pytest
 
 from tests.integration.conftest import BASE_ARGS, LIVE_IP
-from tests.integration.harness import Sidecar, read_head
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import ManagedProcess, closed_within, wait_until
+from tests.support.sidecar_process import Sidecar, read_head
 from tests.support.tls_upstream import TestCA, Upstream
 
 USER, PASSWORD = "synapse", "s3cret-pass"

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import DEAD_IP, LIVE_IP
-from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import ManagedProcess, free_port
+from tests.support.sidecar_process import Sidecar, sidecar_command
 from tests.support.tls_upstream import Upstream
 
 REPO = Path(__file__).resolve().parents[2]

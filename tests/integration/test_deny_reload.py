@@ -18,9 +18,9 @@ import pytest
 
 from sidecar.judge.policy import DELIST_RECHECKS_PER_SECOND
 from tests.integration.conftest import LIVE_IP
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import wait_until
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 BULK = 300_000

@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.integration.conftest import LIVE_IP
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 MOVED_IP = "127.0.0.4"

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 
 from tests.integration.conftest import DEAD_IP, LIVE_IP
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import Zone
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import Upstream
 
 

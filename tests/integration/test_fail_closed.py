@@ -22,9 +22,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.conftest import LIVE_IP
-from tests.integration.harness import read_head
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import ManagedProcess, free_port
+from tests.support.sidecar_process import read_head
 from tests.support.tls_upstream import TestCA, Upstream
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.integration.conftest import DEAD_IP, LIVE_IP
-from tests.integration.harness import Sidecar, read_head
 from tests.integration.test_intercept import Tunnel
 from tests.support.dns_server import Zone
+from tests.support.sidecar_process import Sidecar, read_head
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 
 INVITE = "/_matrix/federation/v2/invite/!room:hs.example/$event"

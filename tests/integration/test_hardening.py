@@ -25,10 +25,10 @@ from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.integration.conftest import LIVE_IP
-from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.policy import policy_over
 from tests.support.procs import free_port, port_open, wait_until
+from tests.support.sidecar_process import Sidecar, read_head, sidecar_command
 from tests.support.tls_upstream import Blackhole, RefusingPort, TestCA, Upstream
 
 HOLE_IP = "127.0.0.4"

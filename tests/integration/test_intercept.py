@@ -14,9 +14,9 @@ import pytest
 
 from sidecar.proxy import xmatrix
 from tests.integration.conftest import LIVE_IP
-from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
+from tests.support.sidecar_process import Sidecar, read_head, sidecar_command
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 
 SHARED_IP = "127.0.0.8"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Sidecar, read_head, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import free_port, wait_until
+from tests.support.sidecar_process import Sidecar, read_head, sidecar_command
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 from tests.support.web_servers import FALLBACK_BODY, Caddy, Nginx
 

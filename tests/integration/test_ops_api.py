@@ -20,9 +20,8 @@ from sidecar.app import Sidecar as RunningSidecar
 from sidecar.config.options import Settings
 from sidecar.judge.names import parse_authority
 from sidecar.ops.server import MAX_COMMENT, OpsServer
-from tests.fuzz.processes import CRASH_MARKS, exchange
-from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.procs import free_port
+from tests.support.sidecar_process import CRASH_MARKS, Sidecar, exchange, sidecar_command
 
 TOKEN = "ops-api-token-0123456789abcdef"
 ANSWER_WITHIN = 5.0

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import DEAD_IP, LIVE_IP
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 
 PROBE_IP = "127.0.0.6"

@@ -2,7 +2,7 @@
 
 A real sidecar (pass-through, probing on, trusting the test CA) and a fake remote
 homeserver on a real TLS port that serves a self-signed `/_matrix/key/v2/server` with
-real ed25519 keys (tests.e2e.federation.SigningKey) and can re-key. The life of a name:
+real ed25519 keys (tests.support.signing.SigningKey) and can re-key. The life of a name:
 alive (its keys are recorded next to the first probe), tombstoned in DNS (suppressed),
 re-keyed or not, tombstone removed, lifted — and then alerted on, held, released.
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.federation import SigningKey
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.sidecar_process import Sidecar
+from tests.support.signing import SigningKey
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 
 REMOTE_IP = "127.0.0.9"

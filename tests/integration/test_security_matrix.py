@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import pytest
 
 from tests.integration.conftest import DEAD_IP, LIVE_IP
-from tests.integration.harness import Sidecar, read_head
 from tests.support.dns_server import DnsServer, Zone
+from tests.support.sidecar_process import Sidecar, read_head
 from tests.support.tls_upstream import TestCA, Upstream
 
 CANARY_IP = "127.0.0.9"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer
 from tests.support.procs import ManagedProcess
+from tests.support.sidecar_process import Sidecar
 
 CONNECTIONS = 60  # each a new TCP connection, so the kernel picks a listener every time
 

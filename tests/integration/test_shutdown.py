@@ -6,8 +6,8 @@ import signal
 from collections.abc import Callable
 
 from tests.integration.conftest import LIVE_IP
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import Zone
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 

@@ -26,10 +26,10 @@ from sidecar.metrics import Metrics
 from sidecar.store.redis import CHANNEL, KEY_PREFIX, RedisStore
 from sidecar.store.sqlite import SCHEMA
 from tests.integration.conftest import BASE_ARGS, DEAD_IP, LIVE_IP
-from tests.integration.harness import Sidecar, sidecar_command
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import wait_until
 from tests.support.redis_server import RedisServer
+from tests.support.sidecar_process import Sidecar, sidecar_command
 from tests.support.tls_upstream import TestCA, Upstream
 
 TOKEN = "0123456789abcdef0123456789abcdef"

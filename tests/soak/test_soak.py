@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import DnsServer
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import RefusingPort, TestCA, Upstream
 
 SOAK_SECONDS = float(os.environ.get("SOAK_SECONDS", "60"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
@@ -21,22 +20,9 @@ from sidecar.judge.verdicts import (
     load_json,
     to_record,
 )
-from sidecar.store.base import RateLimitedWarning
+from tests.unit.clock import FakeClock
 
 GRACE = 100.0
-
-
-class FakeClock:
-    """A settable time source for the cache; `advance` moves time forward."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def verdict(
@@ -377,16 +363,3 @@ def test_load_json_refuses_without_raising_anything_but_value_error(
 def test_decode_record_reads_what_the_stores_write() -> None:
     verdict = from_record(good_record())
     assert decode_record(json.dumps(to_record(verdict)).encode()) == verdict
-
-
-def test_rate_limited_warning_logs_once_per_interval_with_the_count(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    clock = FakeClock(0.0)
-    warning = RateLimitedWarning(60.0, clock)
-    with caplog.at_level(logging.WARNING, logger="sidecar.store"):
-        assert warning.warn("%d bad (%s)", "first")
-        assert not any(warning.warn("%d bad (%s)", "more") for _ in range(5))
-        clock.advance(60.0)
-        assert warning.warn("%d bad (%s)", "later")
-    assert [r.getMessage() for r in caplog.records] == ["1 bad (first)", "6 bad (later)"]

@@ -1,4 +1,5 @@
-"""The sidecar process, driven through its real sockets as Synapse drives it.
+"""The sidecar process in pass-through mode (the default; see test_intercept.py for the
+other), driven through its real sockets as Synapse drives it.
 
 Each tombstone signal must answer the CONNECT locally with nothing dialled (the dead
 upstream sees zero connections); live names pass through byte for byte with TLS end to
@@ -16,9 +17,9 @@ import httpx
 import pytest
 
 from tests.integration.conftest import DEAD_IP, LIVE_IP
-from tests.integration.harness import Sidecar
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
+from tests.support.sidecar_process import Sidecar
 from tests.support.tls_upstream import TestCA, Upstream
 
 GONE_SIGNALS = [

@@ -1,4 +1,5 @@
-"""Drive a real `tombstone-sidecar run` process: start it, talk through it, read its metrics."""
+"""Drive a real `tombstone-sidecar run` process: start it, talk through it (or to its ports
+byte by byte), read its metrics, and spot a crash in its log."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import socket
 import ssl
 import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -17,6 +19,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import ManagedProcess, free_port, wait_for_port, wait_until
+
+# What a crash inside the sidecar leaves in its log: a hook that raised (mitmproxy logs
+# "Addon error"), an ops handler that raised ("Unhandled error in task"), any traceback.
+CRASH_MARKS = ("Traceback (most recent call last)", "Addon error", "Unhandled error")
 
 
 def sidecar_command() -> list[str]:
@@ -208,3 +214,44 @@ class Sidecar:
                     break
                 rest += chunk
         return status, headers, rest
+
+
+def exchange(
+    port: int,
+    data: bytes,
+    *,
+    half_close: bool,
+    timeout: float,
+) -> tuple[bytes, bool, float]:
+    """Send `data` on a fresh loopback connection and read until the peer closes.
+
+    Returns (everything received, whether the peer closed or reset, seconds taken). With
+    `half_close` our write side is shut right after sending: the peer sees end of input.
+    Stops reading at `timeout` (then `closed` is False: the peer hung).
+    """
+    started = time.monotonic()
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
+        except OSError:  # the peer may close before taking everything: that is an answer
+            pass
+        deadline = started + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return received, False, time.monotonic() - started
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                return received, False, time.monotonic() - started
+            except OSError:  # reset by peer
+                return received, True, time.monotonic() - started
+            if not chunk:
+                return received, True, time.monotonic() - started
+            received += chunk
+            if len(received) > 1 << 20:
+                raise AssertionError(f"more than 1 MiB in answer to {data[:200]!r}")

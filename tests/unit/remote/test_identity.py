@@ -14,7 +14,7 @@ from sidecar.remote.identity import (
     Resurrection,
     parse_key_document,
 )
-from tests.e2e.federation import SigningKey
+from tests.support.signing import SigningKey
 
 NAME = "old.example.org"
 
