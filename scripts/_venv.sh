@@ -33,7 +33,7 @@ ensure_venv() {  # ensure_venv [extras]   e.g. ensure_venv "test,lint"
 # Synapse's bcrypt 5 breaks the passlib that mitmproxy imports, so they never share one.
 # Built once (pip install takes a while); exported as TOMBSTONE_SYNAPSE_VENV for the tests.
 SYNAPSE_VENV=${TOMBSTONE_SYNAPSE_VENV:-.venv-synapse}
-SYNAPSE_REQUIREMENT=${SYNAPSE_REQUIREMENT:-matrix-synapse==1.163.2}  # the version DESIGN.md §2 observed
+SYNAPSE_REQUIREMENT=${SYNAPSE_REQUIREMENT:-matrix-synapse==1.163.2}  # the version docs/design.md §2 observed
 
 ensure_synapse_venv() {
   if ! "$SYNAPSE_VENV/bin/python" -c 'import synapse' 2>/dev/null; then

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md §7): one registry per sidecar, names are contracts.
+"""Prometheus metrics (docs/design.md §7): one registry per sidecar, names are contracts.
 
 Each sidecar owns its registry (not the process-global one) so that tests and a reloaded
 mitmdump script never collide. Label values are small fixed sets; nothing per destination.

@@ -1,6 +1,6 @@
 """How to answer a federation request to a gone server, by what the request is for.
 
-Synapse reacts to the answer (DESIGN.md §2): a 5xx on a request it can send to other
+Synapse reacts to the answer (docs/design.md §2): a 5xx on a request it can send to other
 servers makes it try the next one and back off; a 4xx with a Matrix error reaches the
 user who asked, with our text; a 410 on `/send` makes it back off at once instead of
 retrying the transaction for minutes. The table is data: `--answer CLASS=STATUS` changes

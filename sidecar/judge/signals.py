@@ -25,7 +25,7 @@ SRV_PREFIXES = ("_matrix-fed._tcp", "_matrix._tcp")  # current first, then the l
 
 
 class Signal(StrEnum):
-    """Stable signal codes (DESIGN.md §3): used in metrics, logs, headers and the API."""
+    """Stable signal codes (docs/design.md §3): used in metrics, logs, headers and the API."""
 
     OPERATOR = "operator"
     DNS_TXT_GONE = "dns_txt_gone"

@@ -3,7 +3,7 @@
 The cache is a cachetools `TLRUCache`: bounded in size (least recently used goes first) and
 each entry dropped at its own deadline. That deadline is the verdict's expiry plus a stale
 grace: an expired verdict is still served while a re-check runs in the background
-(stale-while-revalidate, DESIGN.md §6), so a gone server is never re-contacted in the gap
+(stale-while-revalidate, docs/design.md §6), so a gone server is never re-contacted in the gap
 and live traffic never waits for DNS on a refresh.
 """
 
@@ -41,7 +41,7 @@ SUPPRESSING = frozenset({State.GONE, State.UNREACHABLE})
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """One destination's verdict (DESIGN.md §3): gone or alive, why, and until when.
+    """One destination's verdict (docs/design.md §3): gone or alive, why, and until when.
 
     No addresses: those live by their own A/AAAA TTL in sidecar.dns.address_book, so a stored
     or shared verdict can never make the sidecar dial an address from another time.

@@ -62,7 +62,7 @@ Reply = tuple[int, dict[str, str], bytes]
 
 
 def verdict_json(entry: Entry) -> dict[str, Any]:
-    """The API form of a verdict (DESIGN.md §3)."""
+    """The API form of a verdict (docs/design.md §3)."""
     record = to_record(entry.verdict)
     record["suppressed_count"] = entry.suppressed_count
     return record

@@ -1,4 +1,4 @@
-"""The answers the sidecar gives instead of forwarding (DESIGN.md §7).
+"""The answers the sidecar gives instead of forwarding (docs/design.md §7).
 
 Every local answer carries a Matrix-style JSON error body, `Connection: close` (a CONNECT
 answer left open would keep the client's socket waiting), and for a tombstone the header

@@ -1,6 +1,6 @@
 """Which upstream addresses the sidecar may connect to.
 
-Synapse does not apply its `ip_range_blacklist` to proxied connections (DESIGN.md §2), so
+Synapse does not apply its `ip_range_blacklist` to proxied connections (docs/design.md §2), so
 the proxy must: a remote server name that resolves to loopback or a private network would
 otherwise let any remote make the homeserver talk to the pod's own network.
 """

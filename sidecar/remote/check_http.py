@@ -28,7 +28,7 @@ from sidecar.remote.probe import VERSION_PATH, WELL_KNOWN_PATH, Prober, ProbeRes
 
 FEDERATION_PORT = 8448  # the spec's default when nothing delegates
 WELL_KNOWN_PORT = 443
-SYNAPSE_WELL_KNOWN_FAILURE_CACHE = 3600  # DESIGN.md §2: Synapse caches a failed well-known 1 h
+SYNAPSE_WELL_KNOWN_FAILURE_CACHE = 3600  # docs/design.md §2: Synapse caches a failed well-known 1 h
 
 
 @dataclass(frozen=True)

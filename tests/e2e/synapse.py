@@ -7,7 +7,7 @@ sidecar); `federation_custom_ca_list` makes the world's test CA the only one Syn
 trusts for federation. SQLite, one listener (client + federation) on loopback.
 
 Why its own virtualenv: Synapse pins bcrypt 5, which breaks the passlib that mitmproxy 11
-imports at start (DESIGN.md §2), so the two never share an environment.
+imports at start (docs/design.md §2), so the two never share an environment.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ def test_actions_on_a_tombstoned_server_are_answered_locally(
         record(f"s1 {tombstone.signal}", str(outcome))
     assert world.new_dead_connections(dead_before) == {}
     for outcome in outcomes:
-        # Synapse's generic answer to a failed connection (DESIGN.md §2).
+        # Synapse's generic answer to a failed connection (docs/design.md §2).
         assert outcome.status == 502, outcome
     profile_out, join_out, invite_out = outcomes
     assert profile_out.seconds < FAST, profile_out

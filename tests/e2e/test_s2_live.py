@@ -5,7 +5,7 @@ fed.srv.test:8449) and a well-known-delegated name (wk.test -> fed.wk.test:8451)
 join is a real room-version-10 join: Synapse verifies the remote's signatures, content
 hashes and event IDs of every state event, so any change to the bytes in the tunnel
 would fail it. The remote sees exactly the connection Synapse would make without a proxy
-(port, TLS SNI, Host), per DESIGN.md §2's table.
+(port, TLS SNI, Host), per docs/design.md §2's table.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 While a client keeps asking Synapse for a live user's profile (profile queries ignore
 Synapse's backoff, so they show the proxy's availability directly), the sidecar is killed
 with SIGKILL and started again on the same ports with the same state directory. Requests
-during the gap fail (Synapse does not go direct when its proxy is down, DESIGN.md §2);
+during the gap fail (Synapse does not go direct when its proxy is down, docs/design.md §2);
 afterwards they succeed again, the stored verdicts were loaded, and the dead servers still
 receive nothing.
 """
