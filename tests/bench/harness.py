@@ -411,7 +411,7 @@ class Bench:
         return proxy
 
     def mitmdump_with_addon(self) -> Proxy:
-        """Stock mitmdump running the sidecar's addon (`-s addons/tombstone.py`, DESIGN §7).
+        """Stock mitmdump running the sidecar's addon (`-s addons/tombstone.py`, docs/design.md §7).
 
         Same mitmproxy configuration as the mitmdump baselines, so comparing the two
         isolates the addon's own cost from how `tombstone-sidecar run` sets mitmproxy up.
