@@ -35,7 +35,14 @@ from mitmproxy.utils import human
 from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
-from sidecar.config.options import ADDON_OPTIONS, ConfigError, Option, Settings
+from sidecar.config.options import (
+    ADDON_OPTIONS,
+    MITMPROXY,
+    ConfigError,
+    Option,
+    RawOptions,
+    Settings,
+)
 from sidecar.dns.address_book import AddressSet
 from sidecar.dns.client import DnsClient
 from sidecar.judge import gone_http, request_classes
@@ -152,9 +159,9 @@ class TombstoneAddon:
             return
         raw = {o.name: getattr(ctx.options, o.mitm) for o in ADDON_OPTIONS}
         try:
-            settings = Settings.from_raw(raw)
+            settings = Settings.from_raw(RawOptions(raw, fallback=MITMPROXY))
         except ConfigError as e:
-            raise exceptions.OptionsError(e.for_mitmproxy()) from None
+            raise exceptions.OptionsError(str(e)) from None
         self.apply(settings)
 
     def apply(self, settings: Settings) -> None:
