@@ -1,6 +1,6 @@
 """mitmdump script for the fail-closed tests: the real addon with one decision raising.
 
-`TOMBSTONE_TEST_FAULT` names the decision inside a hook (`_connect`, `_clienthello`,
+`SIDECAR_TEST_FAULT` names the decision inside a hook (`_connect`, `_clienthello`,
 `_request`, `_server_connect`, `_next_layer`); it raises as any bug there would, and the
 hook around it must refuse. Nothing else of the addon is changed.
 """
@@ -14,7 +14,7 @@ from typing import Any
 from sidecar.proxy.addon import TombstoneAddon
 from sidecar.proxy.admission import Admission
 
-FAULT = os.environ["TOMBSTONE_TEST_FAULT"]
+FAULT = os.environ["SIDECAR_TEST_FAULT"]
 
 
 class InjectedFault(RuntimeError):
