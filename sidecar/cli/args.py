@@ -28,9 +28,11 @@ def sources_note(example: str) -> str:
     """The epilog paragraph on where else options come from; `example` is an env setting
     of one of the subcommand's own options (`TOMBSTONE_MIN_TTL=10m`)."""
     return f"""\
-every option above can also come from the environment ({example}, lists comma-
-separated) or a YAML file (--config; keys as in `min_ttl: 10m`); precedence is flag > env >
-file > default. A {ENV_PREFIX}* variable or a key that names no option is an error.
+every configuration option can also come from the environment as {ENV_PREFIX}<OPTION>
+(lists comma-separated) or from a YAML file (--config; keys as in `min_ttl: 10m`);
+precedence is flag > env > file > default. A {ENV_PREFIX}* variable or a file key that
+names no option is an error. For example:
+  {example}
 """
 
 

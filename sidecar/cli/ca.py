@@ -11,7 +11,7 @@ from sidecar.config.options import RawOptions, Settings
 
 NAME = "ca"
 EPILOG = f"""\
-{sources_note("TOMBSTONE_STATE_DIR=/var/lib/tombstone-sidecar")}
+{sources_note("TOMBSTONE_STATE_DIR=/var/lib/tombstone-sidecar tombstone-sidecar ca")}
 examples:
   tombstone-sidecar ca --export /etc/matrix/tombstone-ca.pem
   tombstone-sidecar ca --bundle /etc/matrix/federation-ca-bundle.pem
@@ -22,10 +22,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(
         NAME,
         help="create (once) and export the intercept-mode CA",
-        description="The CA intercept mode signs its certificates with lives in "
-        "<state-dir>/ca and is made on first use. Export it for the homeserver: "
-        "federation_custom_ca_list (it replaces the system store for federation, so give it "
-        "the --bundle) or SSL_CERT_FILE.",
+        description="The CA intercept mode signs its certificates with lives in <state-dir>/ca\n"
+        "and is made on first use. Export it for the homeserver: federation_custom_ca_list\n"
+        "(it replaces the system store for federation, so give it the --bundle) or\n"
+        "SSL_CERT_FILE.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

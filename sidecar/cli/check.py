@@ -44,7 +44,7 @@ each 410 is judged with the sidecar's own rule and lifetime (--gone-ttl, --min-g
 --max-gone-ttl), certificates verified (system store plus --upstream-ca), only to
 addresses --allow-address permits.
 
-{sources_note("TOMBSTONE_NAMESERVER=1.1.1.1")}
+{sources_note("TOMBSTONE_NAMESERVER=1.1.1.1 tombstone-sidecar check example.org")}
 examples:
   tombstone-sidecar check example.org
   tombstone-sidecar check example.org --nameserver 1.1.1.1 --json
@@ -56,7 +56,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(
         NAME,
         help="show every tombstone signal for one server name",
-        description="Run every DNS tombstone signal for one server name live and print the "
+        description="Run every DNS tombstone signal for one server name live and print the\n"
         "evidence and the verdict, judged exactly as the sidecar would.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

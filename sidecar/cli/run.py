@@ -26,7 +26,9 @@ log = logging.getLogger("sidecar")
 
 NAME = "run"
 STREAM_BODIES_OVER = "1m"  # intercept mode: larger bodies stream through, never buffered
-SOURCES = sources_note("TOMBSTONE_MIN_TTL=10m")
+SOURCES = sources_note(
+    "TOMBSTONE_MIN_TTL=10m TOMBSTONE_DENY=a.example,b.example tombstone-sidecar run"
+)
 
 DESCRIPTION = """\
 An egress proxy for a Matrix homeserver. Point the homeserver's HTTPS_PROXY at it; it

@@ -39,7 +39,8 @@ EXITS = (
 EPILOG = f"""\
 {EXITS}
 
-{sources_note("TOMBSTONE_OPS_LISTEN=127.0.0.1:9480")}
+options: see `verdicts ACTION --help`.
+{sources_note("TOMBSTONE_OPS_LISTEN=127.0.0.1:9480 tombstone-sidecar verdicts list")}
 examples:
   tombstone-sidecar verdicts list --state gone
   tombstone-sidecar verdicts show old.example.org
@@ -53,7 +54,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     verdicts: argparse.ArgumentParser = commands.add_parser(
         NAME,
         help="list, show, forget or mark verdicts of a running sidecar",
-        description="Talk to a running sidecar's ops API (--ops-listen). Changes (forget, "
+        description="Talk to a running sidecar's ops API (--ops-listen). Changes (forget,\n"
         "deny) need the token from --ops-token-file.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
