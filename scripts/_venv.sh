@@ -31,8 +31,8 @@ ensure_venv() {  # ensure_venv [extras]   e.g. ensure_venv "test,lint"
 
 # Synapse for the e2e tests (tests/e2e) and scripts/world, in a virtualenv of its own:
 # Synapse's bcrypt 5 breaks the passlib that mitmproxy imports, so they never share one.
-# Built once (pip install takes a while); exported as TOMBSTONE_SYNAPSE_VENV for the tests.
-SYNAPSE_VENV=${TOMBSTONE_SYNAPSE_VENV:-.venv-synapse}
+# Built once (pip install takes a while); exported as SIDECAR_TEST_SYNAPSE_VENV for the tests.
+SYNAPSE_VENV=${SIDECAR_TEST_SYNAPSE_VENV:-.venv-synapse}
 SYNAPSE_REQUIREMENT=${SYNAPSE_REQUIREMENT:-matrix-synapse==1.163.2}  # the version docs/design.md §2 observed
 
 ensure_synapse_venv() {
@@ -42,6 +42,6 @@ ensure_synapse_venv() {
     "$SYNAPSE_VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
     "$SYNAPSE_VENV/bin/python" -m pip install -q "$SYNAPSE_REQUIREMENT"
   fi
-  TOMBSTONE_SYNAPSE_VENV=$(cd "$SYNAPSE_VENV" && pwd)
-  export TOMBSTONE_SYNAPSE_VENV
+  SIDECAR_TEST_SYNAPSE_VENV=$(cd "$SYNAPSE_VENV" && pwd)
+  export SIDECAR_TEST_SYNAPSE_VENV
 }

@@ -7,11 +7,14 @@ tombstone is published, and to see why a destination is suppressed.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
-import sys
 from typing import Any
 
-from sidecar.config.options import Settings
+from sidecar.cli import exits
+from sidecar.cli.args import add_options, fail, sources_note
+from sidecar.config.options import RawOptions, Settings
 from sidecar.dns.address_book import AddressBook
 from sidecar.dns.client import DnsClient
 from sidecar.dns.questions import DnsQuestions, evaluate
@@ -27,22 +30,69 @@ from sidecar.remote.check_http import HttpReport
 from sidecar.remote.probe import Prober, ProbeSettings
 from sidecar.store.base import VerdictStore
 
-EXIT_BY_STATE = {State.ALIVE: 0, State.GONE: 1, State.UNREACHABLE: 1, State.UNDECIDED: 3}
+NAME = "check"
+EXIT_BY_STATE = {
+    State.ALIVE: exits.OK,
+    State.GONE: exits.GONE,
+    State.UNREACHABLE: exits.GONE,
+    State.UNDECIDED: exits.NO_ANSWER,
+}
+EPILOG = f"""\
+exit status: {exits.OK} alive, {exits.GONE} gone, {exits.USAGE} usage error, \
+{exits.NO_ANSWER} DNS could not answer (no verdict).
+
+--probe adds the HTTP side, fetched as a remote homeserver would: the well-known (410 is a
+tombstone, m.server delegates), SRV, then /_matrix/federation/v1/version on the target;
+each 410 is judged with the sidecar's own rule and lifetime (--gone-ttl, --min-gone-ttl,
+--max-gone-ttl), certificates verified (system store plus --upstream-ca), only to
+addresses --allow-address permits.
+
+{sources_note("TOMBSTONE_NAMESERVER=1.1.1.1 tombstone-sidecar check example.org")}
+examples:
+  tombstone-sidecar check example.org
+  tombstone-sidecar check example.org --nameserver 1.1.1.1 --json
+  tombstone-sidecar check example.org --probe      # after publishing your own tombstone
+"""
 
 
-async def run_check(raw_name: str, settings: Settings, as_json: bool = False,
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    parser: argparse.ArgumentParser = commands.add_parser(
+        NAME,
+        help="show every tombstone signal for one server name",
+        description="Run every DNS tombstone signal for one server name live and print the\n"
+        "evidence and the verdict, judged exactly as the sidecar would.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "name", metavar="NAME", help="server name, e.g. example.org or example.org:8448"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="also fetch the well-known and federation version over HTTPS and judge any "
+        "410 Gone (see below)",
+    )
+    add_options(parser, NAME)
+    return parser
+
+
+def main(args: argparse.Namespace, settings: Settings, raw: RawOptions) -> int:
+    return asyncio.run(run_check(args.name, settings, raw, as_json=args.json, probe=args.probe))
+
+
+async def run_check(raw_name: str, settings: Settings, raw: RawOptions, as_json: bool = False,
                     probe: bool = False) -> int:  # fmt: skip
     try:
         name = parse_authority(raw_name).host
     except InvalidName as e:
-        print(f"tombstone-sidecar: error: NAME: {e}", file=sys.stderr)
-        return 2
+        return fail(f"NAME: {e}")
     try:
         dns = DnsClient(settings.nameservers, settings.dns_timeout, Metrics(),
                         settings.require_dnssec)  # fmt: skip
     except ValueError as e:
-        print(f"tombstone-sidecar: error: --nameserver: {e}", file=sys.stderr)
-        return 2
+        return fail(f"{raw.label('nameserver')}: {e}")
     metrics = Metrics()
     policy = Policy(
         DnsQuestions(dns),

@@ -11,10 +11,13 @@ import argparse
 import json
 import sys
 
-from sidecar.config.options import parse_duration
+from sidecar.cli import exits
+from sidecar.cli.args import fail
+from sidecar.config.options import RawOptions, Settings
+from sidecar.config.values import parse_duration
 from sidecar.kit import tombstone as kit
 
-EXIT_OK, EXIT_USAGE = 0, 2
+NAME = "tombstone"
 
 DESCRIPTION = """\
 Print everything a homeserver that is shutting down should publish so that other servers
@@ -41,10 +44,11 @@ examples:
 """
 
 
-def add_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    """Add `tombstone` below the top-level subcommands; returns its parser."""
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Add `tombstone` below the top-level subcommands; returns its parser. It reads no
+    option from the table (nor the environment): only its own arguments."""
     parser: argparse.ArgumentParser = commands.add_parser(
-        "tombstone",
+        NAME,
         help="print the DNS records and nginx/Caddy 410 snippets that retire a server",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -85,7 +89,7 @@ def add_command(commands: argparse._SubParsersAction) -> argparse.ArgumentParser
     return parser
 
 
-def run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, settings: Settings, raw: RawOptions) -> int:
     try:
         max_age = _duration("--max-age", args.max_age)
         dns_ttl = _duration("--dns-ttl", args.dns_ttl)
@@ -93,8 +97,7 @@ def run(args: argparse.Namespace) -> int:
                              successor=args.successor, max_age=max_age, dns_ttl=dns_ttl,
                              srv=args.srv, federation_hosts=args.federation_host)  # fmt: skip
     except kit.KitError as e:
-        print(f"tombstone-sidecar: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return fail(str(e))
     for note in tombstone.notes:
         print(f"tombstone-sidecar: note: {note}", file=sys.stderr)
     if args.format == "json":
@@ -105,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(kit.RENDER[args.only](tombstone))
     else:
         sys.stdout.write(kit.render_text(tombstone))
-    return EXIT_OK
+    return exits.OK
 
 
 def _duration(option: str, text: str) -> float:

@@ -14,12 +14,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from typing import Any
 
-from sidecar.config.options import Settings
+from sidecar.cli import exits
+from sidecar.cli.args import add_options, fail, sources_note
+from sidecar.config.options import RawOptions, Settings
 
-EXIT_OK, EXIT_NOT_FOUND, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+NAME = "verdicts"
 REQUEST_TIMEOUT_SECONDS = 30.0  # a DELETE waits for a fresh DNS check
 EVIDENCE_WIDTH = 60
 
@@ -30,12 +31,36 @@ class ApiError(Exception):
         self.status = status
 
 
-def add_commands(
-    verdicts: argparse.ArgumentParser, add_options: Callable[[argparse.ArgumentParser], None]
-) -> None:
-    """Add list/show/forget/deny below `verdicts`; `add_options` adds the shared options."""
-    commands = verdicts.add_subparsers(dest="verdicts_command", required=True, metavar="ACTION")
-    listing = commands.add_parser("list", help="list cached verdicts")
+EXITS = (
+    f"exit status: {exits.OK} done, {exits.NOT_FOUND} no verdict for that name, "
+    f"{exits.USAGE} usage error,\n{exits.NO_ANSWER} the sidecar did not answer "
+    "(or refused the request)."
+)
+EPILOG = f"""\
+{EXITS}
+
+options: see `verdicts ACTION --help`.
+{sources_note("TOMBSTONE_OPS_LISTEN=127.0.0.1:9480 tombstone-sidecar verdicts list")}
+examples:
+  tombstone-sidecar verdicts list --state gone
+  tombstone-sidecar verdicts show old.example.org
+  tombstone-sidecar verdicts deny old.example.org --ttl 30d --comment "shut down 2026-11"
+  tombstone-sidecar verdicts forget old.example.org      # check it again now
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    """Add `verdicts` and its actions list/show/forget/deny, each with the options."""
+    verdicts: argparse.ArgumentParser = commands.add_parser(
+        NAME,
+        help="list, show, forget or mark verdicts of a running sidecar",
+        description="Talk to a running sidecar's ops API (--ops-listen). Changes (forget,\n"
+        "deny) need the token from --ops-token-file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = verdicts.add_subparsers(dest="verdicts_command", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="list cached verdicts")
     listing.add_argument("--state", choices=["gone", "unreachable", "alive", "undecided"])
     listing.add_argument("--signal", help="e.g. dns_txt_gone, nxdomain, operator")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
@@ -53,24 +78,22 @@ def add_commands(
         help="join Synapse's view of each destination (backoff, failing since, shared rooms) "
         "from its admin API (--synapse-admin-url, --synapse-admin-token-file)",
     )
-    show = commands.add_parser("show", help="one verdict with its evidence")
-    forget = commands.add_parser("forget", help="forget a verdict and check the name again now")
-    deny = commands.add_parser("deny", help="mark a server gone (signal operator)")
+    show = actions.add_parser("show", help="one verdict with its evidence")
+    forget = actions.add_parser("forget", help="forget a verdict and check the name again now")
+    deny = actions.add_parser("deny", help="mark a server gone (signal operator)")
     deny.add_argument("--ttl", default=None, help="how long, e.g. 30d (default: until forgotten)")
     deny.add_argument("--comment", default="", help="why, for the evidence field")
     for parser in (show, forget, deny):
         parser.add_argument("name", metavar="NAME", help="server name")
     for parser in (listing, show, forget, deny):
         parser.add_argument("--json", action="store_true", help="print JSON")
-        add_options(parser)
+        add_options(parser, NAME)
+    return verdicts
 
 
-def run(args: argparse.Namespace, settings: Settings) -> int:
+def main(args: argparse.Namespace, settings: Settings, raw: RawOptions) -> int:
     if settings.ops_listen is None:
-        print(
-            "tombstone-sidecar: error: --ops-listen is empty; nothing to talk to", file=sys.stderr
-        )
-        return EXIT_USAGE
+        return fail(f"{raw.label('ops_listen')} is empty; nothing to talk to")
     client = OpsClient(f"http://{settings.ops_listen}", settings.ops_token)
     try:
         if args.verdicts_command == "list":
@@ -80,7 +103,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             if getattr(args, "synapse", False):
                 return _list_with_synapse(result, settings, args.json)
             print(json.dumps(result, indent=2) if args.json else _table(result))
-            return EXIT_OK
+            return exits.OK
         path = "/v1/verdicts/" + urllib.parse.quote(args.name, safe="")
         if args.verdicts_command == "show":
             result = client.call("GET", path)
@@ -90,10 +113,10 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             body = {"comment": args.comment, **({"ttl": args.ttl} if args.ttl else {})}
             result = client.call("PUT", path, body=body)
         print(json.dumps(result, indent=2) if args.json else _details(result))
-        return EXIT_OK
+        return exits.OK
     except ApiError as e:
         print(f"tombstone-sidecar: {e}{_hint(e, settings)}", file=sys.stderr)
-        return EXIT_NOT_FOUND if e.status == 404 else EXIT_UNREACHABLE
+        return exits.NOT_FOUND if e.status == 404 else exits.NO_ANSWER
 
 
 def _hint(error: ApiError, settings: Settings) -> str:
@@ -180,12 +203,10 @@ def _list_with_synapse(result: dict[str, Any], settings: Settings, as_json: bool
     from sidecar.synapse import view as synapse_view
 
     if not settings.synapse_admin_url or not settings.synapse_admin_token:
-        print("tombstone-sidecar: error: --synapse needs --synapse-admin-url and "
-              "--synapse-admin-token-file", file=sys.stderr)  # fmt: skip
-        return EXIT_USAGE
+        return fail("--synapse needs --synapse-admin-url and --synapse-admin-token-file")
     joined = synapse_view.join(result, settings.synapse_admin_url, settings.synapse_admin_token)
     print(json.dumps(joined, indent=2) if as_json else synapse_view.table(joined))
-    return EXIT_OK
+    return exits.OK
 
 
 def _details(v: dict[str, Any]) -> str:

@@ -1,67 +1,147 @@
-"""Every option, declared once: CLI flags, `TOMBSTONE_*` env, YAML keys and mitmproxy options.
+"""Every option, declared once, and the typed `Settings` they validate into.
 
-The table below is the single source. `tombstone-sidecar run` reads flags > env > YAML file
-> default into raw strings; `mitmdump -s addons/tombstone.py` reads `--set tombstone_*`.
-Both paths end in `Settings.from_raw`, which validates each value and names the option in
-its error, so a bad value reads the same whichever way it came in.
+One `Option` row says all there is about an option: its name, parser, default, help, which
+subcommands use it, and so its flag (`--min-ttl`), variable (`TOMBSTONE_MIN_TTL`), YAML key
+(`min_ttl`) and mitmproxy option (`tombstone_min_ttl`). The CLI's argparse flags, the
+environment and config-file readers (`sources.py`) and the mitmdump addon's loader are all
+derived from the table. `Settings.from_raw` validates raw values with the table's parsers
+and names where a bad value came from, so it reads the same whichever way it came in.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, NoReturn
 
-import yaml
-
-from sidecar.config.files import read_credentials, read_small_text
-from sidecar.dns.client import Nameserver
-from sidecar.judge.names import (
-    Authority,
-    InvalidName,
-    is_ip_literal,
-    normalize_host,
-    parse_authority,
+from sidecar.config.files import read_credentials
+from sidecar.config.values import (
+    parse_admin_url,
+    parse_bool,
+    parse_duration,
+    parse_int,
+    parse_listen,
+    parse_log_level,
+    parse_mode,
+    parse_name,
+    parse_nameserver,
+    parse_pending,
+    parse_refusal,
+    parse_share,
+    parse_size,
+    parse_store,
+    read_ca_file,
+    read_name_file,
+    read_token_file,
 )
+from sidecar.dns.client import Nameserver
+from sidecar.judge.names import Authority
 from sidecar.judge.request_classes import DEFAULT_STATUS, parse_override
 from sidecar.remote.addresses import IPNetwork, parse_network
 
 ENV_PREFIX = "TOMBSTONE_"
 MITM_PREFIX = "tombstone_"
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-# No setting means more than ten years (the operator deny list's own lifetime); a longer
-# one would put expiry times past what the stores read back (the year 9999) or Redis takes.
-MAX_DURATION_SECONDS = 3650 * 86400
-MAX_DENY_FILE_BYTES = 16 * 1024 * 1024  # a deny list larger than this is a mistake
+
+# The subcommands that read options from the table (`tombstone`, the kit, reads none: it
+# prints what a retiring server publishes and takes only its own arguments).
+RUN = frozenset({"run"})
+CHECK = frozenset({"check"})
+VERDICTS = frozenset({"verdicts"})
+CA = frozenset({"ca"})
+ALL_COMMANDS = RUN | CHECK | VERDICTS | CA
 
 
 class ConfigError(ValueError):
-    """A bad option value; `str()` is the one line an operator sees."""
+    """A bad option value; `str()` is the one line an operator sees, starting with where the
+    value came from: `--min-ttl: ...`, `TOMBSTONE_MIN_TTL: ...`, `/etc/x.yaml line 7: min_ttl:
+    ...` or, under mitmdump, `tombstone_min_ttl: ...`. `option` is "" when no option is named
+    (an unknown `TOMBSTONE_*` variable)."""
 
-    def __init__(self, option: str, problem: str) -> None:
-        super().__init__(f"--{option.replace('_', '-')}: {problem}")
+    def __init__(self, option: str, problem: str, where: str = "") -> None:
         self.option = option
         self.problem = problem
+        self.where = where or "--" + option.replace("_", "-")
+        super().__init__(f"{self.where}: {problem}")
 
-    def for_mitmproxy(self) -> str:
-        """The same error named as mitmdump users spell the option: `tombstone_min_ttl`."""
-        return f"{MITM_PREFIX}{self.option}: {self.problem}"
+
+@dataclass(frozen=True)
+class Source:
+    """Where one raw value came from, so that an error names the place to fix it."""
+
+    kind: str  # "flag", "env", "file" or "mitmproxy"
+    path: str = ""  # the config file
+    line: int | None = None  # its line (1-based) where the key is
+    key: str = ""  # the key as written there (`min-ttl` or `min_ttl`)
+
+    def spelled(self, option: Option) -> str:
+        """The option as the operator spelled it at this source."""
+        if self.kind == "env":
+            return option.env
+        if self.kind == "file":
+            return self.key or option.yaml
+        if self.kind == "mitmproxy":
+            return option.mitm
+        return option.cli
+
+    def label(self, option: Option) -> str:
+        """The start of an error about this value: `/etc/x.yaml line 7: min_ttl`."""
+        if self.kind == "file":
+            return f"{self.where()}: {self.spelled(option)}"
+        return self.spelled(option)
+
+    def mention(self, option: Option, value: object) -> str:
+        """The value inside a sentence about another option: `min_ttl 1h (/x.yaml line 2)`."""
+        said = f"{self.spelled(option)} {value}".rstrip()
+        return f"{said} ({self.where()})" if self.kind == "file" else said
+
+    def where(self) -> str:
+        return f"{self.path} line {self.line}" if self.line else self.path
+
+
+FLAG = Source("flag")
+ENV = Source("env")
+MITMPROXY = Source("mitmproxy")
+
+
+class RawOptions(dict[str, Any]):
+    """Raw values (strings, lists, bools) by option name, and where each came from.
+
+    A value without a recorded source (and every default) is spelled as `fallback` spells
+    it: as a flag for the CLI, as `tombstone_*` for the mitmdump addon."""
+
+    def __init__(
+        self,
+        values: Mapping[str, Any] | None = None,
+        sources: Mapping[str, Source] | None = None,
+        fallback: Source = FLAG,
+    ) -> None:
+        super().__init__(values or {})
+        self.sources = dict(sources or {})
+        self.fallback = fallback
+
+    def source(self, name: str) -> Source:
+        return self.sources.get(name, self.fallback)
+
+    def label(self, name: str) -> str:
+        """How an error about this option's value starts: `--listen`, `TOMBSTONE_LISTEN`."""
+        return self.source(name).label(BY_NAME[name])
 
 
 @dataclass(frozen=True)
 class Option:
-    """One option: its name (snake_case), how it reads, its default and its help."""
+    """One option, declared once: how it reads, its default, its help, who uses it."""
 
     name: str
     default: Any
     help: str
     metavar: str = ""
+    # One value (one item of a repeatable option) in, the typed value out; ValueError if bad.
+    parse: Callable[[Any], Any] = str
+    uses: frozenset[str] = field(default=RUN)  # the subcommands that read it
     repeatable: bool = False
     flag: bool = False  # true/false switch: --x / --no-x
-    scope: str = "all"  # "all": CLI and mitmproxy; "cli": `tombstone-sidecar` only; "run": run only
+    mitmproxy: bool = True  # also a `--set tombstone_<name>` option of the mitmdump addon
 
     @property
     def cli(self) -> str:
@@ -72,8 +152,43 @@ class Option:
         return ENV_PREFIX + self.name.upper()
 
     @property
+    def yaml(self) -> str:
+        """The config-file key (`min-ttl` is read as the same key)."""
+        return self.name
+
+    @property
     def mitm(self) -> str:
         return MITM_PREFIX + self.name
+
+
+def _whole(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        return parse_int(value, low, high)
+
+    return parse
+
+
+def _bytes(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        return parse_size(value, low, high)
+
+    return parse
+
+
+def _unless_empty(parse: Callable[[str], Any], empty: Any) -> Callable[[Any], Any]:
+    """For a file option, whose empty value means "no file"."""
+
+    def parse_given(value: Any) -> Any:
+        path = str(value or "")
+        return parse(path) if path else empty
+
+    return parse_given
+
+
+def _listen_or_none(value: Any) -> Authority | None:
+    """`--ops-listen ''` turns the ops listener off."""
+    text = str(value or "").strip()
+    return parse_listen(text) if text else None
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -82,15 +197,19 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "YAML file with any of these options as keys (e.g. `min_ttl: 10m`).",
         "FILE",
-        scope="cli",
+        parse=str,
+        uses=ALL_COMMANDS,
+        mitmproxy=False,
     ),
     Option(
         "listen",
         "127.0.0.1:3128",
-        "Proxy address; point HTTPS_PROXY at it. A non-loopback "
-        "address makes this an open proxy: keep it on loopback in a sidecar.",
+        "Proxy address; point HTTPS_PROXY at it. A non-loopback address makes this an open "
+        "proxy: keep it on loopback in a sidecar.",
         "HOST:PORT",
-        scope="run",
+        parse=parse_listen,
+        uses=RUN,
+        mitmproxy=False,
     ),
     Option(
         "mode",
@@ -99,13 +218,17 @@ OPTIONS: tuple[Option, ...] = (
         "`intercept`: terminate TLS with the sidecar's own CA (in --state-dir; see "
         "`tombstone-sidecar ca`) and judge every request by its X-Matrix destination.",
         "MODE",
+        parse=parse_mode,
+        uses=RUN,
     ),
     Option(
         "answer",
         (),
-        "Intercept mode: the status for a request class, CLASS=STATUS (classes: failover 502, "
-        "user 410, send 410, well_known 410, other 502); repeatable.",
+        "Intercept mode: the status for a request class, CLASS=STATUS (classes: failover 502,"
+        " user 410, send 410, well_known 410, other 502); repeatable.",
         "CLASS=STATUS",
+        parse=parse_override,
+        uses=RUN,
         repeatable=True,
     ),
     Option(
@@ -113,12 +236,16 @@ OPTIONS: tuple[Option, ...] = (
         "127.0.0.1:9480",
         "Ops HTTP address: /metrics, /healthz, /readyz, /v1/verdicts. Empty to disable.",
         "HOST:PORT",
+        parse=_listen_or_none,
+        uses=RUN | VERDICTS,
     ),
     Option(
         "nameserver",
         (),
         "Resolver to ask (repeatable). Default: /etc/resolv.conf.",
         "IP[:PORT]",
+        parse=parse_nameserver,
+        uses=RUN | CHECK,
         repeatable=True,
     ),
     Option(
@@ -126,6 +253,8 @@ OPTIONS: tuple[Option, ...] = (
         "5s",
         "Give up on one DNS query after this long; the request then passes (fail open).",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN | CHECK,
     ),
     Option(
         "dns_max_stale",
@@ -133,29 +262,49 @@ OPTIONS: tuple[Option, ...] = (
         "When DNS fails, keep dialling a live name's last addresses at most this long after "
         "their TTL ran out (RFC 8767); then fail as Synapse alone would.",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN,
     ),
-    Option("min_ttl", "5m", "Shortest time a DNS verdict is kept, whatever its TTL.", "DURATION"),
+    Option(
+        "min_ttl",
+        "5m",
+        "Shortest time a DNS verdict is kept, whatever its TTL.",
+        "DURATION",
+        parse=parse_duration,
+        uses=RUN | CHECK,
+    ),
     Option(
         "max_ttl",
         "24h",
         "Longest time a DNS verdict is kept before it is checked again.",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN | CHECK,
     ),
     Option(
         "deny",
         (),
         "Treat this server name as gone (signal `operator`); repeatable.",
         "NAME",
+        parse=parse_name,
+        uses=RUN | CHECK,
         repeatable=True,
     ),
     Option(
-        "deny_file", "", "File of server names to treat as gone, one per line, # comments.", "FILE"
+        "deny_file",
+        "",
+        "File of server names to treat as gone, one per line, # comments.",
+        "FILE",
+        parse=_unless_empty(read_name_file, ()),
+        uses=RUN | CHECK,
     ),
     Option(
         "allow",
         (),
         "Never suppress this server name, whatever DNS says; repeatable.",
         "NAME",
+        parse=parse_name,
+        uses=RUN | CHECK,
         repeatable=True,
     ),
     Option(
@@ -163,20 +312,26 @@ OPTIONS: tuple[Option, ...] = (
         "",
         "File of server names never to suppress, one per line, # comments.",
         "FILE",
+        parse=_unless_empty(read_name_file, ()),
+        uses=RUN | CHECK,
     ),
     Option(
         "allow_address",
         (),
-        "Allow upstream addresses in this otherwise blocked range "
-        "(loopback, RFC 1918, ...); repeatable.",
+        "Allow upstream addresses in this otherwise blocked range (loopback, RFC 1918, ...); "
+        "repeatable.",
         "CIDR",
+        parse=parse_network,
+        uses=RUN | CHECK,
         repeatable=True,
     ),
     Option(
         "enforce",
         True,
-        "Suppress traffic to gone servers. --no-enforce is shadow mode: "
-        "count tombstone_would_suppress_total, forward everything.",
+        "Suppress traffic to gone servers. --no-enforce is shadow mode: count "
+        "tombstone_would_suppress_total, forward everything.",
+        parse=parse_bool,
+        uses=RUN,
         flag=True,
     ),
     Option(
@@ -186,6 +341,8 @@ OPTIONS: tuple[Option, ...] = (
         "answer: Synapse backs off the same and logs no CRITICAL traceback) or `status` "
         "(answer --suppress-status with a JSON body and X-Tombstone-Signal, for curl & co).",
         "close|status",
+        parse=parse_refusal,
+        uses=RUN,
     ),
     Option(
         "suppress_status",
@@ -193,9 +350,16 @@ OPTIONS: tuple[Option, ...] = (
         "HTTP status for a refused CONNECT with --refusal status, and for a plain-HTTP "
         "request to a gone server (Synapse backs off on 5xx).",
         "CODE",
+        parse=_whole(400, 599),
+        uses=RUN,
     ),
     Option(
-        "cache_size", "100000", "Most verdicts kept in memory (least recently used go first).", "N"
+        "cache_size",
+        "100000",
+        "Most verdicts kept in memory (least recently used go first).",
+        "N",
+        parse=_whole(1, 100_000_000),
+        uses=RUN,
     ),
     Option(
         "store",
@@ -203,6 +367,8 @@ OPTIONS: tuple[Option, ...] = (
         "Where verdicts outlive the process: `sqlite` (a file in --state-dir, survives "
         "restarts), `redis://HOST:PORT/DB` (shared by every sidecar), or `memory`.",
         "STORE",
+        parse=parse_store,
+        uses=RUN,
     ),
     Option(
         "state_dir",
@@ -210,41 +376,74 @@ OPTIONS: tuple[Option, ...] = (
         "Directory for the state file. Default: $XDG_STATE_HOME/tombstone-sidecar "
         "(~/.local/state/tombstone-sidecar); mount a volume here in a container.",
         "DIR",
+        parse=str,
+        uses=RUN | CA,
     ),
     Option(
         "ops_token_file",
         "",
-        "File holding the bearer token that ops API changes (PUT, DELETE) require; "
-        "without it the API is read-only.",
+        "File holding the bearer token that ops API changes (PUT, DELETE) require; without it"
+        " the API is read-only.",
         "FILE",
+        parse=_unless_empty(read_token_file, None),
+        uses=RUN | VERDICTS,
     ),
     Option(
         "probe",
         True,
-        "Probe each new server name once per --probe-interval (GET /.well-known/matrix/server "
-        "and /_matrix/federation/v1/version, in the background) to learn 410 Gone.",
+        "Probe each new server name once per --probe-interval (GET /.well-known/matrix/server"
+        " and /_matrix/federation/v1/version, in the background) to learn 410 Gone.",
+        parse=parse_bool,
+        uses=RUN,
         flag=True,
     ),
-    Option("probe_interval", "1h", "At most one probe per server name this often.", "DURATION"),
-    Option("probe_timeout", "10s", "Give up on one probe request after this long.", "DURATION"),
-    Option("probe_concurrency", "8", "Probes running at once, at most.", "N"),
+    Option(
+        "probe_interval",
+        "1h",
+        "At most one probe per server name this often.",
+        "DURATION",
+        parse=parse_duration,
+        uses=RUN,
+    ),
+    Option(
+        "probe_timeout",
+        "10s",
+        "Give up on one probe request after this long.",
+        "DURATION",
+        parse=parse_duration,
+        uses=RUN | CHECK,
+    ),
+    Option(
+        "probe_concurrency",
+        "8",
+        "Probes running at once, at most.",
+        "N",
+        parse=_whole(1, 1000),
+        uses=RUN,
+    ),
     Option(
         "gone_ttl",
         "24h",
         "How long a 410 verdict holds when the response has no Cache-Control/Expires.",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN | CHECK,
     ),
     Option(
         "min_gone_ttl",
         "24h",
         "Shortest time a 410 verdict holds (MSC4188: discovery halts at least 24 hours).",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN | CHECK,
     ),
     Option(
         "max_gone_ttl",
         "90d",
         "Longest time a 410 verdict holds (MSC4188: at most 90 days; domains change owners).",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN | CHECK,
     ),
     Option(
         "upstream_ca",
@@ -252,6 +451,8 @@ OPTIONS: tuple[Option, ...] = (
         "Extra CA bundle (PEM) trusted when the sidecar itself talks TLS to remote servers "
         "(probes), besides the system store: for tests and private federations.",
         "FILE",
+        parse=_unless_empty(read_ca_file, ""),
+        uses=RUN | CHECK,
     ),
     Option(
         "connect_timeout",
@@ -259,32 +460,49 @@ OPTIONS: tuple[Option, ...] = (
         "Give up dialling an upstream after this long (a blackholed address otherwise hangs "
         "for minutes); the failure feeds the unreachable breaker.",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN,
     ),
     Option(
         "breaker_failures",
         "5",
         "Consecutive connect failures to one host:port that open its unreachable breaker.",
         "N",
+        parse=_whole(1, 1000),
+        uses=RUN,
     ),
-    Option("breaker_min", "10m", "How long a newly opened breaker answers locally.", "DURATION"),
+    Option(
+        "breaker_min",
+        "10m",
+        "How long a newly opened breaker answers locally.",
+        "DURATION",
+        parse=parse_duration,
+        uses=RUN,
+    ),
     Option(
         "breaker_max",
         "24h",
         "Longest a breaker stays open; the time doubles on each failed trial up to this.",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN,
     ),
     Option(
         "breaker_max_share",
         "20%",
-        "If more than this share of recently tried destinations fail, the fault is ours: "
-        "open no new breakers.",
+        "If more than this share of recently tried destinations fail, the fault is ours: open"
+        " no new breakers.",
         "PERCENT",
+        parse=parse_share,
+        uses=RUN,
     ),
     Option(
         "require_dnssec",
         False,
         "Count DNS tombstones only when the resolver validated them (AD bit); unsigned zones "
         "then never suppress. Needs a validating resolver.",
+        parse=parse_bool,
+        uses=RUN | CHECK,
         flag=True,
     ),
     Option(
@@ -294,12 +512,16 @@ OPTIONS: tuple[Option, ...] = (
         "resets Synapse's backoff for the name; Synapse's destinations are polled to resume "
         "early. Needs --synapse-admin-token-file.",
         "URL",
+        parse=parse_admin_url,
+        uses=RUN | VERDICTS,
     ),
     Option(
         "synapse_admin_token_file",
         "",
         "File holding a Synapse admin user's access token, for --synapse-admin-url.",
         "FILE",
+        parse=_unless_empty(read_token_file, None),
+        uses=RUN | VERDICTS,
     ),
     Option(
         "synapse_admin_poll",
@@ -307,12 +529,16 @@ OPTIONS: tuple[Option, ...] = (
         "How often Synapse's destinations are polled (paginated) for gone names it stopped "
         "backing off.",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN,
     ),
     Option(
         "hold_reborn",
         False,
         "Keep suppressing a gone server that comes back with new signing keys until an "
         "operator lifts it (ops DELETE / `verdicts forget`).",
+        parse=parse_bool,
+        uses=RUN,
         flag=True,
     ),
     Option(
@@ -321,6 +547,8 @@ OPTIONS: tuple[Option, ...] = (
         "File of user:password lines; every proxy request must then carry matching Basic "
         "Proxy-Authorization. Required when --listen is not loopback.",
         "FILE",
+        parse=_unless_empty(read_credentials, None),
+        uses=RUN,
     ),
     Option(
         "head_timeout",
@@ -329,27 +557,35 @@ OPTIONS: tuple[Option, ...] = (
         "authenticated, with --proxy-auth-file) within this long: idle and half-sent "
         "connections hold nothing for long.",
         "DURATION",
+        parse=parse_duration,
+        uses=RUN,
     ),
     Option(
         "max_head_size",
         "64k",
-        "Largest first request head (request line and headers) a proxy client may send; "
-        "a longer one is answered 431 and closed. Synapse's CONNECT is ~200 bytes.",
+        "Largest first request head (request line and headers) a proxy client may send; a "
+        "longer one is answered 431 and closed. Synapse's CONNECT is ~200 bytes.",
         "SIZE",
+        parse=_bytes(1024, 16 * 1024 * 1024),
+        uses=RUN,
     ),
     Option(
         "max_pending_clients",
         "auto",
         "Most proxy connections waiting for their first admitted request at once; beyond it "
-        "the oldest waiting one is closed. `auto`: a quarter of the open-file limit less "
-        "128, between 8 and 1024, so authorised tunnels and the ops port keep descriptors.",
+        "the oldest waiting one is closed. `auto`: a quarter of the open-file limit less 128,"
+        " between 8 and 1024, so authorised tunnels and the ops port keep descriptors.",
         "N|auto",
+        parse=parse_pending,
+        uses=RUN,
     ),
     Option(
         "allow_open_proxy",
         False,
-        "Allow a non-loopback --listen without --proxy-auth-file (only behind a NetworkPolicy "
-        "that admits nothing but the homeserver).",
+        "Allow a non-loopback --listen without --proxy-auth-file (only behind a NetworkPolicy"
+        " that admits nothing but the homeserver).",
+        parse=parse_bool,
+        uses=RUN,
         flag=True,
     ),
     Option(
@@ -358,23 +594,37 @@ OPTIONS: tuple[Option, ...] = (
         "Let several sidecar processes listen on the same --listen port (SO_REUSEPORT; the "
         "kernel spreads connections). For a central proxy that needs more than one core; "
         "share verdicts with --store redis.",
+        parse=parse_bool,
+        uses=RUN,
         flag=True,
-        scope="run",
+        mitmproxy=False,
     ),
     Option(
         "shutdown_grace",
         "20s",
         "On SIGTERM stop accepting, let open tunnels finish for up to this long, then exit 0.",
         "DURATION",
-        scope="run",
+        parse=parse_duration,
+        uses=RUN,
+        mitmproxy=False,
     ),
     Option(
-        "log_level", "info", "Sidecar log level: debug, info, warning, error.", "LEVEL", scope="run"
+        "log_level",
+        "info",
+        "Sidecar log level: debug, info, warning, error.",
+        "LEVEL",
+        parse=parse_log_level,
+        uses=RUN,
+        mitmproxy=False,
     ),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
-ADDON_OPTIONS = tuple(o for o in OPTIONS if o.scope == "all")
-LOG_LEVELS = ("debug", "info", "warning", "error")
+ADDON_OPTIONS = tuple(o for o in OPTIONS if o.mitmproxy)
+
+
+def options_for(command: str) -> tuple[Option, ...]:
+    """The options `command` reads, in table order (none for a command not in the table)."""
+    return tuple(o for o in OPTIONS if command in o.uses)
 
 
 def open_proxy_problem(listen_host: str, settings: Settings) -> str | None:
@@ -394,201 +644,6 @@ def open_proxy_problem(listen_host: str, settings: Settings) -> str | None:
         "Give --proxy-auth-file (and put the credentials in the homeserver's proxy URL), or "
         "--allow-open-proxy if a NetworkPolicy admits only the homeserver."
     )
-
-
-def parse_duration(text: str) -> float:
-    """`300`, `300s`, `5m`, `24h`, `30d` → seconds."""
-    value = text.strip().lower()
-    unit = 1
-    if value and value[-1] in DURATION_UNITS:
-        unit = DURATION_UNITS[value[-1]]
-        value = value[:-1]
-    try:
-        seconds = float(value) * unit
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration (examples: 30s, 5m, 24h, 7d)") from None
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"{text!r} must be a positive duration")
-    if seconds > MAX_DURATION_SECONDS:
-        raise ValueError(f"{text!r} is longer than 3650d (10 years), the longest duration")
-    return seconds
-
-
-def parse_listen(text: str) -> Authority:
-    """`HOST:PORT` for a listener; the host must be an IP literal or `localhost`."""
-    if not text.strip():
-        raise ValueError("an address is required (HOST:PORT)")
-    try:
-        authority = parse_authority(text, default_port=0)
-    except InvalidName as e:
-        raise ValueError(str(e)) from None
-    if authority.port == 0:
-        raise ValueError(f"{text!r} has no port (HOST:PORT)")
-    if not is_ip_literal(authority.host) and authority.host != "localhost":
-        raise ValueError(f"{authority.host!r} is not an IP address to listen on")
-    return authority
-
-
-def parse_nameserver(text: str) -> Nameserver:
-    try:
-        authority = parse_authority(text, default_port=53)
-    except InvalidName as e:
-        raise ValueError(str(e)) from None
-    if not is_ip_literal(authority.host):
-        raise ValueError(f"{text!r}: a nameserver must be an IP address")
-    return Nameserver(authority.host, authority.port)
-
-
-def parse_name(text: str) -> str:
-    try:
-        return normalize_host(text)
-    except InvalidName as e:
-        raise ValueError(str(e)) from None
-
-
-def parse_int(text: object, low: int, high: int) -> int:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise ValueError(f"{text!r} is not a whole number") from None
-    if not low <= value <= high:
-        raise ValueError(f"{value} is outside {low}-{high}")
-    return value
-
-
-SIZE_UNITS = {"k": 1024, "m": 1024 * 1024}
-
-
-def parse_size(text: object, low: int, high: int) -> int:
-    """`65536`, `64k`, `1m` → bytes."""
-    value = str(text).strip().lower().removesuffix("b").removesuffix("i")
-    unit = SIZE_UNITS.get(value[-1:], 1)
-    digits = value[:-1] if unit > 1 else value
-    try:
-        size = int(digits) * unit
-    except ValueError:
-        raise ValueError(f"{text!r} is not a size (examples: 65536, 64k, 1m)") from None
-    if not low <= size <= high:
-        raise ValueError(f"{text!r} is outside {low}-{high} bytes")
-    return size
-
-
-def parse_pending(text: object) -> int:
-    """A positive whole number, or `auto` (0: computed from the open-file limit at start)."""
-    if str(text).strip().lower() == "auto":
-        return 0
-    return parse_int(text, 1, 1_000_000)
-
-
-def parse_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{value!r} is not true or false")
-
-
-def read_name_file(path: str) -> tuple[str, ...]:
-    """Read a deny/allow file; every bad line is reported with its number.
-
-    Names are normalized without `normalize_host`'s cache: a 300,000-line file would evict
-    every name the proxy's hot path keeps there."""
-    text = read_small_text(path, MAX_DENY_FILE_BYTES)
-    normalize = normalize_host.__wrapped__
-    names = []
-    for number, line in enumerate(text.splitlines(), 1):
-        entry = line.split("#", 1)[0].strip()
-        if not entry:
-            continue
-        try:
-            names.append(normalize(entry))
-        except InvalidName as e:
-            raise ValueError(f"{path} line {number}: {e}") from None
-    return tuple(names)
-
-
-def parse_store(text: str) -> str:
-    value = str(text).strip()
-    if value in ("memory", "sqlite"):
-        return value
-    if value.startswith(("redis://", "rediss://", "unix://")):
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(value)
-        if value.startswith("unix://") or parts.hostname:
-            return value
-    raise ValueError(f"{text!r} is not memory, sqlite or a redis:// URL (redis://host:6379/0)")
-
-
-def read_ca_file(path: object) -> str:
-    """A PEM bundle ssl can load; returns the path."""
-    import ssl
-
-    text = str(path)
-    try:
-        ssl.create_default_context().load_verify_locations(text)
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"cannot load CA certificates from {text}: {e}") from None
-    return text
-
-
-MODES = ("passthrough", "intercept")
-
-
-def parse_mode(text: object) -> str:
-    value = str(text).strip().lower()
-    if value not in MODES:
-        raise ValueError(f"{text!r} is not one of {', '.join(MODES)}")
-    return value
-
-
-REFUSALS = ("close", "status")
-
-
-def parse_refusal(text: object) -> str:
-    value = str(text).strip().lower()
-    if value not in REFUSALS:
-        raise ValueError(f"{text!r} is not one of {', '.join(REFUSALS)}")
-    return value
-
-
-def parse_share(text: object) -> float:
-    """`20%` or `0.2` → 0.2."""
-    value = str(text).strip()
-    try:
-        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a share (examples: 20%, 0.2)") from None
-    if not 0 < share <= 1:
-        raise ValueError(f"{text!r} must be more than 0% and at most 100%")
-    return share
-
-
-MIN_TOKEN_LENGTH = 16
-MAX_TOKEN_FILE_BYTES = 4096  # a guessable token protects nothing
-
-
-def read_token_file(path: str) -> str:
-    token = read_small_text(path, MAX_TOKEN_FILE_BYTES).strip()
-    if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
-        raise ValueError(
-            f"{path} must hold one token of at least {MIN_TOKEN_LENGTH} characters, no spaces "
-            "(e.g. `openssl rand -hex 32`)"
-        )
-    return token
-
-
-def parse_admin_url(text: object) -> str:
-    """`http(s)://host[:port][/prefix]`, or empty for no admin API."""
-    value = str(text or "").strip()
-    if value:
-        from sidecar.synapse.admin import AdminEndpoint
-
-        return str(AdminEndpoint.parse(value))
-    return ""
 
 
 class OperatorLists(NamedTuple):
@@ -669,120 +724,131 @@ class Settings:
         return OperatorLists(frozenset(deny), frozenset(allow), in_file)
 
     @classmethod
-    def from_raw(cls, raw: Mapping[str, Any]) -> Settings:
-        """Validate raw values (strings, lists, bools) keyed by option name."""
+    def from_raw(cls, raw: Mapping[str, Any], command: str | None = None) -> Settings:
+        """Validate raw values (strings, lists, bools) keyed by option name.
 
-        def get(name: str) -> Any:
-            return _plain(BY_NAME[name], raw.get(name, BY_NAME[name].default))
-
-        def check(name: str, parse: Callable[[Any], Any]) -> Any:
-            try:
-                return parse(get(name))
-            except ValueError as e:
-                raise ConfigError(name, str(e)) from None
-
-        def each(name: str, parse: Callable[[str], Any]) -> tuple[Any, ...]:
-            values = _as_list(get(name))
-            try:
-                return tuple(parse(str(v)) for v in values)
-            except ValueError as e:
-                raise ConfigError(name, str(e)) from None
-
-        min_ttl = check("min_ttl", parse_duration)
-        max_ttl = check("max_ttl", parse_duration)
+        With `command`, only the options that command uses are read and validated; every
+        other field keeps its default (so `verdicts` never opens the deny file). A
+        `RawOptions` knows where each value came from, and errors say so."""
+        given = raw if isinstance(raw, RawOptions) else RawOptions(raw)
+        v = _Reader(given, options_for(command) if command is not None else OPTIONS)
+        min_ttl, max_ttl = v["min_ttl"], v["max_ttl"]
         if max_ttl < min_ttl:
-            raise ConfigError(
-                "max_ttl", f"{get('max_ttl')} is shorter than --min-ttl {get('min_ttl')}"
-            )
-        deny_file = str(get("deny_file") or "")
-        allow_file = str(get("allow_file") or "")
-        deny_flags = frozenset(each("deny", parse_name))
-        allow_flags = frozenset(each("allow", parse_name))
-        denied = set(deny_flags)
-        allowed = set(allow_flags)
-        if deny_file:
-            denied.update(check("deny_file", read_name_file))
-        if allow_file:
-            allowed.update(check("allow_file", read_name_file))
-        token_file = str(get("ops_token_file") or "")
-        auth_file = str(get("proxy_auth_file") or "")
-        min_gone = check("min_gone_ttl", parse_duration)
-        max_gone = check("max_gone_ttl", parse_duration)
+            v.fail("max_ttl", f"{v.plain('max_ttl')} is shorter than {v.mention('min_ttl')}")
+        min_gone, max_gone = v["min_gone_ttl"], v["max_gone_ttl"]
         if max_gone < min_gone:
-            raise ConfigError(
-                "max_gone_ttl", f"{get('max_gone_ttl')} is shorter than --min-gone-ttl"
-            )
-        breaker_min = check("breaker_min", parse_duration)
-        breaker_max = check("breaker_max", parse_duration)
+            v.fail("max_gone_ttl", f"{v.plain('max_gone_ttl')} is shorter than "
+                                   f"{v.mention('min_gone_ttl', value=False)}")  # fmt: skip
+        breaker_min, breaker_max = v["breaker_min"], v["breaker_max"]
         if breaker_max < breaker_min:
-            raise ConfigError("breaker_max", f"{get('breaker_max')} is shorter than --breaker-min")
-        level = str(get("log_level")).strip().lower()
-        if level not in LOG_LEVELS:
-            raise ConfigError("log_level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
-        ops = str(get("ops_listen") or "").strip()
-        admin_url = check("synapse_admin_url", parse_admin_url)
-        admin_token_file = str(get("synapse_admin_token_file") or "")
+            v.fail("breaker_max", f"{v.plain('breaker_max')} is shorter than "
+                                  f"{v.mention('breaker_min', value=False)}")  # fmt: skip
+        admin_url, admin_token_file = v["synapse_admin_url"], v.text("synapse_admin_token_file")
         if admin_url and not admin_token_file:
-            raise ConfigError("synapse_admin_url", "needs --synapse-admin-token-file too")
+            v.fail("synapse_admin_url", f"needs {v.mention('synapse_admin_token_file', False)} too")
         if admin_token_file and not admin_url:
-            raise ConfigError("synapse_admin_token_file", "needs --synapse-admin-url too")
+            v.fail("synapse_admin_token_file", f"needs {v.mention('synapse_admin_url', False)} too")
+        deny_flags, allow_flags = frozenset(v["deny"]), frozenset(v["allow"])
         return cls(
-            listen=check("listen", parse_listen),
-            ops_listen=check("ops_listen", parse_listen) if ops else None,
-            nameservers=each("nameserver", parse_nameserver),
-            dns_timeout=check("dns_timeout", parse_duration),
-            dns_max_stale=check("dns_max_stale", parse_duration),
+            listen=v["listen"],
+            ops_listen=v["ops_listen"],
+            nameservers=v["nameserver"],
+            dns_timeout=v["dns_timeout"],
+            dns_max_stale=v["dns_max_stale"],
             min_ttl=min_ttl,
             max_ttl=max_ttl,
-            deny=frozenset(denied),
-            allow=frozenset(allowed),
-            allow_addresses=each("allow_address", parse_network),
-            enforce=check("enforce", parse_bool),
-            suppress_status=check("suppress_status", lambda v: parse_int(v, 400, 599)),
-            refusal=check("refusal", parse_refusal),
-            cache_size=check("cache_size", lambda v: parse_int(v, 1, 100_000_000)),
-            log_level=level,
-            deny_file=deny_file,
-            allow_file=allow_file,
+            deny=deny_flags.union(v["deny_file"]),
+            allow=allow_flags.union(v["allow_file"]),
+            allow_addresses=v["allow_address"],
+            enforce=v["enforce"],
+            suppress_status=v["suppress_status"],
+            refusal=v["refusal"],
+            cache_size=v["cache_size"],
+            log_level=v["log_level"],
+            deny_file=v.text("deny_file"),
+            allow_file=v.text("allow_file"),
             deny_flags=deny_flags,
             allow_flags=allow_flags,
-            store=check("store", parse_store),
-            state_dir=str(get("state_dir") or ""),
-            ops_token=check("ops_token_file", read_token_file) if token_file else None,
-            connect_timeout=check("connect_timeout", parse_duration),
-            breaker_failures=check("breaker_failures", lambda v: parse_int(v, 1, 1000)),
+            store=v["store"],
+            state_dir=v.text("state_dir"),
+            ops_token=v["ops_token_file"],
+            connect_timeout=v["connect_timeout"],
+            breaker_failures=v["breaker_failures"],
             breaker_min=breaker_min,
             breaker_max=breaker_max,
-            breaker_max_share=check("breaker_max_share", parse_share),
-            require_dnssec=check("require_dnssec", parse_bool),
-            proxy_users=check("proxy_auth_file", read_credentials) if auth_file else None,
-            allow_open_proxy=check("allow_open_proxy", parse_bool),
-            reuse_port=check("reuse_port", parse_bool),
-            shutdown_grace=check("shutdown_grace", parse_duration),
-            probe=check("probe", parse_bool),
-            probe_interval=check("probe_interval", parse_duration),
-            probe_timeout=check("probe_timeout", parse_duration),
-            probe_concurrency=check("probe_concurrency", lambda v: parse_int(v, 1, 1000)),
-            gone_ttl=check("gone_ttl", parse_duration),
+            breaker_max_share=v["breaker_max_share"],
+            require_dnssec=v["require_dnssec"],
+            proxy_users=v["proxy_auth_file"],
+            allow_open_proxy=v["allow_open_proxy"],
+            reuse_port=v["reuse_port"],
+            shutdown_grace=v["shutdown_grace"],
+            probe=v["probe"],
+            probe_interval=v["probe_interval"],
+            probe_timeout=v["probe_timeout"],
+            probe_concurrency=v["probe_concurrency"],
+            gone_ttl=v["gone_ttl"],
             min_gone_ttl=min_gone,
             max_gone_ttl=max_gone,
-            upstream_ca=check("upstream_ca", read_ca_file) if get("upstream_ca") else "",
-            mode=check("mode", parse_mode),
-            answer_status={**DEFAULT_STATUS, **dict(each("answer", parse_override))},
+            upstream_ca=v["upstream_ca"],
+            mode=v["mode"],
+            answer_status={**DEFAULT_STATUS, **dict(v["answer"])},
             synapse_admin_url=admin_url,
-            synapse_admin_token=(
-                check("synapse_admin_token_file", read_token_file) if admin_token_file else None
-            ),
-            synapse_admin_poll=check("synapse_admin_poll", parse_duration),
-            hold_reborn=check("hold_reborn", parse_bool),
-            head_timeout=check("head_timeout", parse_duration),
-            max_head_size=check("max_head_size", lambda v: parse_size(v, 1024, 16 * 1024 * 1024)),
-            max_pending_clients=check("max_pending_clients", parse_pending),
+            synapse_admin_token=v["synapse_admin_token_file"],
+            synapse_admin_poll=v["synapse_admin_poll"],
+            hold_reborn=v["hold_reborn"],
+            head_timeout=v["head_timeout"],
+            max_head_size=v["max_head_size"],
+            max_pending_clients=v["max_pending_clients"],
         )
 
 
+class _Reader:
+    """Each option's value parsed once with the table's parser, or a ConfigError naming
+    where the bad value came from. Options the command does not use read as defaults."""
+
+    def __init__(self, raw: RawOptions, used: Sequence[Option]) -> None:
+        self.raw = raw
+        self.used = {o.name for o in used}
+        self.parsed: dict[str, Any] = {}
+
+    def source(self, name: str) -> Source:
+        return self.raw.source(name) if name in self.used else self.raw.fallback
+
+    def plain(self, name: str) -> Any:
+        """The value reduced to str/bool (a list of them for a repeatable option)."""
+        option = BY_NAME[name]
+        value = self.raw.get(name, option.default) if name in self.used else option.default
+        try:
+            return _plain(option, value)
+        except ValueError as e:
+            self.fail(name, str(e))
+
+    def text(self, name: str) -> str:
+        return str(self.plain(name) or "")
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.parsed:
+            option, value = BY_NAME[name], self.plain(name)
+            try:
+                if option.repeatable:
+                    self.parsed[name] = tuple(option.parse(str(v)) for v in _as_list(value))
+                else:
+                    self.parsed[name] = option.parse(value)
+            except ValueError as e:
+                self.fail(name, str(e))
+        return self.parsed[name]
+
+    def mention(self, name: str, value: bool = True) -> str:
+        """Another option inside an error, spelled as it was given: `--min-ttl 1h`."""
+        shown = self.plain(name) if value else ""
+        return self.source(name).mention(BY_NAME[name], shown)
+
+    def fail(self, name: str, problem: str) -> NoReturn:
+        raise ConfigError(name, problem, self.source(name).label(BY_NAME[name]))
+
+
 def _scalar(option: Option, value: object) -> str | bool:
-    """One config value as the parsers take it; ConfigError for anything else."""
+    """One config value as the parsers take it; ValueError for anything else."""
     if isinstance(value, bool):
         if option.flag:
             return value
@@ -791,14 +857,14 @@ def _scalar(option: Option, value: object) -> str | bool:
         try:
             return str(value)  # YAML `max_ttl: 3600` means the same as "3600"
         except ValueError:  # an int of thousands of digits
-            raise ConfigError(option.name, "number too large") from None
+            raise ValueError("number too large") from None
     if isinstance(value, str):
         return value
     if value is None:  # YAML `key:` with nothing after it
         if option.flag:
-            raise ConfigError(option.name, "needs true or false")
+            raise ValueError("needs true or false")
         return ""
-    raise ConfigError(option.name, f"expected one value, got a {type(value).__name__}")
+    raise ValueError(f"expected one value, got a {type(value).__name__}")
 
 
 def _plain(option: Option, value: object) -> Any:
@@ -821,55 +887,3 @@ def _as_list(values: object) -> list[object]:
     if isinstance(values, Sequence):
         return list(values)
     return [values]
-
-
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read the YAML config; unknown keys are errors (a typo must not silently do nothing)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError("config", f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError("config", f"{path} is not UTF-8 text: {e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except (ValueError, KeyError, AttributeError, TypeError, RecursionError) as e:
-        # PyYAML's constructors raise these for values like `!!int abc` or `2001-02-30`.
-        raise ConfigError("config", f"{path} is not valid YAML: {str(e)[:200]}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(
-            "config", f"{path}{where} is not valid YAML: {getattr(e, 'problem', e)}"
-        ) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("config", f"{path} must be a mapping of option: value")
-    result: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name not in BY_NAME or name == "config":
-            raise ConfigError("config", f"{path}: unknown option {key!r}")
-        if name in result:
-            raise ConfigError("config", f"{path}: {key!r} is given twice (as - and _ spellings)")
-        result[name] = value
-    return result
-
-
-def gather_raw(
-    flags: Mapping[str, Any], environ: Mapping[str, str] | None = None
-) -> dict[str, Any]:
-    """Merge one command's sources: flag > env > config file > default."""
-    env = os.environ if environ is None else environ
-    config_path = flags.get("config") or env.get(BY_NAME["config"].env)
-    from_file = load_config_file(config_path) if config_path else {}
-    raw: dict[str, Any] = {}
-    for option in OPTIONS:
-        if flags.get(option.name) is not None:
-            raw[option.name] = flags[option.name]
-        elif option.env in env:
-            raw[option.name] = env[option.env]
-        elif option.name in from_file:
-            raw[option.name] = from_file[option.name]
-    return raw

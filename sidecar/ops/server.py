@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar import __version__
-from sidecar.config.options import parse_duration
+from sidecar.config.values import parse_duration
 from sidecar.judge.names import Authority, InvalidName, normalize_host
 from sidecar.judge.verdicts import Entry, State, to_record
 from sidecar.ops.backend import Listed, OpsBackend, Unavailable

@@ -28,7 +28,15 @@ from mitmproxy.utils import human
 
 from sidecar import __version__
 from sidecar.app import Sidecar
-from sidecar.config.options import ADDON_OPTIONS, ConfigError, Option, Settings
+from sidecar.config.options import (
+    ADDON_OPTIONS,
+    BY_NAME,
+    MITMPROXY,
+    ConfigError,
+    Option,
+    RawOptions,
+    Settings,
+)
 from sidecar.metrics import Metrics
 from sidecar.proxy import answers
 from sidecar.proxy.connections import LOCAL_ANSWER, Connections
@@ -87,9 +95,9 @@ class TombstoneAddon:
             return
         raw = {o.name: getattr(ctx.options, o.mitm) for o in ADDON_OPTIONS}
         try:
-            settings = Settings.from_raw(raw)
+            settings = Settings.from_raw(RawOptions(raw, fallback=MITMPROXY))
         except ConfigError as e:
-            raise exceptions.OptionsError(e.for_mitmproxy()) from None
+            raise exceptions.OptionsError(str(e)) from None
         self.apply(settings)
 
     def apply(self, settings: Settings) -> None:
@@ -102,8 +110,9 @@ class TombstoneAddon:
                 self.dials = DialGate(self.sidecar, self.connections)
             else:
                 self.sidecar.reconfigure(settings)
-        except ConfigError as e:
-            raise exceptions.OptionsError(e.for_mitmproxy()) from None
+        except ConfigError as e:  # a value only the sidecar can judge (a nameserver, ...)
+            where = BY_NAME[e.option].mitm if self.given is None else e.where
+            raise exceptions.OptionsError(f"{where}: {e.problem}") from None
 
     async def running(self) -> None:
         sidecar = self.sidecar

@@ -43,7 +43,14 @@ from mitmproxy.proxy.layers.http import HTTPMode
 from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.mode_specs import RegularMode
 
-from sidecar.config.options import BY_NAME, ConfigError, Settings, open_proxy_problem
+from sidecar.config.options import (
+    BY_NAME,
+    MITMPROXY,
+    ConfigError,
+    RawOptions,
+    Settings,
+    open_proxy_problem,
+)
 from sidecar.metrics import Metrics
 from sidecar.proxy import answers
 from sidecar.proxy.auth import ProxyAuth
@@ -160,9 +167,9 @@ class Admission:
         # keep their defaults and are not used here.
         raw = {o.name: getattr(ctx.options, o.mitm) for o in OPTIONS}
         try:
-            settings = Settings.from_raw(raw)
+            settings = Settings.from_raw(RawOptions(raw, fallback=MITMPROXY))
         except ConfigError as e:
-            raise exceptions.OptionsError(e.for_mitmproxy()) from None
+            raise exceptions.OptionsError(str(e)) from None
         # mitmdump listens on every interface unless told otherwise: the same rule as
         # `tombstone-sidecar run --listen` (which checks before it starts mitmproxy). Judged
         # on every configure (the first one sees only defaults); while it holds, every

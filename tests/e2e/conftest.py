@@ -18,7 +18,7 @@ Design (the simplest that is robust):
 - Not root, no `unshare`, no Synapse virtualenv: the tests fail with the reason.
 
 Package scope rather than session scope, so the pytest thread is back in the host's
-namespace before any other suite runs. `TOMBSTONE_E2E_SIDECAR_ARGS` adds sidecar
+namespace before any other suite runs. `SIDECAR_TEST_E2E_SIDECAR_ARGS` adds sidecar
 arguments (e.g. `--no-enforce`, to watch the scenarios fail without suppression).
 """
 
@@ -108,7 +108,7 @@ def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: o
     getattr(terminalreporter, "section", lambda *a, **k: None)("e2e measurements (real Synapse)")
     for topic, text in MEASUREMENTS:
         write(f"{topic}: {text}")
-    out = os.environ.get("TOMBSTONE_E2E_REPORT")
+    out = os.environ.get("SIDECAR_TEST_E2E_REPORT")
     if out:
         Path(out).write_text("\n".join(f"{t}: {x}" for t, x in MEASUREMENTS) + "\n")
 

@@ -36,12 +36,12 @@ from cryptography.hazmat.primitives.serialization import (
 from tests.support.procs import ManagedProcess, ProcessStartError, wait_until
 
 SHARED_SECRET = "e2e-registration-secret"  # the world is private; the secret need not be
-VENV_ENV = "TOMBSTONE_SYNAPSE_VENV"
+VENV_ENV = "SIDECAR_TEST_SYNAPSE_VENV"
 _LOOSE = {"per_second": 10000, "burst_count": 10000}
 
 
 def find_venv(root: Path) -> Path:
-    """The Synapse virtualenv: $TOMBSTONE_SYNAPSE_VENV, else `.venv-synapse` in the repo."""
+    """The Synapse virtualenv: $SIDECAR_TEST_SYNAPSE_VENV, else `.venv-synapse` in the repo."""
     venv = Path(os.environ.get(VENV_ENV) or root / ".venv-synapse")
     python = venv / "bin" / "python"
     if not python.exists():

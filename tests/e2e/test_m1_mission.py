@@ -4,7 +4,7 @@ stretch of simulated user activity, with the sidecar enforcing and with it only 
 user waits for the profile of someone on a blackholed server.
 
 Each mode gets a fresh Synapse (so no backoff or well-known cache carries over) doing the
-same activity for TOMBSTONE_MISSION_SECONDS (default 15): profile lookups and joins by
+same activity for SIDECAR_TEST_MISSION_SECONDS (default 15): profile lookups and joins by
 alias for a user and a room on each tombstoned server, and messages in a room that has a
 member on each of them. The figures go to the e2e measurements table.
 """
@@ -21,7 +21,7 @@ from tests.e2e.actions import create_room, join, profile, send_text
 from tests.e2e.intercept import start_behind
 from tests.e2e.world import TOMBSTONES, World
 
-MISSION_SECONDS = float(os.environ.get("TOMBSTONE_MISSION_SECONDS", "15"))
+MISSION_SECONDS = float(os.environ.get("SIDECAR_TEST_MISSION_SECONDS", "15"))
 BLACKHOLED = next(t for t in TOMBSTONES if t.signal == "dns_srv_dot")  # A -> the blackhole
 
 

@@ -72,7 +72,7 @@ DEAD_IPS = (DEAD_410_IP, DEAD_REFUSE_IP, DEAD_BLACKHOLE_IP)
 LIVE_PORTS = (443, 8448, 8449, 8451)
 DEAD_PORTS = (443, 8448)
 TOMBSTONE_TTL = 300
-SIDECAR_ARGS_ENV = "TOMBSTONE_E2E_SIDECAR_ARGS"  # e.g. "--no-enforce" to see what fails
+SIDECAR_ARGS_ENV = "SIDECAR_TEST_E2E_SIDECAR_ARGS"  # e.g. "--no-enforce" to see what fails
 # The one deviation from Synapse's defaults: a federation transaction (/send) is retried
 # 10 times over ~8 minutes (4**n s, capped at 60 s) before Synapse records a backoff;
 # here it is retried twice, 1 s apart, so the backoff shows within seconds.
@@ -346,7 +346,7 @@ class World:
 
 # -- interactive launcher -------------------------------------------------------------------
 
-INSIDE_ENV = "TOMBSTONE_WORLD_INSIDE"
+INSIDE_ENV = "SIDECAR_TEST_WORLD_INSIDE"
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -402,7 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("world: stopping", file=sys.stderr)
         world.stop()
         reap_namespace()  # anything a piece left behind
-        if os.environ.get("TOMBSTONE_WORLD_KEEP") != "1":
+        if os.environ.get("SIDECAR_TEST_WORLD_KEEP") != "1":
             shutil.rmtree(directory, ignore_errors=True)
     return 0
 
@@ -434,7 +434,7 @@ def _summary(world: World) -> str:
         f"    {world.synapse.base_url}/_matrix/client/v3/join/%23lobby:live.test",
         f"  curl -s http://127.0.0.1:{world.sidecar.ops_port}/metrics | grep tombstone_suppressed",
         "",
-        f"Stop with Ctrl-C (or: kill {os.getpid()}). TOMBSTONE_WORLD_KEEP=1 keeps the files.",
+        f"Stop with Ctrl-C (or: kill {os.getpid()}). SIDECAR_TEST_WORLD_KEEP=1 keeps the files.",
     ]
     return "\n".join(lines)
 

@@ -41,7 +41,7 @@ def make_target(name: str, instrument: bool = True) -> Callable[[bytes], None]:
     with hook or contextlib.nullcontext():
         import yaml  # noqa: F401  (instrumented too: config goes through it)
 
-        from sidecar.config import options
+        from sidecar.config import options, sources, values
         from sidecar.judge import names, tombstone_txt, verdicts
         from sidecar.proxy import auth as proxy_auth
 
@@ -77,18 +77,18 @@ def make_target(name: str, instrument: bool = True) -> Callable[[bytes], None]:
     def fuzz_options(data: bytes) -> None:
         raw = text(data)
         try:
-            seconds = options.parse_duration(raw)
+            seconds = values.parse_duration(raw)
         except ValueError as e:
             assert str(e).strip()
         else:
             assert seconds > 0 and math.isfinite(seconds)
         parsers: tuple[Callable[[str], object], ...] = (
-            options.parse_listen,
-            options.parse_nameserver,
-            options.parse_share,
-            options.parse_bool,
-            options.parse_store,
-            lambda v: options.parse_int(v, 1, 1000),
+            values.parse_listen,
+            values.parse_nameserver,
+            values.parse_share,
+            values.parse_bool,
+            values.parse_store,
+            lambda v: values.parse_int(v, 1, 1000),
         )
         for parse in parsers:
             try:
@@ -107,7 +107,7 @@ def make_target(name: str, instrument: bool = True) -> Callable[[bytes], None]:
         with open(config_path, "wb") as file:
             file.write(data)
         try:
-            raw = options.load_config_file(config_path)
+            raw = sources.load_config_file(config_path)
         except options.ConfigError as e:
             assert str(e).startswith("--config: ")
             return

@@ -16,15 +16,11 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from sidecar.config.files import read_credentials
-from sidecar.config.options import (
-    BY_NAME,
+from sidecar.config.options import BY_NAME, OPTIONS, ConfigError, Option, Settings
+from sidecar.config.sources import load_config_file
+from sidecar.config.values import (
     DURATION_UNITS,
     MAX_DURATION_SECONDS,
-    OPTIONS,
-    ConfigError,
-    Option,
-    Settings,
-    load_config_file,
     parse_bool,
     parse_duration,
     parse_int,
@@ -413,7 +409,8 @@ def test_regression_config_alias_expansion_is_bounded(scratch: Path) -> None:
     program = (
         "import resource, sys\n"
         "resource.setrlimit(resource.RLIMIT_AS, (256 << 20, 256 << 20))\n"
-        "from sidecar.config.options import ConfigError, Settings, load_config_file\n"
+        "from sidecar.config.options import ConfigError, Settings\n"
+        "from sidecar.config.sources import load_config_file\n"
         "try:\n"
         f"    Settings.from_raw(load_config_file({str(config)!r}))\n"
         "except ConfigError as e:\n"

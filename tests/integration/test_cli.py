@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.config.options import options_for
 from tests.integration.conftest import DEAD_IP, LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import ManagedProcess, free_port
@@ -153,16 +154,87 @@ def test_bad_input_is_one_line_naming_the_option_exit_2(args: list[str], message
     assert "Traceback" not in result.stderr
 
 
-def test_bad_env_and_config_values_name_their_option(tmp_path: Path) -> None:
+def test_bad_env_and_config_values_name_where_they_came_from(tmp_path: Path) -> None:
     result = run_cli("run", env={"TOMBSTONE_MAX_TTL": "forever"})
-    assert result.returncode == 2 and "--max-ttl: 'forever' is not a duration" in result.stderr
+    assert result.returncode == 2
+    assert "error: TOMBSTONE_MAX_TTL: 'forever' is not a duration" in result.stderr
     config = tmp_path / "c.yaml"
-    config.write_text("min_tll: 5m\n")
+    config.write_text("# sidecar\nmin_tll: 5m\n")
     result = run_cli("run", "--config", str(config))
-    assert result.returncode == 2 and "unknown option 'min_tll'" in result.stderr
+    assert result.returncode == 2
+    assert f"--config: {config} line 2: unknown option 'min_tll' (did you mean min_ttl?)" in (
+        result.stderr
+    )
     config.write_text("deny: [a.example\n")
     result = run_cli("run", "--config", str(config))
     assert result.returncode == 2 and "is not valid YAML" in result.stderr
+    config.write_text("# sidecar\nmin_ttl: 5m\nmax-ttl: 1m\n")
+    result = run_cli("run", env={"TOMBSTONE_CONFIG": str(config)})
+    assert result.returncode == 2
+    assert (
+        f"error: {config} line 3: max-ttl: 1m is shorter than min_ttl 5m ({config} line 2)\n"
+        == result.stderr.split("tombstone-sidecar: ", 1)[1]
+    )
+
+
+def test_unknown_tombstone_variable_is_an_error_naming_the_close_option() -> None:
+    result = run_cli("check", "example.org", env={"TOMBSTONE_MIN_TLL": "10m"})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        "tombstone-sidecar: error: TOMBSTONE_MIN_TLL: unknown option "
+        "(did you mean TOMBSTONE_MIN_TTL?)\n"
+    )
+    result = run_cli("verdicts", "list", env={"TOMBSTONE_FROBNICATE": "1"})
+    assert result.returncode == 2
+    assert "TOMBSTONE_FROBNICATE: unknown option; every TOMBSTONE_* variable" in result.stderr
+
+
+def test_each_subcommand_reads_only_its_own_options(tmp_path: Path) -> None:
+    """A deny file `run` and `check` would read is nothing to `tombstone`, `ca`, `verdicts`."""
+    broken = {"TOMBSTONE_DENY_FILE": "/nonexistent", "TOMBSTONE_MODE": "bogus"}
+    result = run_cli("tombstone", "example.org", env=broken)
+    assert result.returncode == 0, result.stderr
+    assert 'example.org. 3600 IN TXT "v=matrix;gone"' in result.stdout
+    result = run_cli("ca", "--state-dir", str(tmp_path / "state"), env=broken)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"CA {tmp_path / 'state'}")
+    result = run_cli("verdicts", "list", "--ops-listen", f"127.0.0.1:{free_port()}", env=broken)
+    assert result.returncode == 3 and "cannot reach the sidecar" in result.stderr
+    result = run_cli("check", "example.org", env=broken)
+    assert result.returncode == 2
+    assert result.stderr.startswith("tombstone-sidecar: error: TOMBSTONE_DENY_FILE: cannot read")
+    result = run_cli("check", "example.org", "--mode", "intercept")
+    assert result.returncode == 2 and "unrecognized arguments: --mode intercept" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "present", "absent"),
+    [
+        (["run"], ["--listen", "--mode", "--deny-file", "--shutdown-grace"], []),
+        (["check"], ["--nameserver", "--deny-file", "--gone-ttl", "--probe"],
+         ["--listen", "--mode", "--store", "--ops-listen", "--shutdown-grace"]),
+        (["verdicts", "list"], ["--ops-listen", "--ops-token-file", "--synapse-admin-url"],
+         ["--deny", "--nameserver", "--mode"]),
+        (["ca"], ["--state-dir", "--export"], ["--deny", "--mode", "--ops-listen"]),
+        (["tombstone"], ["--max-age", "--only"], ["--config", "--state-dir", "TOMBSTONE_"]),
+    ],
+)  # fmt: skip
+def test_help_lists_only_the_subcommands_options(
+    command: list[str], present: list[str], absent: list[str]
+) -> None:
+    result = run_cli(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    for flag in present:
+        assert flag in result.stdout, flag
+    for flag in absent:
+        assert flag not in result.stdout, flag
+    words = " ".join(result.stdout.split())  # argparse wraps lines
+    for option in options_for(command[0]):  # each says its variable
+        assert f"{option.cli} " in words and f"env {option.env})" in words, option.name
+    if options_for(command[0]):
+        assert "configuration (flag > TOMBSTONE_* variable > --config file > default)" in (
+            result.stdout
+        )
 
 
 def test_help_teaches_signals_env_and_examples() -> None:

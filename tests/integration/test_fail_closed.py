@@ -75,7 +75,7 @@ def faulty(dns_server: DnsServer, tmp_path: Path) -> Iterator[Callable[[str, str
              "--set", "tombstone_refusal=status",
              "--set", "tombstone_probe=false",
              "--set", f"tombstone_mode={mode}"],
-            env={"PYTHONPATH": str(REPO), "TOMBSTONE_TEST_FAULT": fault},
+            env={"PYTHONPATH": str(REPO), "SIDECAR_TEST_FAULT": fault},
             log_path=tmp_path / f"mitmdump-{fault}.log",
         ).start()  # fmt: skip
         started.append(process)

@@ -1,6 +1,6 @@
 """mitmdump script for the fail-closed tests: the real addon with one decision raising.
 
-`TOMBSTONE_TEST_FAULT` names the decision a hook hands its work to (`TunnelGate.connect`,
+`SIDECAR_TEST_FAULT` names the decision a hook hands its work to (`TunnelGate.connect`,
 `TunnelGate.clienthello`, `TunnelGate.next_layer`, `RequestGate.request`,
 `DialGate.server_connect`); it raises as any bug there would, and the hook around it must
 refuse. Nothing else of the addon is changed.
@@ -18,7 +18,7 @@ from sidecar.proxy.dials import DialGate
 from sidecar.proxy.requests import RequestGate
 from sidecar.proxy.tunnels import TunnelGate
 
-FAULT = os.environ["TOMBSTONE_TEST_FAULT"]
+FAULT = os.environ["SIDECAR_TEST_FAULT"]
 GATES: dict[str, type] = {"TunnelGate": TunnelGate, "RequestGate": RequestGate,
                           "DialGate": DialGate}  # fmt: skip
 

@@ -8,13 +8,9 @@ from typing import Any
 
 import pytest
 
-from sidecar.config.options import (
-    BY_NAME,
-    OPTIONS,
-    ConfigError,
-    Settings,
-    gather_raw,
-    load_config_file,
+from sidecar.config.options import BY_NAME, MITMPROXY, OPTIONS, ConfigError, RawOptions, Settings
+from sidecar.config.sources import gather_raw, load_config_file
+from sidecar.config.values import (
     parse_bool,
     parse_duration,
     parse_int,
@@ -469,15 +465,19 @@ def test_yaml_typed_values_for_other_options(tmp_path: Path) -> None:
 def test_config_error_text() -> None:
     error = ConfigError("min_ttl", "'x' is not a duration")
     assert str(error) == "--min-ttl: 'x' is not a duration"
-    assert error.for_mitmproxy() == "tombstone_min_ttl: 'x' is not a duration"
     assert (error.option, error.problem) == ("min_ttl", "'x' is not a duration")
     assert isinstance(error, ValueError)
+    elsewhere = ConfigError("min_ttl", "'x' is not a duration", "TOMBSTONE_MIN_TTL")
+    assert str(elsewhere) == "TOMBSTONE_MIN_TTL: 'x' is not a duration"
 
 
 def test_config_error_from_settings_for_mitmproxy() -> None:
     with pytest.raises(ConfigError) as excinfo:
-        Settings.from_raw({"suppress_status": "200"})
-    assert excinfo.value.for_mitmproxy() == "tombstone_suppress_status: 200 is outside 400-599"
+        Settings.from_raw(RawOptions({"suppress_status": "200"}, fallback=MITMPROXY))
+    assert str(excinfo.value) == "tombstone_suppress_status: 200 is outside 400-599"
+    with pytest.raises(ConfigError) as excinfo:
+        Settings.from_raw(RawOptions({"min_ttl": "1h", "max_ttl": "5m"}, fallback=MITMPROXY))
+    assert str(excinfo.value) == "tombstone_max_ttl: 5m is shorter than tombstone_min_ttl 1h"
 
 
 # --- option table -----------------------------------------------------------------------------
@@ -529,9 +529,12 @@ def test_load_config_file_empty(tmp_path: Path, text: str) -> None:
 @pytest.mark.parametrize(
     ("text", "message_part"),
     [
-        ("min_ttl: 5m\nmin_tll: 10m\n", ": unknown option 'min_tll'"),
-        ("config: other.yaml\n", ": unknown option 'config'"),
-        ("Min_TTL: 5m\n", ": unknown option 'Min_TTL'"),
+        (
+            "min_ttl: 5m\nmin_tll: 10m\n",
+            " line 2: unknown option 'min_tll' (did you mean min_ttl?)",
+        ),
+        ("config: other.yaml\n", " line 1: unknown option 'config'"),
+        ("Min_TTL: 5m\n", " line 1: unknown option 'Min_TTL'"),
         ("- min_ttl\n- 5m\n", " must be a mapping of option: value"),
         ("just a string\n", " must be a mapping of option: value"),
         ("42\n", " must be a mapping of option: value"),
