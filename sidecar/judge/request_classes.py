@@ -10,7 +10,6 @@ a class's status.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 FAILOVER = "failover"  # other servers can answer: a 5xx makes Synapse try the next one
 USER = "user"  # one destination, a person waiting: a 4xx carrying the reason
@@ -36,12 +35,6 @@ TABLE: tuple[tuple[str, str], ...] = (
 )
 _COMPILED = tuple((re.compile(pattern), cls) for pattern, cls in TABLE)
 CLASSES = tuple(DEFAULT_STATUS)
-
-
-@dataclass(frozen=True)
-class Answer:
-    cls: str
-    status: int
 
 
 def classify(path: str) -> str:

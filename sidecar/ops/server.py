@@ -1,10 +1,10 @@
 """The ops HTTP listener: /metrics, /healthz, /readyz and the /v1/verdicts API.
 
 It runs on mitmproxy's own event loop (one process, one loop), so it sees the live cache
-without locks. It speaks just enough HTTP/1.1 for Prometheus, kubelet probes, curl and
-`tombstone-sidecar verdicts`: one request per connection, bounded sizes, a deadline per
-request. Reading is open (scrapers and probes need no secret); changing a verdict (PUT,
-DELETE) needs the bearer token from `--ops-token-file`.
+without locks. The HTTP/1.1 wire, with its bounds on size and time, is ops/wire.py (and
+why it is not tornado's); this module routes and answers. Reading is open (scrapers and
+probes need no secret); changing a verdict (PUT, DELETE) needs the bearer token from
+`--ops-token-file`.
 
 API (JSON):
   GET    /v1/verdicts?state=&signal=&sort=&limit=&offset=   list, filtered, paginated;
@@ -25,6 +25,7 @@ import json
 import logging
 import time
 import unicodedata
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -35,12 +36,10 @@ from sidecar.config.values import parse_duration
 from sidecar.judge.names import Authority, InvalidName, normalize_host
 from sidecar.judge.verdicts import Entry, State, to_record
 from sidecar.ops.backend import Listed, OpsBackend, Unavailable
+from sidecar.ops.wire import MAX_HEADER_BYTES, Reply, Request, json_reply, serve
 
 log = logging.getLogger("sidecar.ops")
 
-MAX_HEADER_BYTES = 16 * 1024  # a scrape or probe request is a few hundred bytes
-MAX_BODY_BYTES = 64 * 1024  # a PUT body is a TTL and a comment
-REQUEST_DEADLINE_SECONDS = 10.0  # a client that dribbles its request is dropped
 DEFAULT_PAGE = 100
 MAX_PAGE = 1000
 LIST_ORDERS = ("name", "suppressed")  # by server name, or most refused first
@@ -53,12 +52,6 @@ MAX_COMMENT = 500
 # format characters (bidi overrides), line/paragraph separators and lone surrogates.
 FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 ERROR_LOG_INTERVAL = 60.0  # a handler bug logs at most one line a minute, not one per request
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-           413: "Content Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable"}  # fmt: skip
-
-Reply = tuple[int, dict[str, str], bytes]
 
 
 def verdict_json(entry: Entry) -> dict[str, Any]:
@@ -80,7 +73,10 @@ class OpsServer:
 
     async def start(self, listen: Authority) -> None:
         try:
-            self._server = await asyncio.start_server(self._handle, listen.host, listen.port)
+            self._server = await asyncio.start_server(
+                partial(serve, handle=self._handle, on_failure=self._failed),
+                listen.host, listen.port, limit=MAX_HEADER_BYTES,
+            )  # fmt: skip
         except OSError as e:
             raise OSError(f"cannot listen for ops HTTP on {listen}: {e.strerror or e}") from e
         sock = self._server.sockets[0].getsockname()
@@ -93,32 +89,18 @@ class OpsServer:
             await self._server.wait_closed()
             self._server = None
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head_only = [False]  # set by _respond once it has read a HEAD request line
+    async def _handle(self, request: Request) -> Reply:
         try:
-            status, headers, body = await asyncio.wait_for(
-                self._respond(reader, head_only), REQUEST_DEADLINE_SECONDS
-            )
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
-            writer.close()
-            return
-        except Exception as e:  # a bug: answer 500, log it once a minute, keep serving
-            self._log_failure(e)
-            status, headers, body = _json(500, {"error": "internal error; see the sidecar log"})
-        head = [
-            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-        ]
-        head += [f"{k}: {v}" for k, v in headers.items()]
-        # HEAD: the same status and Content-Length as GET, and no body (RFC 9110 §9.3.2).
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + (b"" if head_only[0] else body))
-        try:
-            await writer.drain()
-        except ConnectionError:
-            pass
-        finally:
-            writer.close()
+            url = urlsplit(request.target)
+        except ValueError as e:
+            return json_reply(400, {"error": f"malformed request target: {e}"})
+        return await self.route(request.method, url.path, parse_qs(url.query),
+                                request.headers, request.body)  # fmt: skip
+
+    def _failed(self, error: Exception) -> Reply:
+        """A handler bug: answer 500, log it once a minute, keep serving."""
+        self._log_failure(error)
+        return json_reply(500, {"error": "internal error; see the sidecar log"})
 
     def _log_failure(self, error: Exception) -> None:
         """One ERROR line (no traceback) per ERROR_LOG_INTERVAL, however many requests fail:
@@ -134,45 +116,12 @@ class OpsServer:
                   type(error).__name__, _one_line(str(error)), count)  # fmt: skip
         log.debug("the traceback of that ops HTTP failure", exc_info=error)  # --log-level debug
 
-    async def _respond(self, reader: asyncio.StreamReader, head_only: list[bool]) -> Reply:
-        try:
-            raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            return _json(413, {"error": "request headers too large"})
-        if len(raw) > MAX_HEADER_BYTES:
-            return _json(413, {"error": "request headers too large"})
-        lines = raw.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3:
-            return _json(400, {"error": f"malformed request line {lines[0][:100]!r}"})
-        method, target, _ = parts
-        head_only[0] = method == "HEAD"
-        headers = {}
-        for line in lines[1:]:
-            key, sep, value = line.partition(":")
-            if sep:
-                headers[key.strip().lower()] = value.strip()
-        body = b""
-        if method in ("PUT", "POST", "DELETE"):
-            try:
-                length = int(headers.get("content-length", "0"))
-            except ValueError:
-                return _json(400, {"error": "Content-Length is not a number"})
-            if not 0 <= length <= MAX_BODY_BYTES:
-                return _json(413, {"error": f"body larger than {MAX_BODY_BYTES} bytes"})
-            body = await reader.readexactly(length)
-        try:
-            url = urlsplit(target)
-        except ValueError as e:
-            return _json(400, {"error": f"malformed request target: {e}"})
-        return await self.route(method, url.path, parse_qs(url.query), headers, body)
-
     async def route(self, method: str, path: str, query: dict[str, list[str]],
                     headers: dict[str, str], body: bytes) -> Reply:  # fmt: skip
         try:
             return await self._route(method, path, query, headers, body)
         except Unavailable as e:
-            return _json(404 if path == "/v1/synapse" else 503, {"error": str(e)})
+            return json_reply(404 if path == "/v1/synapse" else 503, {"error": str(e)})
 
     async def _route(self, method: str, path: str, query: dict[str, list[str]],
                      headers: dict[str, str], body: bytes) -> Reply:  # fmt: skip
@@ -185,14 +134,14 @@ class OpsServer:
                 if denied is not None:
                     return denied
                 return self._mark(name, body) if method == "PUT" else await self._recheck(name)
-            return _json(405, {"error": f"{method} is not supported on {path}"})
+            return json_reply(405, {"error": f"{method} is not supported on {path}"})
         if method not in ("GET", "HEAD"):
-            return _json(405, {"error": f"{method} is not supported on {path[:100]}"})
+            return json_reply(405, {"error": f"{method} is not supported on {path[:100]}"})
         if path == "/metrics":
             payload = generate_latest(self._backend.registry)
             return 200, {"Content-Type": CONTENT_TYPE_LATEST}, payload
         if path == "/healthz":
-            return _json(200, {"status": "ok", "version": __version__})
+            return json_reply(200, {"status": "ok", "version": __version__})
         if path == "/readyz":
             return self._readyz()
         if path == "/v1/verdicts":
@@ -200,15 +149,17 @@ class OpsServer:
         if path == "/v1/resurrections":
             return self._resurrections()
         if path == "/v1/synapse":
-            return _json(200, self._backend.synapse())
+            return json_reply(200, self._backend.synapse())
         endpoints = ["/metrics", "/healthz", "/readyz", "/v1/verdicts", "/v1/resurrections",
                      "/v1/synapse"]  # fmt: skip
-        return _json(404, {"error": f"no such endpoint {path[:100]!r}", "endpoints": endpoints})
+        return json_reply(
+            404, {"error": f"no such endpoint {path[:100]!r}", "endpoints": endpoints}
+        )
 
     def _authorize(self, headers: dict[str, str]) -> Reply | None:
         token = self._backend.ops_token
         if token is None:
-            return _json(403, {"error": "the ops API is read-only: start the sidecar with "
+            return json_reply(403, {"error": "the ops API is read-only: start the sidecar with "
                                         "--ops-token-file to allow changes"})  # fmt: skip
         scheme, _, given = headers.get("authorization", "").partition(" ")
         given = given.strip()
@@ -217,7 +168,7 @@ class OpsServer:
         wellformed = scheme.lower() == "bearer" and given.isascii() and given.isprintable()
         # Compared as bytes: compare_digest raises TypeError on non-ASCII str.
         if not (wellformed and hmac.compare_digest(given.encode(), token.encode())):
-            status, extra, payload = _json(401, {"error": "missing or wrong bearer token"})
+            status, extra, payload = json_reply(401, {"error": "missing or wrong bearer token"})
             return (
                 status,
                 {**extra, "WWW-Authenticate": 'Bearer realm="tombstone-sidecar"'},
@@ -236,23 +187,23 @@ class OpsServer:
         }
         if readiness.store is not None:
             detail["store"] = readiness.store
-        return _json(200 if readiness.ready else 503, detail)
+        return json_reply(200 if readiness.ready else 503, detail)
 
     def _list(self, query: dict[str, list[str]]) -> Reply:
         state = query.get("state", [None])[0]
         signal = query.get("signal", [None])[0]
         order = query.get("sort", ["name"])[0]
         if order not in LIST_ORDERS:
-            return _json(400, {"error": f"sort must be one of {', '.join(LIST_ORDERS)}"})
+            return json_reply(400, {"error": f"sort must be one of {', '.join(LIST_ORDERS)}"})
         if state is not None and state not in {s.value for s in State}:
-            return _json(
+            return json_reply(
                 400, {"error": f"state must be one of {', '.join(s.value for s in State)}"}
             )
         try:
             limit = max(min(int(query.get("limit", [DEFAULT_PAGE])[0]), MAX_PAGE), 0)
             offset = max(int(query.get("offset", [0])[0]), 0)
         except ValueError:
-            return _json(400, {"error": "limit and offset must be whole numbers"})
+            return json_reply(400, {"error": "limit and offset must be whole numbers"})
         chosen = [
             e for e in self._backend.entries()
             if (state is None or e.verdict.state == state)
@@ -263,24 +214,24 @@ class OpsServer:
         else:
             chosen.sort(key=lambda e: e.verdict.destination)
         page = chosen[offset : offset + limit]
-        return _json(200, {"total": len(chosen), "offset": offset, "limit": limit,
+        return json_reply(200, {"total": len(chosen), "offset": offset, "limit": limit,
                            "verdicts": [verdict_json(e) for e in page]})  # fmt: skip
 
     def _show(self, raw_name: str) -> Reply:
         try:
             name = normalize_host(raw_name)
         except InvalidName as e:
-            return _json(400, {"error": str(e)})
+            return json_reply(400, {"error": str(e)})
         entry = self._backend.verdict(name)
         if entry is None:
-            return _json(404, {"error": f"no verdict for {name}", "destination": name})
-        return _json(200, verdict_json(entry))
+            return json_reply(404, {"error": f"no verdict for {name}", "destination": name})
+        return json_reply(200, verdict_json(entry))
 
     def _mark(self, raw_name: str, body: bytes) -> Reply:
         try:
             name = normalize_host(raw_name)
         except InvalidName as e:
-            return _json(400, {"error": str(e)})
+            return json_reply(400, {"error": str(e)})
         try:
             request = json.loads(body) if body.strip() else {}
             if not isinstance(request, dict):
@@ -288,28 +239,28 @@ class OpsServer:
             ttl = _operator_ttl(request.get("ttl", DEFAULT_OPERATOR_TTL))
             comment = _comment(request.get("comment", ""))
         except (ValueError, RecursionError) as e:
-            return _json(400, {"error": f"bad request body: {str(e)[:200]}"})
+            return json_reply(400, {"error": f"bad request body: {str(e)[:200]}"})
         entry = self._backend.mark_gone(name, ttl, comment)
         log.info("%s marked gone through the ops API", name)
-        return _json(200, verdict_json(entry))
+        return json_reply(200, verdict_json(entry))
 
     async def _recheck(self, raw_name: str) -> Reply:
         try:
             name = normalize_host(raw_name)
         except InvalidName as e:
-            return _json(400, {"error": str(e)})
+            return json_reply(400, {"error": str(e)})
         try:
             entry, released = await self._backend.recheck(name)
         except Listed as e:
-            return _json(409, {"error": str(e)})
+            return json_reply(409, {"error": str(e)})
         log.info("%s forgotten through the ops API%s; now %s", name,
                  " (hold released)" if released else "", entry.verdict.state)  # fmt: skip
-        return _json(200, verdict_json(entry))
+        return json_reply(200, verdict_json(entry))
 
     def _resurrections(self) -> Reply:
         found = self._backend.resurrections()
         events = [e.to_json() for e in reversed(found.events)]
-        return _json(200, {"total": len(events), "held": found.held, "resurrections": events})
+        return json_reply(200, {"total": len(events), "held": found.held, "resurrections": events})
 
 
 def _operator_ttl(raw: object) -> float:
@@ -336,7 +287,3 @@ def _comment(raw: object) -> str:
 def _one_line(text: str, limit: int = 200) -> str:
     """`text` as one bounded log line: non-printable characters escaped."""
     return ascii(text[:limit])[1:-1]
-
-
-def _json(status: int, payload: dict[str, Any]) -> Reply:
-    return status, {"Content-Type": "application/json"}, json.dumps(payload, indent=1).encode()

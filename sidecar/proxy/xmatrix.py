@@ -5,9 +5,16 @@
 `name=value` pairs; values are quoted strings (with backslash escapes) or bare tokens.
 The `destination` parameter is what verdicts are keyed by inside pooled tunnels, where the
 Host header may name a delegated target shared by several servers.
+
+The list is split by the standard library (`urllib.request.parse_http_list`: commas outside
+quotes, backslash escapes undone); this module checks each `name=value`. Like Synapse, which
+reads the header it receives by splitting at commas only, parameters separated by spaces
+alone are an error. (`parse_keqv_list` does not fit: it raises IndexError on `name=`.)
 """
 
 from __future__ import annotations
+
+from urllib.request import parse_http_list
 
 SCHEME = "x-matrix"
 MAX_HEADER = 8192  # a real header is a few hundred bytes
@@ -28,49 +35,24 @@ def parse(header: str) -> dict[str, str]:
     if scheme.lower() != SCHEME:
         raise XMatrixError(f"scheme is {scheme[:20]!r}, not X-Matrix")
     params: dict[str, str] = {}
-    i, n = 0, len(rest)
-    while i < n:
-        while i < n and rest[i] in " \t,":
-            i += 1
-        if i >= n:
-            break
-        eq = rest.find("=", i)
-        if eq < 0:
-            raise XMatrixError(f"parameter without '=' at offset {i}")
-        name = rest[i:eq].strip().lower()
+    # parse_http_list splits at commas outside quotes and drops the backslash of each escape.
+    for part in parse_http_list(rest):
+        if not part:
+            continue  # ",," between parameters
+        name, sep, value = part.partition("=")
+        name, value = name.strip().lower(), value.strip()
+        if not sep:
+            raise XMatrixError(f"parameter without '=' in {part[:20]!r}")
         if not name or any(c not in _TOKEN_CHARS for c in name):
             raise XMatrixError(f"bad parameter name {name[:20]!r}")
-        i = eq + 1
-        while i < n and rest[i] in " \t":
-            i += 1
-        if i < n and rest[i] == '"':
-            value, i = _quoted(rest, i + 1)
-        else:
-            start = i
-            while i < n and rest[i] not in ", \t":
-                if rest[i] not in _TOKEN_CHARS:
-                    raise XMatrixError(f"bad character {rest[i]!r} in the value of {name}")
-                i += 1
-            value = rest[start:i]
+        if value.startswith('"'):
+            if len(value) < 2 or not value.endswith('"'):
+                raise XMatrixError(f"unterminated quoted value of {name}")
+            value = value[1:-1]
+        elif any(c not in _TOKEN_CHARS for c in value):
+            raise XMatrixError(f"bad character in the value of {name}")
         params[name] = value
     return params
-
-
-def _quoted(text: str, i: int) -> tuple[str, int]:
-    out = []
-    while i < len(text):
-        c = text[i]
-        if c == "\\":
-            if i + 1 >= len(text):
-                break
-            out.append(text[i + 1])
-            i += 2
-            continue
-        if c == '"':
-            return "".join(out), i + 1
-        out.append(c)
-        i += 1
-    raise XMatrixError("unterminated quoted value")
 
 
 def destination(header: str | None) -> str | None:

@@ -38,8 +38,6 @@ MAX_PAGES = 40  # per poll: 20 000 destinations; beyond that the rest waits for 
 
 OK, NOT_NEEDED, NOT_FOUND = "ok", "not_needed", "not_found"
 UNAUTHORIZED, UNREACHABLE, ERROR = "unauthorized", "unreachable", "error"
-RESULTS = (OK, NOT_NEEDED, NOT_FOUND, UNAUTHORIZED, UNREACHABLE, ERROR)
-OPERATIONS = ("reset_connection", "destinations", "destination", "rooms")
 
 
 class AdminError(Exception):

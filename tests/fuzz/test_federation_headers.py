@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
@@ -74,6 +75,30 @@ def test_xmatrix_destination_is_a_string_none_or_an_xmatrix_error(header: str | 
     except xmatrix.XMatrixError:
         return
     assert found is None or (isinstance(found, str) and found)
+
+
+@pytest.mark.parametrize(
+    ("header", "params"),
+    [
+        ('X-Matrix origin="a",destination="b"', {"origin": "a", "destination": "b"}),
+        ('X-Matrix a = "x\\"y" ,, b=tok', {"a": 'x"y', "b": "tok"}),
+        ('X-Matrix a="b,c"', {"a": "b,c"}),
+        ("X-Matrix a=", {"a": ""}),
+        ("X-Matrix origin=a destination=b", None),  # Synapse splits at commas only
+        ('X-Matrix a="unterminated', None),
+        ('X-Matrix a="b"x', None),
+        ("X-Matrix a=b=c", None),
+        ("X-Matrix novalue", None),
+        ('X-Matrix "a"=b', None),
+    ],
+)
+def test_xmatrix_parse_known_headers(header: str, params: dict[str, str] | None) -> None:
+    """The readings the stdlib list splitter must keep (None: an XMatrixError)."""
+    if params is None:
+        with pytest.raises(xmatrix.XMatrixError):
+            xmatrix.parse(header)
+    else:
+        assert xmatrix.parse(header) == params
 
 
 TTL = TtlBounds(default=86400.0, minimum=3600.0, maximum=30 * 86400.0)

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from sidecar.ops.server import MAX_BODY_BYTES, REASONS
+from sidecar.ops.wire import MAX_BODY_BYTES, REASONS
 from tests.fuzz.processes import GuardedSidecar
 from tests.fuzz.profiles import examples
 from tests.fuzz.strategies import hostish, json_documents
