@@ -166,11 +166,11 @@ class TombstoneAddon:
 
     # -- decision points: fail closed --------------------------------------------------
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+    async def next_layer(self, nextlayer: layer.NextLayer) -> None:
         if self.tunnels is None:
             return
         try:
-            self.tunnels.next_layer(nextlayer)
+            await self.tunnels.next_layer(nextlayer)
         except Exception as e:
             self._hook_failed("next_layer", e)
             refuse_connection(nextlayer)

@@ -469,6 +469,10 @@ class HeadLimitedHttpLayer(HttpLayer):
                 yield commands.SendData(self.context.client, _head_too_large(self.limit))
                 yield commands.CloseConnection(self.context.client)
                 return
+            if not self.gating:
+                # Admitted: mitmproxy's HttpLayer takes every later event itself, so the
+                # tunnel's bytes pass one layer fewer (pooled keep-alive requests).
+                self._handle_event = super()._handle_event  # type: ignore[method-assign]
         yield from super()._handle_event(event)
 
     def _head_bytes(self, data: bytes) -> int | None:

@@ -20,6 +20,7 @@ from tests.integration.conftest import DEAD_IP, LIVE_IP
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
 from tests.support.sidecar_process import Sidecar
+from tests.support.tls_client import split_hello_get
 from tests.support.tls_upstream import TestCA, Upstream
 
 GONE_SIGNALS = [
@@ -515,3 +516,46 @@ def test_plain_http_proxy_request_to_a_gone_host_is_answered_locally(
 def test_sigterm_exits_cleanly(sidecar_factory: Callable[..., Sidecar]) -> None:
     sidecar = sidecar_factory()
     assert sidecar.stop() == 0
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["hello-whole", "hello-split"])
+def test_the_sni_is_judged_whether_the_clienthello_comes_whole_or_split(
+    split: bool,
+    sidecar: Sidecar,
+    zone: Zone,
+    live_upstream: Upstream,
+    dead_upstream: Upstream,
+    ca: TestCA,
+    unique: Callable[[str], str],
+) -> None:
+    """A whole ClientHello is judged at the layer choice (the tunnel is then relayed as
+    plain TCP); one split over two reads is judged once mitmproxy has gathered it. Either
+    way a gone SNI behind a live CONNECT target is never dialled and a live one passes."""
+    server, live = unique("sni-gone"), unique("sni-live")
+    target = f"fed.{server}"
+    zone.add(target, "A", DEAD_IP)
+    zone.add(server, "TXT", "v=matrix;gone")
+    zone.add(server, "A", DEAD_IP)
+    zone.add(live, "A", LIVE_IP)
+    before = sidecar.metric("tombstone_suppressed_total", signal="dns_txt_gone", stage="tls")
+
+    def get(authority: str, name: str) -> int:
+        reply = sidecar.connect(authority)
+        assert reply.status == 200 and reply.sock is not None
+        if split:
+            return split_hello_get(reply.sock, ca.client_context(), name)
+        try:
+            with ca.client_context().wrap_socket(reply.sock, server_hostname=name) as tls:
+                tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+                return int(tls.recv(65536).split(b" ", 2)[1])
+        except (ssl.SSLError, OSError):
+            return 0
+
+    assert get(f"{target}:{dead_upstream.port}", server) == 0
+    assert dead_upstream.connections == 0
+    assert (
+        sidecar.metric("tombstone_suppressed_total", signal="dns_txt_gone", stage="tls")
+        == before + 1
+    )
+    assert get(f"{live}:{live_upstream.port}", live) == 200
+    assert any(r.sni == live for r in live_upstream.requests)  # TLS end to end, untouched
