@@ -29,10 +29,9 @@ from sidecar.config.options import ConfigError, Settings
 from sidecar.dns.address_book import AddressBook
 from sidecar.dns.client import DnsClient
 from sidecar.dns.questions import DnsQuestions
-from sidecar.judge.breaker import Breaker, BreakerSettings, Gate
+from sidecar.judge.breaker import Breaker, Gate
 from sidecar.judge.policy import Policy
 from sidecar.judge.ports import FoundAddresses
-from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict
 from sidecar.metrics import Metrics
 from sidecar.ops.backend import Listed, Readiness, Resurrections, Unavailable
@@ -41,7 +40,7 @@ from sidecar.ops.server import OpsServer
 from sidecar.remote.addresses import AddressPolicy
 from sidecar.remote.identity import FILE_NAME as KEYS_FILE
 from sidecar.remote.identity import KeyBook, KeyFetcher
-from sidecar.remote.probe import Prober, ProbeResult, ProbeSettings
+from sidecar.remote.probe import Prober, ProbeResult
 from sidecar.store.base import VerdictStore, default_state_dir
 from sidecar.store.open import open_store
 from sidecar.synapse.admin import AdminEndpoint, SynapseAdmin
@@ -65,8 +64,8 @@ class Sidecar:
         self.addresses = _address_policy(settings)
         self.address_book = AddressBook(self.dns, metrics, max_stale=settings.dns_max_stale,
                                         maxsize=settings.cache_size)  # fmt: skip
-        self.gone_ttl = _gone_ttl(settings)
-        self.breaker = Breaker(_breaker_settings(settings), metrics)
+        self.gone_ttl = settings.gone_lifetime
+        self.breaker = Breaker(settings.breaker, metrics)
         self.prober = self._make_prober(settings)
         self.lifter = Lifter(metrics, _key_book(settings), fetcher=self._make_fetcher(settings),
                              admin=_synapse_admin(settings, metrics), store=self.store,
@@ -90,7 +89,7 @@ class Sidecar:
             addresses=self.address_book,
             store=self.store,
             metrics=self.metrics,
-            ttl=TtlBounds(settings.min_ttl, settings.max_ttl),
+            ttl=settings.verdict_ttl,
             cache_size=settings.cache_size,
             deny=settings.deny,
             allow=settings.allow,
@@ -102,14 +101,7 @@ class Sidecar:
     def _make_prober(self, settings: Settings) -> Prober | None:
         if not settings.probe:
             return None
-        probe = ProbeSettings(
-            timeout=settings.probe_timeout,
-            concurrency=settings.probe_concurrency,
-            interval=settings.probe_interval,
-            ttl=self.gone_ttl,
-            ca_file=settings.upstream_ca or None,
-        )
-        return Prober(probe, self.metrics, self.addresses, self.addresses_of)
+        return Prober(settings.probing, self.metrics, self.addresses, self.addresses_of)
 
     def _make_fetcher(self, settings: Settings) -> KeyFetcher:
         context = ssl.create_default_context()
@@ -128,8 +120,8 @@ class Sidecar:
         self.address_book.dns = dns
         self.address_book.max_stale = settings.dns_max_stale
         self.addresses = _address_policy(settings)
-        self.gone_ttl = _gone_ttl(settings)
-        self.breaker.settings = _breaker_settings(settings)
+        self.gone_ttl = settings.gone_lifetime
+        self.breaker.settings = settings.breaker
         old_prober, self.prober = self.prober, self._make_prober(settings)
         if old_prober is not None:
             self._spawn(old_prober.close())
@@ -142,7 +134,7 @@ class Sidecar:
         else:
             self.policy.use_questions(DnsQuestions(dns))
             self.policy.prober = self.prober
-            self.policy.ttl = TtlBounds(settings.min_ttl, settings.max_ttl)
+            self.policy.ttl = settings.verdict_ttl
             self.policy.allow = settings.allow
             self.policy.set_deny(settings.deny)
         self.settings = settings
@@ -423,15 +415,6 @@ def _address_policy(settings: Settings) -> AddressPolicy:
     return AddressPolicy.default(
         settings.allow_addresses, own=(settings.listen, settings.ops_listen)
     )
-
-
-def _gone_ttl(settings: Settings) -> TtlBounds:
-    return TtlBounds(settings.min_gone_ttl, settings.max_gone_ttl, default=settings.gone_ttl)
-
-
-def _breaker_settings(settings: Settings) -> BreakerSettings:
-    return BreakerSettings(settings.breaker_failures, settings.breaker_min,
-                           settings.breaker_max, settings.breaker_max_share)  # fmt: skip
 
 
 def _key_book(settings: Settings) -> KeyBook:

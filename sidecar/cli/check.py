@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 from typing import Any
 
@@ -21,13 +22,12 @@ from sidecar.dns.questions import DnsQuestions, evaluate
 from sidecar.judge.names import InvalidName, is_ip_literal, parse_authority
 from sidecar.judge.policy import Policy
 from sidecar.judge.signals import DnsReport, Signal
-from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
 from sidecar.remote import check_http
 from sidecar.remote.addresses import AddressPolicy
 from sidecar.remote.check_http import HttpReport
-from sidecar.remote.probe import Prober, ProbeSettings
+from sidecar.remote.probe import Prober
 from sidecar.store.base import VerdictStore
 
 NAME = "check"
@@ -99,7 +99,7 @@ async def run_check(raw_name: str, settings: Settings, raw: RawOptions, as_json:
         addresses=AddressBook(dns, metrics, max_stale=settings.dns_max_stale, maxsize=1),
         store=VerdictStore(metrics),
         metrics=metrics,
-        ttl=TtlBounds(settings.min_ttl, settings.max_ttl),
+        ttl=settings.verdict_ttl,
         cache_size=1,
         deny=settings.deny,
         allow=settings.allow,
@@ -125,9 +125,8 @@ async def run_check(raw_name: str, settings: Settings, raw: RawOptions, as_json:
 async def _probe(raw_name: str, settings: Settings, dns: DnsClient, policy: Policy,
                  verdict: Verdict) -> tuple[HttpReport, Verdict]:  # fmt: skip
     """The HTTP side; a 410 makes the verdict http_410 exactly as the sidecar would."""
-    ttl = TtlBounds(settings.min_gone_ttl, settings.max_gone_ttl, default=settings.gone_ttl)
-    probe = ProbeSettings(settings.probe_timeout, 1, settings.probe_interval, ttl,
-                          settings.upstream_ca or None)  # fmt: skip
+    probe = dataclasses.replace(settings.probing, concurrency=1)  # one name, one probe
+    ttl = probe.ttl
 
     async def resolve(host: str) -> tuple[str, ...]:
         return (host,) if is_ip_literal(host) else (await evaluate(dns, host)).addresses

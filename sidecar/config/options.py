@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, NamedTuple, NoReturn
 
 from sidecar.config.files import read_credentials
@@ -36,9 +37,12 @@ from sidecar.config.values import (
     read_token_file,
 )
 from sidecar.dns.client import Nameserver
+from sidecar.judge.breaker import BreakerSettings
 from sidecar.judge.names import Authority
 from sidecar.judge.request_classes import DEFAULT_STATUS, parse_override
+from sidecar.judge.ttl import TtlBounds
 from sidecar.remote.addresses import IPNetwork, parse_network
+from sidecar.remote.probe import ProbeSettings
 
 ENV_PREFIX = "TOMBSTONE_"
 MITM_PREFIX = "tombstone_"
@@ -708,6 +712,35 @@ class Settings:
     head_timeout: float = 10.0
     max_head_size: int = 64 * 1024
     max_pending_clients: int = 0  # 0: auto, from the open-file limit
+
+    # -- sections: what one component takes, as it takes it ------------------------------
+
+    @cached_property
+    def verdict_ttl(self) -> TtlBounds:
+        """`--min-ttl`..`--max-ttl`: the lifetime of a verdict judged from DNS."""
+        return TtlBounds(self.min_ttl, self.max_ttl)
+
+    @cached_property
+    def gone_lifetime(self) -> TtlBounds:
+        """`--min-gone-ttl`..`--max-gone-ttl`, `--gone-ttl` when a 410 says nothing."""
+        return TtlBounds(self.min_gone_ttl, self.max_gone_ttl, default=self.gone_ttl)
+
+    @cached_property
+    def breaker(self) -> BreakerSettings:
+        """The unreachable breaker's `--breaker-*` options."""
+        return BreakerSettings(self.breaker_failures, self.breaker_min, self.breaker_max,
+                               self.breaker_max_share)  # fmt: skip
+
+    @cached_property
+    def probing(self) -> ProbeSettings:
+        """The 410 probes' `--probe-*` options, the 410 lifetimes and `--upstream-ca`."""
+        return ProbeSettings(
+            timeout=self.probe_timeout,
+            concurrency=self.probe_concurrency,
+            interval=self.probe_interval,
+            ttl=self.gone_lifetime,
+            ca_file=self.upstream_ca or None,
+        )
 
     def read_lists(self) -> OperatorLists:
         """Deny and allow lists: the flags plus the files as they are now (ValueError if bad).
