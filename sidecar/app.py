@@ -62,15 +62,21 @@ class Sidecar:
         self.dns = _dns_client(settings, metrics)
         self.store: VerdictStore = open_store(settings.store, settings.state_dir, metrics)
         self.addresses = _address_policy(settings)
-        self.address_book = AddressBook(self.dns, metrics, max_stale=settings.dns_max_stale,
-                                        maxsize=settings.cache_size)  # fmt: skip
+        self.address_book = AddressBook(
+            self.dns, metrics, max_stale=settings.dns_max_stale, maxsize=settings.cache_size
+        )
         self.gone_ttl = settings.gone_lifetime
         self.breaker = Breaker(settings.breaker, metrics)
         self.prober = self._make_prober(settings)
-        self.lifter = Lifter(metrics, _key_book(settings), fetcher=self._make_fetcher(settings),
-                             admin=_synapse_admin(settings, metrics), store=self.store,
-                             hold_reborn=settings.hold_reborn,
-                             poll_interval=settings.synapse_admin_poll)  # fmt: skip
+        self.lifter = Lifter(
+            metrics,
+            _key_book(settings),
+            fetcher=self._make_fetcher(settings),
+            admin=_synapse_admin(settings, metrics),
+            store=self.store,
+            hold_reborn=settings.hold_reborn,
+            poll_interval=settings.synapse_admin_poll,
+        )
         self.policy = self._make_policy(settings)
         metrics.watch_verdicts(self._verdict_counts)
         self.loaded = asyncio.Event()  # stored verdicts are in the cache: decisions may start
@@ -107,8 +113,7 @@ class Sidecar:
         context = ssl.create_default_context()
         if settings.upstream_ca:
             context.load_verify_locations(settings.upstream_ca)
-        return KeyFetcher(context, settings.probe_timeout, self.addresses_of,
-                          self.allowed_address)  # fmt: skip
+        return KeyFetcher(context, settings.probe_timeout, self.addresses_of, self.allowed_address)
 
     def reconfigure(self, settings: Settings) -> None:
         """New settings while running (mitmproxy `--set`): the verdict cache survives unless
@@ -297,8 +302,10 @@ class Sidecar:
                 "%s lists no names now; keeping the %d denied names until it is still empty "
                 "at the next check in %gs (to avoid this pause, replace the file atomically: "
                 "write a new file, then rename it over the old one)",
-                settings.deny_file, policy.deny_count(), LIST_POLL_SECONDS,
-            )  # fmt: skip
+                settings.deny_file,
+                policy.deny_count(),
+                LIST_POLL_SECONDS,
+            )
             return True
         policy.allow = lists.allow
         await policy.replace_deny(lists.deny, f"; allow list: {len(lists.allow)} (reloaded)")
@@ -367,8 +374,9 @@ class Sidecar:
     async def recheck(self, name: str) -> tuple[Entry, bool]:
         policy = self.policy
         if policy.is_listed(name):
-            raise Listed(f"{name} is on --deny/--deny-file; remove it there "
-                         "(the file is reloaded on change)")  # fmt: skip
+            raise Listed(
+                f"{name} is on --deny/--deny-file; remove it there (the file is reloaded on change)"
+            )
         current = policy.cached(name)
         released = self.lifter.release(name, current.verdict if current is not None else None)
         try:
@@ -380,8 +388,11 @@ class Sidecar:
     def resurrections(self) -> Resurrections:
         book = self.lifter.book
         # Released elsewhere (shared store): no longer held here either.
-        held = [n for n in sorted(book.held)
-                if (e := self.policy.cached(n)) is not None and is_hold(e.verdict)]  # fmt: skip
+        held = [
+            n
+            for n in sorted(book.held)
+            if (e := self.policy.cached(n)) is not None and is_hold(e.verdict)
+        ]
         return Resurrections(list(book.resurrections), held)
 
     def synapse(self) -> dict[str, Any]:
@@ -405,8 +416,9 @@ class Sidecar:
 
 def _dns_client(settings: Settings, metrics: Metrics) -> DnsClient:
     try:
-        return DnsClient(settings.nameservers, settings.dns_timeout, metrics,
-                         settings.require_dnssec)  # fmt: skip
+        return DnsClient(
+            settings.nameservers, settings.dns_timeout, metrics, settings.require_dnssec
+        )
     except ValueError as e:
         raise ConfigError("nameserver", str(e)) from None
 

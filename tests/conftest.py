@@ -27,8 +27,14 @@ set_hypothesis_home_dir(str(Path(__file__).resolve().parents[1] / ".pytest_cache
 
 # What earlier runs left in the real temporary directory; none may appear during a run.
 LEAK_PATTERNS = ("atheris-config-*", "proc-*.log", "sidecar-state-*", "redis-*")
-PRIVATE_ENV = ("HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME",
-               "TMPDIR")  # fmt: skip
+PRIVATE_ENV = (
+    "HOME",
+    "XDG_STATE_HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_DATA_HOME",
+    "XDG_CACHE_HOME",
+    "TMPDIR",
+)
 
 Snapshot = dict[str, tuple[int, int]] | None
 
@@ -45,13 +51,17 @@ class Hygiene:
     def problems(self) -> list[str]:
         found = []
         if snapshot(self.state_dir) != self.state_before:
-            found.append(f"the real state directory {self.state_dir} changed during the run: a "
-                         "sidecar was started without --state-dir and outside the session's "
-                         "private XDG_STATE_HOME")  # fmt: skip
+            found.append(
+                f"the real state directory {self.state_dir} changed during the run: a "
+                "sidecar was started without --state-dir and outside the session's "
+                "private XDG_STATE_HOME"
+            )
         for path in sorted(leftovers(self.temp_dir) - self.temp_before):
-            found.append(f"{path} was left in the real temporary directory; create it under "
-                         "tmp_path (or tempfile, which the session points at a private TMPDIR) "
-                         "and remove it")  # fmt: skip
+            found.append(
+                f"{path} was left in the real temporary directory; create it under "
+                "tmp_path (or tempfile, which the session points at a private TMPDIR) "
+                "and remove it"
+            )
         return found
 
 

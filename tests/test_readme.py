@@ -104,9 +104,12 @@ def test_every_metric_named_in_the_docs_exists() -> None:
     named = {
         (page.name, name)
         for page in markdown_pages()
-        for name in re.findall(r"\btombstone_[a-z_]+_(?:total|seconds|up|info|tripped)\b|"
-                               r"\btombstone_(?:verdicts|pending_clients)\b", page.read_text())
-    }  # fmt: skip
+        for name in re.findall(
+            r"\btombstone_[a-z_]+_(?:total|seconds|up|info|tripped)\b|"
+            r"\btombstone_(?:verdicts|pending_clients)\b",
+            page.read_text(),
+        )
+    }
     unknown = sorted((page, name) for page, name in named if name not in exported)
     assert unknown == [], "the docs name metrics the sidecar does not export"
 

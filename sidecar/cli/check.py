@@ -82,15 +82,17 @@ def main(args: argparse.Namespace, settings: Settings, raw: RawOptions) -> int:
     return asyncio.run(run_check(args.name, settings, raw, as_json=args.json, probe=args.probe))
 
 
-async def run_check(raw_name: str, settings: Settings, raw: RawOptions, as_json: bool = False,
-                    probe: bool = False) -> int:  # fmt: skip
+async def run_check(
+    raw_name: str, settings: Settings, raw: RawOptions, as_json: bool = False, probe: bool = False
+) -> int:
     try:
         name = parse_authority(raw_name).host
     except InvalidName as e:
         return fail(f"NAME: {e}")
     try:
-        dns = DnsClient(settings.nameservers, settings.dns_timeout, Metrics(),
-                        settings.require_dnssec)  # fmt: skip
+        dns = DnsClient(
+            settings.nameservers, settings.dns_timeout, Metrics(), settings.require_dnssec
+        )
     except ValueError as e:
         return fail(f"{raw.label('nameserver')}: {e}")
     metrics = Metrics()
@@ -122,8 +124,9 @@ async def run_check(raw_name: str, settings: Settings, raw: RawOptions, as_json:
     return EXIT_BY_STATE[verdict.state]
 
 
-async def _probe(raw_name: str, settings: Settings, dns: DnsClient, policy: Policy,
-                 verdict: Verdict) -> tuple[HttpReport, Verdict]:  # fmt: skip
+async def _probe(
+    raw_name: str, settings: Settings, dns: DnsClient, policy: Policy, verdict: Verdict
+) -> tuple[HttpReport, Verdict]:
     """The HTTP side; a 410 makes the verdict http_410 exactly as the sidecar would."""
     probe = dataclasses.replace(settings.probing, concurrency=1)  # one name, one probe
     ttl = probe.ttl

@@ -55,19 +55,31 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", metavar="NAME", help="your server name, e.g. example.org")
-    parser.add_argument("--date", metavar="YYYY-MM-DD",
-                        help="day of decommissioning, shown in the error body (default: today, "
-                             "UTC)")  # fmt: skip
-    parser.add_argument("--contact", metavar="TEXT", default="",
-                        help="who to ask, e.g. an e-mail or @admin:new.example.org")  # fmt: skip
-    parser.add_argument("--successor", metavar="TEXT", default="",
-                        help="where the users went, e.g. new.example.org")  # fmt: skip
-    parser.add_argument("--max-age", metavar="DURATION", default="30d",
-                        help="Cache-Control max-age of the 410: how long a sender stays away "
-                             "before asking again; 1d..30d, clamped (default 30d, MSC4188's "
-                             "longest)")  # fmt: skip
-    parser.add_argument("--dns-ttl", metavar="DURATION", default="1h",
-                        help="TTL of the DNS records (default 1h)")  # fmt: skip
+    parser.add_argument(
+        "--date",
+        metavar="YYYY-MM-DD",
+        help="day of decommissioning, shown in the error body (default: today, UTC)",
+    )
+    parser.add_argument(
+        "--contact",
+        metavar="TEXT",
+        default="",
+        help="who to ask, e.g. an e-mail or @admin:new.example.org",
+    )
+    parser.add_argument(
+        "--successor", metavar="TEXT", default="", help="where the users went, e.g. new.example.org"
+    )
+    parser.add_argument(
+        "--max-age",
+        metavar="DURATION",
+        default="30d",
+        help="Cache-Control max-age of the 410: how long a sender stays away "
+        "before asking again; 1d..30d, clamped (default 30d, MSC4188's "
+        "longest)",
+    )
+    parser.add_argument(
+        "--dns-ttl", metavar="DURATION", default="1h", help="TTL of the DNS records (default 1h)"
+    )
     parser.add_argument(
         "--federation-host",
         metavar="HOST",
@@ -82,10 +94,15 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help='also publish _matrix-fed._tcp.NAME SRV 0 0 0 "." (see below)',
     )
-    parser.add_argument("--format", choices=("text", "json"), default="text",
-                        help="text for people (default) or json for tools")  # fmt: skip
-    parser.add_argument("--only", choices=kit.PARTS,
-                        help="print just this part, ready to save as a file")  # fmt: skip
+    parser.add_argument(
+        "--format",
+        choices=("text", "json"),
+        default="text",
+        help="text for people (default) or json for tools",
+    )
+    parser.add_argument(
+        "--only", choices=kit.PARTS, help="print just this part, ready to save as a file"
+    )
     return parser
 
 
@@ -93,9 +110,16 @@ def main(args: argparse.Namespace, settings: Settings, raw: RawOptions) -> int:
     try:
         max_age = _duration("--max-age", args.max_age)
         dns_ttl = _duration("--dns-ttl", args.dns_ttl)
-        tombstone = kit.make(args.name, date=args.date, contact=args.contact,
-                             successor=args.successor, max_age=max_age, dns_ttl=dns_ttl,
-                             srv=args.srv, federation_hosts=args.federation_host)  # fmt: skip
+        tombstone = kit.make(
+            args.name,
+            date=args.date,
+            contact=args.contact,
+            successor=args.successor,
+            max_age=max_age,
+            dns_ttl=dns_ttl,
+            srv=args.srv,
+            federation_hosts=args.federation_host,
+        )
     except kit.KitError as e:
         return fail(str(e))
     for note in tombstone.notes:

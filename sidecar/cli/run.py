@@ -198,14 +198,21 @@ class _Drain:
         self.addon.draining = True
         self.opts.update(server=False)  # closes the listener; open connections carry on
         open_now = self.addon.active_clients
-        log.info("%s: no new connections; waiting up to %gs for %d open connection(s)",
-                 sig.name, self.grace, open_now)  # fmt: skip
+        log.info(
+            "%s: no new connections; waiting up to %gs for %d open connection(s)",
+            sig.name,
+            self.grace,
+            open_now,
+        )
         if self.addon.active_clients > 0:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.addon.idle.wait(), self.grace)
         if self.addon.active_clients > 0:
-            log.warning("closing %d connection(s) still open after %gs",
-                        self.addon.active_clients, self.grace)  # fmt: skip
+            log.warning(
+                "closing %d connection(s) still open after %gs",
+                self.addon.active_clients,
+                self.grace,
+            )
         self.master.shutdown()
 
 

@@ -97,8 +97,13 @@ def main(args: argparse.Namespace, settings: Settings, raw: RawOptions) -> int:
     client = OpsClient(f"http://{settings.ops_listen}", settings.ops_token)
     try:
         if args.verdicts_command == "list":
-            query = {"limit": args.limit, "offset": args.offset, "state": args.state,
-                     "signal": args.signal, "sort": args.sort}  # fmt: skip
+            query = {
+                "limit": args.limit,
+                "offset": args.offset,
+                "state": args.state,
+                "signal": args.signal,
+                "sort": args.sort,
+            }
             result = client.call("GET", "/v1/verdicts", query=query)
             if getattr(args, "synapse", False):
                 return _list_with_synapse(result, settings, args.json)
@@ -128,8 +133,10 @@ def _hint(error: ApiError, settings: Settings) -> str:
             "\nchanges need the sidecar's bearer token: pass --ops-token-file FILE "
             "(or TOMBSTONE_OPS_TOKEN_FILE), the same file the sidecar was started with"
         )
-    return ("\nthe token in --ops-token-file is not the one the sidecar reads: point it at "
-            "the file the sidecar was started with")  # fmt: skip
+    return (
+        "\nthe token in --ops-token-file is not the one the sidecar reads: point it at "
+        "the file the sidecar was started with"
+    )
 
 
 class OpsClient:
@@ -137,8 +144,13 @@ class OpsClient:
         self.base = base
         self.token = token
 
-    def call(self, method: str, path: str, query: dict[str, Any] | None = None,
-             body: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    def call(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         url = self.base + path
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
@@ -155,8 +167,11 @@ class OpsClient:
             raise ApiError(e.code, f"{method} {path}: {e.code} {_error_text(e)}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            raise ApiError(0, f"cannot reach the sidecar at {self.base}: {reason} "
-                              "(is it running? is --ops-listen right?)") from None  # fmt: skip
+            raise ApiError(
+                0,
+                f"cannot reach the sidecar at {self.base}: {reason} "
+                "(is it running? is --ops-listen right?)",
+            ) from None
         if not isinstance(payload, dict):
             raise ApiError(0, f"{method} {path}: unexpected answer")
         return payload
@@ -187,11 +202,14 @@ def _table(result: dict[str, Any]) -> str:
             evidence = evidence[: EVIDENCE_WIDTH - 1] + "…"
         suppressed = str(v.get("suppressed_count", 0))
         expires = _expires(v["expires_at"])
-        rows.append((v["destination"], v["state"], v.get("signal") or "-", expires, suppressed,
-                     evidence))  # fmt: skip
+        rows.append(
+            (v["destination"], v["state"], v.get("signal") or "-", expires, suppressed, evidence)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
-             for row in rows]  # fmt: skip
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        for row in rows
+    ]
     shown = len(rows) - 1
     total = result.get("total", shown)
     if total > shown:
@@ -212,12 +230,14 @@ def _list_with_synapse(result: dict[str, Any], settings: Settings, as_json: bool
 def _details(v: dict[str, Any]) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["observed_at"]))
     until = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(v["expires_at"]))
-    return "\n".join([
-        f"destination:  {v['destination']}",
-        f"state:        {v['state']}",
-        f"signal:       {v.get('signal') or '-'}",
-        f"evidence:     {v.get('evidence', '')}",
-        f"observed:     {when}",
-        f"expires:      {until} (in {_expires(v['expires_at'])})",
-        f"suppressed:   {v.get('suppressed_count', 0)} since this process started",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            f"destination:  {v['destination']}",
+            f"state:        {v['state']}",
+            f"signal:       {v.get('signal') or '-'}",
+            f"evidence:     {v.get('evidence', '')}",
+            f"observed:     {when}",
+            f"expires:      {until} (in {_expires(v['expires_at'])})",
+            f"suppressed:   {v.get('suppressed_count', 0)} since this process started",
+        ]
+    )

@@ -728,8 +728,9 @@ class Settings:
     @cached_property
     def breaker(self) -> BreakerSettings:
         """The unreachable breaker's `--breaker-*` options."""
-        return BreakerSettings(self.breaker_failures, self.breaker_min, self.breaker_max,
-                               self.breaker_max_share)  # fmt: skip
+        return BreakerSettings(
+            self.breaker_failures, self.breaker_min, self.breaker_max, self.breaker_max_share
+        )
 
     @cached_property
     def probing(self) -> ProbeSettings:
@@ -770,12 +771,17 @@ class Settings:
             v.fail("max_ttl", f"{v.plain('max_ttl')} is shorter than {v.mention('min_ttl')}")
         min_gone, max_gone = v["min_gone_ttl"], v["max_gone_ttl"]
         if max_gone < min_gone:
-            v.fail("max_gone_ttl", f"{v.plain('max_gone_ttl')} is shorter than "
-                                   f"{v.mention('min_gone_ttl', value=False)}")  # fmt: skip
+            v.fail(
+                "max_gone_ttl",
+                f"{v.plain('max_gone_ttl')} is shorter than "
+                f"{v.mention('min_gone_ttl', value=False)}",
+            )
         breaker_min, breaker_max = v["breaker_min"], v["breaker_max"]
         if breaker_max < breaker_min:
-            v.fail("breaker_max", f"{v.plain('breaker_max')} is shorter than "
-                                  f"{v.mention('breaker_min', value=False)}")  # fmt: skip
+            v.fail(
+                "breaker_max",
+                f"{v.plain('breaker_max')} is shorter than {v.mention('breaker_min', value=False)}",
+            )
         admin_url, admin_token_file = v["synapse_admin_url"], v.text("synapse_admin_token_file")
         if admin_url and not admin_token_file:
             v.fail("synapse_admin_url", f"needs {v.mention('synapse_admin_token_file', False)} too")

@@ -118,9 +118,10 @@ class DnsClient:
                     turn += 1
                     tries[asyncio.ensure_future(self._exchange(ns, question, remaining))] = ns
                 done, _ = await asyncio.wait(
-                    tries, timeout=min(PER_TRY_TIMEOUT, remaining),
+                    tries,
+                    timeout=min(PER_TRY_TIMEOUT, remaining),
                     return_when=asyncio.FIRST_COMPLETED,
-                )  # fmt: skip
+                )
                 for attempt in done:
                     ns = tries.pop(attempt)
                     try:
@@ -146,8 +147,12 @@ class DnsClient:
             for attempt in tries:
                 attempt.cancel()
         refused = bool(failures) and all(f.endswith(REFUSED) for f in failures)
-        return DnsAnswer(name, rrtype, "refused" if refused else "servfail",
-                         detail=f"no usable answer: {'; '.join(failures)}"[:200])  # fmt: skip
+        return DnsAnswer(
+            name,
+            rrtype,
+            "refused" if refused else "servfail",
+            detail=f"no usable answer: {'; '.join(failures)}"[:200],
+        )
 
     async def _exchange(
         self, ns: Nameserver, question: bytes, seconds: float
@@ -209,17 +214,20 @@ def _classify(
         return None, f"answered inconsistently: {_first_line(e)}"
     validated = _validated(response)
     if rcode == dns.rcode.NXDOMAIN:
-        return DnsAnswer(name, rrtype, "nxdomain", ttl=_negative_ttl(response),
-                         authenticated=validated), ""  # fmt: skip
+        return DnsAnswer(
+            name, rrtype, "nxdomain", ttl=_negative_ttl(response), authenticated=validated
+        ), ""
     if chain.answer is None:
-        return DnsAnswer(name, rrtype, "nodata", ttl=_negative_ttl(response),
-                         authenticated=validated), ""  # fmt: skip
+        return DnsAnswer(
+            name, rrtype, "nodata", ttl=_negative_ttl(response), authenticated=validated
+        ), ""
     # Every record is kept: the reply's size (at most 64 KiB) bounds them, and a cut would
     # make a verdict depend on record order (a tombstone TXT, or a real SRV target, after
     # the cut). Only the addresses kept per name are capped (sidecar.judge.signals).
     records = tuple(chain.answer)
-    return DnsAnswer(name, rrtype, "ok", records=records, ttl=chain.answer.ttl,
-                     authenticated=validated), ""  # fmt: skip
+    return DnsAnswer(
+        name, rrtype, "ok", records=records, ttl=chain.answer.ttl, authenticated=validated
+    ), ""
 
 
 def _negative_ttl(response: dns.message.Message | None) -> int:

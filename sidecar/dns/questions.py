@@ -26,8 +26,15 @@ async def evaluate(client: DnsClient, name: str) -> DnsReport:
         client.query(name, "A"),
         client.query(name, "AAAA"),
     )
-    return signals.report(name, txt=txt, srv_fed=srv_fed, srv_legacy=srv_legacy, a=a, aaaa=aaaa,
-                          require_dnssec=client.require_dnssec)  # fmt: skip
+    return signals.report(
+        name,
+        txt=txt,
+        srv_fed=srv_fed,
+        srv_legacy=srv_legacy,
+        a=a,
+        aaaa=aaaa,
+        require_dnssec=client.require_dnssec,
+    )
 
 
 async def resolve_addresses(client: DnsClient, name: str) -> tuple[tuple[str, ...], SignalCheck]:

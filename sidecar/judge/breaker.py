@@ -60,8 +60,9 @@ class BreakerSettings:
 
 
 class Breaker:
-    def __init__(self, settings: BreakerSettings, metrics: Metrics,
-                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
+    def __init__(
+        self, settings: BreakerSettings, metrics: Metrics, clock: Callable[[], float] = time.time
+    ) -> None:
         self.settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -92,8 +93,9 @@ class Breaker:
         if track is None or not track.open_until:
             return None
         evidence = f"{track.failures} connect failures in a row, last: {track.last_error}"
-        return Verdict(key, State.UNREACHABLE, Signal.UNREACHABLE, evidence, track.opened_at,
-                       track.open_until)  # fmt: skip
+        return Verdict(
+            key, State.UNREACHABLE, Signal.UNREACHABLE, evidence, track.opened_at, track.open_until
+        )
 
     def open_verdicts(self) -> list[Verdict]:
         return [v for key in list(self._tracks.keys()) if (v := self.verdict(key)) is not None]
@@ -130,8 +132,13 @@ class Breaker:
         track.backoff = self.settings.minimum
         track.opened_at, track.open_until = now, now + track.backoff
         self._metrics.verdict_changes.labels("none", State.UNREACHABLE).inc()
-        log.info("%s unreachable (%d connect failures in a row, last: %s); not dialled for %.0fs",
-                 key, track.failures, track.last_error, track.backoff)  # fmt: skip
+        log.info(
+            "%s unreachable (%d connect failures in a row, last: %s); not dialled for %.0fs",
+            key,
+            track.failures,
+            track.last_error,
+            track.backoff,
+        )
 
     def _observe(self, key: str, failed: bool) -> None:
         """Keep the guard's window of recent outcomes and re-evaluate the guard."""
@@ -155,10 +162,16 @@ class Breaker:
             self.guard_tripped = tripped
             self._metrics.breaker_guard.set(1 if tripped else 0)
             if tripped:
-                log.warning("%.0f%% of the %d destinations tried in the last %.0f minutes failed "
-                            "to connect: the fault is probably on our side (network, resolver, "
-                            "egress policy); opening no new unreachable breakers until it clears",
-                            share * 100, tried, GUARD_WINDOW_SECONDS / 60)  # fmt: skip
+                log.warning(
+                    "%.0f%% of the %d destinations tried in the last %.0f minutes failed "
+                    "to connect: the fault is probably on our side (network, resolver, "
+                    "egress policy); opening no new unreachable breakers until it clears",
+                    share * 100,
+                    tried,
+                    GUARD_WINDOW_SECONDS / 60,
+                )
             else:
-                log.info("connect failures back to %.0f%% of destinations; breakers may open "
-                         "again", share * 100)  # fmt: skip
+                log.info(
+                    "connect failures back to %.0f%% of destinations; breakers may open again",
+                    share * 100,
+                )

@@ -135,8 +135,14 @@ class Policy:
                     return
             now = self._clock()
             for name in added[start : start + DENY_SLICE]:
-                verdict = Verdict(name, State.GONE, Signal.OPERATOR, "on the operator deny list",
-                                  now, now + OPERATOR_TTL_SECONDS)  # fmt: skip
+                verdict = Verdict(
+                    name,
+                    State.GONE,
+                    Signal.OPERATOR,
+                    "on the operator deny list",
+                    now,
+                    now + OPERATOR_TTL_SECONDS,
+                )
                 current[name] = Entry(verdict)
                 log.debug("%s gone (operator: on the deny list)", name)
             self._metrics.verdict_changes.labels("none", State.GONE).inc(
@@ -167,10 +173,22 @@ class Policy:
                 )
         if added or removed or note:
             queued = len(self._delisted)
-            recheck = (f"; re-checking {queued} removed names in DNS at up to "
-                       f"{DELIST_RECHECKS_PER_SECOND:g} a second") if queued else ""  # fmt: skip
-            log.info("deny list: +%d -%d, %d total%s%s", len(added), len(removed),
-                     len(current), note, recheck)  # fmt: skip
+            recheck = (
+                (
+                    f"; re-checking {queued} removed names in DNS at up to "
+                    f"{DELIST_RECHECKS_PER_SECOND:g} a second"
+                )
+                if queued
+                else ""
+            )
+            log.info(
+                "deny list: +%d -%d, %d total%s%s",
+                len(added),
+                len(removed),
+                len(current),
+                note,
+                recheck,
+            )
         if self._delisted and (self._delist_worker is None or self._delist_worker.done()):
             self._delist_worker = asyncio.ensure_future(self._drain_delisted())
 
@@ -378,11 +396,18 @@ class Policy:
         result = await self.prober.probe(name, None)
         now = self._clock()
         if result.outcome == "gone":
-            return Verdict(name, State.GONE, Signal.HTTP_410, result.detail, now,
-                           now + result.lifetime)  # fmt: skip
+            return Verdict(
+                name, State.GONE, Signal.HTTP_410, result.detail, now, now + result.lifetime
+            )
         if result.outcome == "failed":  # no evidence either way: keep the 410 (fail open later)
-            return Verdict(name, State.UNDECIDED, None, f"re-check failed: {result.detail}",
-                           now, now + UNDECIDED_RETRY_SECONDS)  # fmt: skip
+            return Verdict(
+                name,
+                State.UNDECIDED,
+                None,
+                f"re-check failed: {result.detail}",
+                now,
+                now + UNDECIDED_RETRY_SECONDS,
+            )
         return alive
 
     def learn_gone(self, name: str, lifetime: float, evidence: str) -> None:

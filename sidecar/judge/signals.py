@@ -108,8 +108,16 @@ def literal_report(name: str) -> DnsReport | None:
     return None
 
 
-def report(name: str, *, txt: DnsAnswer, srv_fed: DnsAnswer, srv_legacy: DnsAnswer,
-           a: DnsAnswer, aaaa: DnsAnswer, require_dnssec: bool) -> DnsReport:  # fmt: skip
+def report(
+    name: str,
+    *,
+    txt: DnsAnswer,
+    srv_fed: DnsAnswer,
+    srv_legacy: DnsAnswer,
+    a: DnsAnswer,
+    aaaa: DnsAnswer,
+    require_dnssec: bool,
+) -> DnsReport:
     """Every DNS signal of `name` from the answers to its five questions."""
     srv = choose_srv(srv_fed, srv_legacy)
     addresses, address_check = _addresses(name, (a, aaaa))
@@ -141,9 +149,12 @@ def _require_validation(check: SignalCheck, answers: Sequence[DnsAnswer]) -> Sig
     }[check.signal]
     if relevant and all(a.authenticated for a in relevant):
         return check
-    return SignalCheck(check.signal, Finding.CLEAR,
-                       f"ignored, not DNSSEC-validated (--require-dnssec): {check.detail}",
-                       check.ttl)  # fmt: skip
+    return SignalCheck(
+        check.signal,
+        Finding.CLEAR,
+        f"ignored, not DNSSEC-validated (--require-dnssec): {check.detail}",
+        check.ttl,
+    )
 
 
 def choose_srv(fed: DnsAnswer, legacy: DnsAnswer) -> DnsAnswer:

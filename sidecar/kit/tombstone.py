@@ -58,10 +58,18 @@ class Tombstone:
     notes: tuple[str, ...] = field(default=())  # what was adjusted, and why
 
 
-def make(raw_name: str, *, date: str | None = None, contact: str = "", successor: str = "",
-         max_age: float = DEFAULT_MAX_AGE, dns_ttl: float = DEFAULT_DNS_TTL,
-         srv: bool = False, federation_hosts: Sequence[str] = (),
-         today: datetime.date | None = None) -> Tombstone:  # fmt: skip
+def make(
+    raw_name: str,
+    *,
+    date: str | None = None,
+    contact: str = "",
+    successor: str = "",
+    max_age: float = DEFAULT_MAX_AGE,
+    dns_ttl: float = DEFAULT_DNS_TTL,
+    srv: bool = False,
+    federation_hosts: Sequence[str] = (),
+    today: datetime.date | None = None,
+) -> Tombstone:
     """Validate the operator's input (KitError names the problem) and clamp max-age."""
     try:
         authority = parse_authority(raw_name, default_port=0)
@@ -82,12 +90,16 @@ def make(raw_name: str, *, date: str | None = None, contact: str = "", successor
     notes: list[str] = []
     seconds = int(max_age)
     if seconds > MAX_MAX_AGE:
-        notes.append(f"--max-age {_days(seconds)} is longer than the 30 days MSC4188 allows; "
-                     "using 30d (senders would clamp it anyway)")  # fmt: skip
+        notes.append(
+            f"--max-age {_days(seconds)} is longer than the 30 days MSC4188 allows; "
+            "using 30d (senders would clamp it anyway)"
+        )
         seconds = MAX_MAX_AGE
     elif seconds < MIN_MAX_AGE:
-        notes.append(f"--max-age {seconds}s is shorter than MSC4188's 24 hours; using 1d "
-                     "(a shorter time only makes senders come back sooner)")  # fmt: skip
+        notes.append(
+            f"--max-age {seconds}s is shorter than MSC4188's 24 hours; using 1d "
+            "(a shorter time only makes senders come back sooner)"
+        )
         seconds = MIN_MAX_AGE
     return Tombstone(
         name=authority.host,
@@ -143,8 +155,11 @@ def error_text(t: Tombstone) -> str:
 
 def body(t: Tombstone) -> dict[str, Any]:
     """The Matrix error JSON: errcode and error, plus the same facts as fields for machines."""
-    data: dict[str, Any] = {"errcode": ERRCODE, "error": error_text(t),
-                            "decommissioned": t.date.isoformat()}  # fmt: skip
+    data: dict[str, Any] = {
+        "errcode": ERRCODE,
+        "error": error_text(t),
+        "decommissioned": t.date.isoformat(),
+    }
     if t.successor:
         data["successor"] = t.successor
     if t.contact:
@@ -193,11 +208,15 @@ def render_dns(t: Tombstone) -> str:
         f"; TXT {TXT_TEXT}: senders behind tombstone-sidecar stop before connecting",
     ]
     if t.federation_hosts:
-        lines.append(f"; {', '.join(t.federation_hosts)}: senders that cached your delegation "
-                     "connect there directly; its own TXT stops them too")  # fmt: skip
+        lines.append(
+            f"; {', '.join(t.federation_hosts)}: senders that cached your delegation "
+            "connect there directly; its own TXT stops them too"
+        )
     if t.srv:
-        lines.append("; SRV target '.': RFC 2782 'decidedly not available'; delete any other "
-                     f"{SRV_PREFIXES[0]} and {SRV_PREFIXES[1]} records of {t.name}")  # fmt: skip
+        lines.append(
+            "; SRV target '.': RFC 2782 'decidedly not available'; delete any other "
+            f"{SRV_PREFIXES[0]} and {SRV_PREFIXES[1]} records of {t.name}"
+        )
     return "\n".join([*lines, *dns_records(t)]) + "\n"
 
 
@@ -288,8 +307,10 @@ def render_text(t: Tombstone) -> str:
     """The whole kit for a person: each part under a heading, then how to confirm it."""
     port_note = ""
     if t.port is not None:
-        port_note = (f"\n(The server name carries a port, {t.port}: senders skip well-known "
-                     "and SRV and go straight there; answer 410 on that port.)\n")  # fmt: skip
+        port_note = (
+            f"\n(The server name carries a port, {t.port}: senders skip well-known "
+            "and SRV and go straight there; answer 410 on that port.)\n"
+        )
     check = f"tombstone-sidecar check {t.name}{':' + str(t.port) if t.port else ''} --probe"
     sections = [
         f"Tombstone for {t.name}, decommissioned {t.date.isoformat()}.{port_note}",

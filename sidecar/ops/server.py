@@ -75,8 +75,10 @@ class OpsServer:
         try:
             self._server = await asyncio.start_server(
                 partial(serve, handle=self._handle, on_failure=self._failed),
-                listen.host, listen.port, limit=MAX_HEADER_BYTES,
-            )  # fmt: skip
+                listen.host,
+                listen.port,
+                limit=MAX_HEADER_BYTES,
+            )
         except OSError as e:
             raise OSError(f"cannot listen for ops HTTP on {listen}: {e.strerror or e}") from e
         sock = self._server.sockets[0].getsockname()
@@ -94,8 +96,9 @@ class OpsServer:
             url = urlsplit(request.target)
         except ValueError as e:
             return json_reply(400, {"error": f"malformed request target: {e}"})
-        return await self.route(request.method, url.path, parse_qs(url.query),
-                                request.headers, request.body)  # fmt: skip
+        return await self.route(
+            request.method, url.path, parse_qs(url.query), request.headers, request.body
+        )
 
     def _failed(self, error: Exception) -> Reply:
         """A handler bug: answer 500, log it once a minute, keep serving."""
@@ -111,20 +114,36 @@ class OpsServer:
             return
         self._last_failure_log = now
         count, self._failures = self._failures, 0
-        log.error("an ops HTTP request failed: %s: %s (%d such failures since the last "
-                  "report; answered 500; at most one line a minute)",
-                  type(error).__name__, _one_line(str(error)), count)  # fmt: skip
+        log.error(
+            "an ops HTTP request failed: %s: %s (%d such failures since the last "
+            "report; answered 500; at most one line a minute)",
+            type(error).__name__,
+            _one_line(str(error)),
+            count,
+        )
         log.debug("the traceback of that ops HTTP failure", exc_info=error)  # --log-level debug
 
-    async def route(self, method: str, path: str, query: dict[str, list[str]],
-                    headers: dict[str, str], body: bytes) -> Reply:  # fmt: skip
+    async def route(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        body: bytes,
+    ) -> Reply:
         try:
             return await self._route(method, path, query, headers, body)
         except Unavailable as e:
             return json_reply(404 if path == "/v1/synapse" else 503, {"error": str(e)})
 
-    async def _route(self, method: str, path: str, query: dict[str, list[str]],
-                     headers: dict[str, str], body: bytes) -> Reply:  # fmt: skip
+    async def _route(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, list[str]],
+        headers: dict[str, str],
+        body: bytes,
+    ) -> Reply:
         if path.startswith("/v1/verdicts/"):
             name = unquote(path.removeprefix("/v1/verdicts/"))
             if method in ("GET", "HEAD"):
@@ -150,8 +169,14 @@ class OpsServer:
             return self._resurrections()
         if path == "/v1/synapse":
             return json_reply(200, self._backend.synapse())
-        endpoints = ["/metrics", "/healthz", "/readyz", "/v1/verdicts", "/v1/resurrections",
-                     "/v1/synapse"]  # fmt: skip
+        endpoints = [
+            "/metrics",
+            "/healthz",
+            "/readyz",
+            "/v1/verdicts",
+            "/v1/resurrections",
+            "/v1/synapse",
+        ]
         return json_reply(
             404, {"error": f"no such endpoint {path[:100]!r}", "endpoints": endpoints}
         )
@@ -159,8 +184,13 @@ class OpsServer:
     def _authorize(self, headers: dict[str, str]) -> Reply | None:
         token = self._backend.ops_token
         if token is None:
-            return json_reply(403, {"error": "the ops API is read-only: start the sidecar with "
-                                        "--ops-token-file to allow changes"})  # fmt: skip
+            return json_reply(
+                403,
+                {
+                    "error": "the ops API is read-only: start the sidecar with "
+                    "--ops-token-file to allow changes"
+                },
+            )
         scheme, _, given = headers.get("authorization", "").partition(" ")
         given = given.strip()
         # The head was decoded as latin-1, so any byte arrives here; a token is printable
@@ -205,17 +235,25 @@ class OpsServer:
         except ValueError:
             return json_reply(400, {"error": "limit and offset must be whole numbers"})
         chosen = [
-            e for e in self._backend.entries()
+            e
+            for e in self._backend.entries()
             if (state is None or e.verdict.state == state)
             and (signal is None or e.verdict.signal == signal)
-        ]  # fmt: skip
+        ]
         if order == "suppressed":  # the dead servers this homeserver tries hardest to reach
             chosen.sort(key=lambda e: (-e.suppressed_count, e.verdict.destination))
         else:
             chosen.sort(key=lambda e: e.verdict.destination)
         page = chosen[offset : offset + limit]
-        return json_reply(200, {"total": len(chosen), "offset": offset, "limit": limit,
-                           "verdicts": [verdict_json(e) for e in page]})  # fmt: skip
+        return json_reply(
+            200,
+            {
+                "total": len(chosen),
+                "offset": offset,
+                "limit": limit,
+                "verdicts": [verdict_json(e) for e in page],
+            },
+        )
 
     def _show(self, raw_name: str) -> Reply:
         try:
@@ -253,8 +291,12 @@ class OpsServer:
             entry, released = await self._backend.recheck(name)
         except Listed as e:
             return json_reply(409, {"error": str(e)})
-        log.info("%s forgotten through the ops API%s; now %s", name,
-                 " (hold released)" if released else "", entry.verdict.state)  # fmt: skip
+        log.info(
+            "%s forgotten through the ops API%s; now %s",
+            name,
+            " (hold released)" if released else "",
+            entry.verdict.state,
+        )
         return json_reply(200, verdict_json(entry))
 
     def _resurrections(self) -> Reply:
@@ -279,8 +321,10 @@ def _comment(raw: object) -> str:
         raise ValueError(f"comment must be a string of at most {MAX_COMMENT} characters")
     for position, char in enumerate(raw):
         if unicodedata.category(char) in FORBIDDEN_CATEGORIES:
-            raise ValueError(f"comment has a control character ({char!a}) at position "
-                             f"{position}; it must be one line of text")  # fmt: skip
+            raise ValueError(
+                f"comment has a control character ({char!a}) at position "
+                f"{position}; it must be one line of text"
+            )
     return raw.strip()
 
 

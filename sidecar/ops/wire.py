@@ -34,10 +34,18 @@ MAX_HEADER_BYTES = 16 * 1024  # a scrape or probe request is a few hundred bytes
 MAX_BODY_BYTES = 64 * 1024  # a PUT body is a TTL and a comment
 REQUEST_DEADLINE_SECONDS = 10.0  # a client that dribbles its request is dropped
 BODY_METHODS = frozenset({"PUT", "POST", "DELETE"})  # the only requests whose body is read
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-           404: "Not Found", 405: "Method Not Allowed", 409: "Conflict",
-           413: "Content Too Large", 500: "Internal Server Error",
-           503: "Service Unavailable"}  # fmt: skip
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 Reply = tuple[int, dict[str, str], bytes]  # status, extra headers, body
 

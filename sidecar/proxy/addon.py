@@ -132,13 +132,22 @@ class TombstoneAddon:
         """The start-up line, written once the proxy port is bound (mitmproxy binds before
         `running`), with the addresses it really listens on."""
         proxyserver = ctx.master.addons.get("proxyserver")
-        bound = sorted({human.format_address(address)
-                        for server in getattr(proxyserver, "servers", ())
-                        for address in server.listen_addrs})  # fmt: skip
+        bound = sorted(
+            {
+                human.format_address(address)
+                for server in getattr(proxyserver, "servers", ())
+                for address in server.listen_addrs
+            }
+        )
         where = ", ".join(f"http://{b}" for b in bound) or "no address"
         enforcing = "enforcing" if settings.enforce else "shadow mode (--no-enforce)"
-        log.info("tombstone-sidecar %s: proxy listening on %s (%s), %s", __version__, where,
-                 settings.mode, enforcing)  # fmt: skip
+        log.info(
+            "tombstone-sidecar %s: proxy listening on %s (%s), %s",
+            __version__,
+            where,
+            settings.mode,
+            enforcing,
+        )
 
     async def done(self) -> None:
         if self.sidecar is not None:
@@ -253,6 +262,9 @@ class TombstoneAddon:
         log.error(
             "%s failed (%s: %s%s); refused what it was deciding (fail closed). "
             "tombstone_hook_errors_total counts repeats; details at --log-level debug",
-            hook, type(error).__name__, str(error)[:200].replace("\n", " "), where,
-        )  # fmt: skip
+            hook,
+            type(error).__name__,
+            str(error)[:200].replace("\n", " "),
+            where,
+        )
         log.debug("%s failure", hook, exc_info=error)

@@ -52,8 +52,10 @@ def describe(cert_path: Path) -> str:
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     pairs = ":".join(digest[i : i + 2] for i in range(0, len(digest), 2)).upper()
-    return (f"{cert.subject.rfc4514_string()}, valid until "
-            f"{cert.not_valid_after_utc:%Y-%m-%d}, SHA-256 {pairs}")  # fmt: skip
+    return (
+        f"{cert.subject.rfc4514_string()}, valid until "
+        f"{cert.not_valid_after_utc:%Y-%m-%d}, SHA-256 {pairs}"
+    )
 
 
 def write_bundle(cert_path: Path, destination: Path) -> None:

@@ -90,27 +90,44 @@ async def discover(prober: Prober, dns: DnsClient, raw_name: str) -> HttpReport:
 def _well_known_step(host: str, result: ProbeResult) -> tuple[Authority | None, HttpStep]:
     where = f"https://{host}{WELL_KNOWN_PATH}"
     if result.outcome == "gone":
-        return None, HttpStep("well_known", where, Finding.GONE, result.detail,
-                              result.lifetime, result.status)  # fmt: skip
+        return None, HttpStep(
+            "well_known", where, Finding.GONE, result.detail, result.lifetime, result.status
+        )
     if result.outcome == "failed":
         return None, HttpStep("well_known", where, Finding.UNKNOWN, result.detail)
     if result.status != 200:
-        return None, HttpStep("well_known", where, Finding.CLEAR,
-                              f"{result.status}: no delegation, not a tombstone", None,
-                              result.status)  # fmt: skip
+        return None, HttpStep(
+            "well_known",
+            where,
+            Finding.CLEAR,
+            f"{result.status}: no delegation, not a tombstone",
+            None,
+            result.status,
+        )
     server = _m_server(result.body)
     if server is None:
-        return None, HttpStep("well_known", where, Finding.CLEAR,
-                              "200 without a usable m.server: no delegation", None,
-                              result.status)  # fmt: skip
+        return None, HttpStep(
+            "well_known",
+            where,
+            Finding.CLEAR,
+            "200 without a usable m.server: no delegation",
+            None,
+            result.status,
+        )
     try:
         delegated = parse_authority(server, default_port=0)
     except InvalidName as e:
-        return None, HttpStep("well_known", where, Finding.CLEAR,
-                              f"200, m.server {server[:80]!r} is not a server name ({e}): "
-                              "ignored, as Synapse does", None, result.status)  # fmt: skip
-    return delegated, HttpStep("well_known", where, Finding.CLEAR,
-                               f"200: delegates to {server}", None, result.status)  # fmt: skip
+        return None, HttpStep(
+            "well_known",
+            where,
+            Finding.CLEAR,
+            f"200, m.server {server[:80]!r} is not a server name ({e}): ignored, as Synapse does",
+            None,
+            result.status,
+        )
+    return delegated, HttpStep(
+        "well_known", where, Finding.CLEAR, f"200: delegates to {server}", None, result.status
+    )
 
 
 def _m_server(body: bytes) -> str | None:
@@ -137,9 +154,12 @@ async def _srv(dns: DnsClient, host: str) -> tuple[tuple[str, int] | None, HttpS
         )
     targets = srv_targets(answer)
     if all(t == "." for t, _ in targets):
-        return None, HttpStep("srv", where, Finding.CLEAR,
-                              "target '.': senders that honour it never connect (the DNS "
-                              "signal dns_srv_dot above)")  # fmt: skip
+        return None, HttpStep(
+            "srv",
+            where,
+            Finding.CLEAR,
+            "target '.': senders that honour it never connect (the DNS signal dns_srv_dot above)",
+        )
     target = next((t, p) for t, p in targets if t != ".")
     return target, HttpStep("srv", where, Finding.CLEAR, f"{target[0]}:{target[1]}")
 
@@ -147,12 +167,14 @@ async def _srv(dns: DnsClient, host: str) -> tuple[tuple[str, int] | None, HttpS
 def _version_step(result: ProbeResult, target: tuple[str, int]) -> HttpStep:
     where = f"https://{target[0]}:{target[1]}{VERSION_PATH}"
     if result.outcome == "gone":
-        return HttpStep("version", where, Finding.GONE, result.detail, result.lifetime,
-                        result.status)  # fmt: skip
+        return HttpStep(
+            "version", where, Finding.GONE, result.detail, result.lifetime, result.status
+        )
     if result.outcome == "failed":
         return HttpStep("version", where, Finding.UNKNOWN, result.detail)
-    return HttpStep("version", where, Finding.CLEAR, f"{result.status}: not a tombstone",
-                    None, result.status)  # fmt: skip
+    return HttpStep(
+        "version", where, Finding.CLEAR, f"{result.status}: not a tombstone", None, result.status
+    )
 
 
 def senders(report: HttpReport, dns_gone: str | None) -> list[tuple[str, str]]:
@@ -163,8 +185,10 @@ def senders(report: HttpReport, dns_gone: str | None) -> list[tuple[str, str]]:
     if dns_gone is not None:
         sidecar = f"gone by DNS ({dns_gone}): never connects"
     elif gone is not None:
-        sidecar = (f"gone (http_410) for {_human(gone.lifetime or 0)} after its first "
-                   "probe or intercepted answer, then asks again")  # fmt: skip
+        sidecar = (
+            f"gone (http_410) for {_human(gone.lifetime or 0)} after its first "
+            "probe or intercepted answer, then asks again"
+        )
     else:
         sidecar = "no verdict from HTTP: forwards (a 404, 5xx or error is never a tombstone)"
     lines.append(("tombstone-sidecar", sidecar))
@@ -174,9 +198,11 @@ def senders(report: HttpReport, dns_gone: str | None) -> list[tuple[str, str]]:
         msc = "no well-known 410: keeps discovering"
     lines.append(("MSC4188 resolver", msc))
     if gone is not None:
-        synapse = (f"caches the failed well-known for {_human(SYNAPSE_WELL_KNOWN_FAILURE_CACHE)}"
-                   if known is not None and known.finding is not Finding.CLEAR else
-                   "follows the well-known")  # fmt: skip
+        synapse = (
+            f"caches the failed well-known for {_human(SYNAPSE_WELL_KNOWN_FAILURE_CACHE)}"
+            if known is not None and known.finding is not Finding.CLEAR
+            else "follows the well-known"
+        )
         synapse += "; a 410 is an answer, not a failure: no backoff, requests keep coming"
     else:
         synapse = "sees a live or failing server; backs off only on connection errors and 5xx"

@@ -156,8 +156,9 @@ def _unb64(text: str) -> bytes:
 
 
 def _canonical(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True,
-                      allow_nan=False).encode()  # fmt: skip
+    return json.dumps(
+        value, ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False
+    ).encode()
 
 
 def parse_key_document(
@@ -192,8 +193,9 @@ def parse_key_document(
             )
         except (InvalidSignature, ValueError, binascii.Error):
             continue
-        return KeyRecord(server.lower(), tuple(sorted(keys.items())), tuple(sorted(old.items())),
-                         now, target)  # fmt: skip
+        return KeyRecord(
+            server.lower(), tuple(sorted(keys.items())), tuple(sorted(old.items())), now, target
+        )
     raise KeyDocumentError("no valid self-signature by a key in verify_keys")
 
 
@@ -233,8 +235,12 @@ class KeyBook:
                 raise ValueError("records and held must be lists")
         except (OSError, ValueError, RecursionError) as e:
             aside = self.path.with_suffix(f".broken-{int(time.time())}")
-            log.warning("cannot read %s (%s); moved it to %s, starting without recorded keys",
-                        self.path, str(e)[:200], aside)  # fmt: skip
+            log.warning(
+                "cannot read %s (%s); moved it to %s, starting without recorded keys",
+                self.path,
+                str(e)[:200],
+                aside,
+            )
             with contextlib.suppress(OSError):  # a read-only directory: just do not use it
                 self.path.replace(aside)
             return
@@ -264,11 +270,19 @@ class KeyBook:
             found.keys,
             found.old_keys,
         ):
-            found = KeyRecord(found.server_name, found.keys, found.old_keys, found.seen_at,
-                              found.target or previous.target)  # fmt: skip
+            found = KeyRecord(
+                found.server_name,
+                found.keys,
+                found.old_keys,
+                found.seen_at,
+                found.target or previous.target,
+            )
         elif previous is not None:
-            log.info("%s publishes new signing keys while alive: %s", found.server_name,
-                     ", ".join(k for k, _ in found.keys))  # fmt: skip
+            log.info(
+                "%s publishes new signing keys while alive: %s",
+                found.server_name,
+                ", ".join(k for k, _ in found.keys),
+            )
         self.records[found.server_name] = found
         while len(self.records) > MAX_RECORDS:
             self.records.pop(next(iter(self.records)))
@@ -312,8 +326,10 @@ class KeyBook:
         if self.path is None or not self._dirty:
             return
         self._dirty = False
-        data = {"records": [r.to_json() for r in list(self.records.values())],
-                "held": sorted(self.held)}  # fmt: skip
+        data = {
+            "records": [r.to_json() for r in list(self.records.values())],
+            "held": sorted(self.held),
+        }
         temporary = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -333,8 +349,13 @@ class KeyBook:
 class KeyFetcher:
     """Fetches `/_matrix/key/v2/server` the way a remote homeserver would (TLS verified)."""
 
-    def __init__(self, context: ssl.SSLContext, timeout: float, resolve: Resolve,
-                 choose: Callable[[tuple[str, ...]], str | None]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        timeout: float,
+        resolve: Resolve,
+        choose: Callable[[tuple[str, ...]], str | None],
+    ) -> None:
         self._context = context
         self._timeout = timeout
         self._resolve = resolve
@@ -348,10 +369,17 @@ class KeyFetcher:
         if address is None:
             raise KeyDocumentError(f"{host}: no address the policy allows")
         reply = await http1.request(
-            address, port, "GET", KEY_PATH, host_header=name if port == 443 else f"{name}:{port}",
-            headers={"User-Agent": "tombstone-sidecar-keys"}, tls=self._context,
-            server_hostname=name, seconds=self._timeout, limit=MAX_KEY_DOCUMENT_BYTES,
-        )  # fmt: skip
+            address,
+            port,
+            "GET",
+            KEY_PATH,
+            host_header=name if port == 443 else f"{name}:{port}",
+            headers={"User-Agent": "tombstone-sidecar-keys"},
+            tls=self._context,
+            server_hostname=name,
+            seconds=self._timeout,
+            limit=MAX_KEY_DOCUMENT_BYTES,
+        )
         if reply.status != 200:
             raise KeyDocumentError(f"https://{host}:{port}{KEY_PATH} answered {reply.status}")
         return parse_key_document(reply.body, frozenset({name}), target, now)

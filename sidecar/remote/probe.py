@@ -59,8 +59,9 @@ class ProbeSettings:
 class Prober:
     """Runs probes: bounded concurrency, per-name rate limit, never raises."""
 
-    def __init__(self, settings: ProbeSettings, metrics: Metrics, addresses: AddressPolicy,
-                 resolve: Resolve) -> None:  # fmt: skip
+    def __init__(
+        self, settings: ProbeSettings, metrics: Metrics, addresses: AddressPolicy, resolve: Resolve
+    ) -> None:
         self.settings = settings
         self.addresses = addresses
         self._metrics = metrics
@@ -75,8 +76,12 @@ class Prober:
     def due(self, name: str) -> bool:
         return name not in self._last
 
-    def schedule(self, name: str, target: tuple[str, int] | None,
-                 on_result: Callable[[str, ProbeResult], None]) -> None:  # fmt: skip
+    def schedule(
+        self,
+        name: str,
+        target: tuple[str, int] | None,
+        on_result: Callable[[str, ProbeResult], None],
+    ) -> None:
         """Probe `name` in the background unless it was probed within the interval."""
         if name in self._last:
             return
@@ -121,11 +126,18 @@ class Prober:
             if address is None:
                 return ProbeResult("failed", f"{where}: no address the policy allows")
             reply = await http1.request(
-                address, port, "GET", path,
+                address,
+                port,
+                "GET",
+                path,
                 host_header=name if port == 443 else f"{name}:{port}",
-                headers={"User-Agent": USER_AGENT}, tls=self._context, server_hostname=name,
-                seconds=self.settings.timeout, limit=MAX_BODY_BYTES, read_body=body,
-            )  # fmt: skip
+                headers={"User-Agent": USER_AGENT},
+                tls=self._context,
+                server_hostname=name,
+                seconds=self.settings.timeout,
+                limit=MAX_BODY_BYTES,
+                read_body=body,
+            )
             status, headers, content = reply.status, reply.headers, reply.body
         except TimeoutError:
             return ProbeResult("failed", f"{where}{path}: no answer in {self.settings.timeout:g}s")

@@ -112,8 +112,11 @@ class RedisStore(WriteBehindStore):
             reachable = True
         except (RedisError, OSError, TimeoutError) as e:
             self.metrics.store_errors.labels(self.kind, "connect").inc()
-            self.mark(False, f"{self._safe_url()} unreachable ({e or type(e).__name__}); "
-                             "serving from the local cache, retrying")  # fmt: skip
+            self.mark(
+                False,
+                f"{self._safe_url()} unreachable ({e or type(e).__name__}); "
+                "serving from the local cache, retrying",
+            )
         self._remote = (on_remote, on_forget)
         self._tasks = [
             asyncio.create_task(self._write_behind()),
@@ -177,8 +180,10 @@ class RedisStore(WriteBehindStore):
         self.metrics.store_invalid_records.labels(self.kind, source).inc()
         self._invalid_warnings.warn(
             "ignored %d invalid record(s) from %s (%s) in the last minute; latest: %s",
-            self._safe_url(), source, detail,
-        )  # fmt: skip
+            self._safe_url(),
+            source,
+            detail,
+        )
 
     def save_keys(self, name: str, record: dict[str, Any]) -> None:
         if not self.up:
@@ -342,8 +347,12 @@ class RedisStore(WriteBehindStore):
                 on_forget(destination)
         except Exception:  # the cache's own bug: counted, logged, the subscriber goes on
             self.metrics.store_errors.labels(self.kind, "apply").inc()
-            self._apply_warnings.warn("%d message(s) from %s could not be applied (latest for "
-                                      "%s)", CHANNEL, destination, exc_info=True)  # fmt: skip
+            self._apply_warnings.warn(
+                "%d message(s) from %s could not be applied (latest for %s)",
+                CHANNEL,
+                destination,
+                exc_info=True,
+            )
 
     async def _watch_health(self) -> None:
         delay = HEALTH_INTERVAL_SECONDS
@@ -363,5 +372,7 @@ class RedisStore(WriteBehindStore):
     def _failed(self, op: str, error: BaseException) -> None:
         self.metrics.store_errors.labels(self.kind, op).inc()
         detail = str(error) or type(error).__name__
-        self.mark(False, f"{self._safe_url()} failed ({op}: {detail}); serving from the local "
-                         "cache, retrying")  # fmt: skip
+        self.mark(
+            False,
+            f"{self._safe_url()} failed ({op}: {detail}); serving from the local cache, retrying",
+        )

@@ -47,8 +47,10 @@ CREATE INDEX IF NOT EXISTS verdicts_expiry ON verdicts (expires_at);
 """
 # Rows worth reading: a record within the size bound and a destination no longer than a
 # DNS name (sizes in bytes, whatever type a hostile row stored; a NULL is read, and fails).
-_SMALL_ENOUGH = ("coalesce(length(CAST(record AS BLOB)), 0) <= ? AND "
-                 "coalesce(length(CAST(destination AS BLOB)), 0) <= ?")  # fmt: skip
+_SMALL_ENOUGH = (
+    "coalesce(length(CAST(record AS BLOB)), 0) <= ? AND "
+    "coalesce(length(CAST(destination AS BLOB)), 0) <= ?"
+)
 _LIMITS = (MAX_RECORD_BYTES, MAX_NAME_LENGTH)
 
 
@@ -152,9 +154,12 @@ class SqliteStore(WriteBehindStore):
         finally:
             db.close()
         self.metrics.store_errors.labels(self.kind, "open").inc()
-        self.mark(False, f"cannot write {self.path} ({error}): loaded {len(verdicts)} "
-                         "verdict(s) from it read-only; new verdicts are kept in memory "
-                         "only")  # fmt: skip
+        self.mark(
+            False,
+            f"cannot write {self.path} ({error}): loaded {len(verdicts)} "
+            "verdict(s) from it read-only; new verdicts are kept in memory "
+            "only",
+        )
         return verdicts
 
     def _move_aside(self, error: Exception) -> None:
@@ -164,8 +169,14 @@ class SqliteStore(WriteBehindStore):
             if source.exists():
                 source.replace(Path(f"{self.path}.corrupt-{stamp}{suffix}"))
         self.metrics.store_errors.labels(self.kind, "corrupt").inc()
-        log.warning("state file %s is unreadable (%s); moved it to %s.corrupt-%s and starting "
-                    "with no stored verdicts", self.path, error, self.path, stamp)  # fmt: skip
+        log.warning(
+            "state file %s is unreadable (%s); moved it to %s.corrupt-%s and starting "
+            "with no stored verdicts",
+            self.path,
+            error,
+            self.path,
+            stamp,
+        )
 
     def _unavailable(self, op: str, error: Exception) -> list[Verdict]:
         self.metrics.store_errors.labels(self.kind, op).inc()
@@ -207,8 +218,9 @@ class SqliteStore(WriteBehindStore):
             return self._unavailable("load", e)
         if bad:
             self.metrics.store_invalid_records.labels(self.kind, "load").inc(bad)
-            log.warning("dropped %d invalid stored verdict(s) in %s (first: %s)", bad, self.path,
-                        first)  # fmt: skip
+            log.warning(
+                "dropped %d invalid stored verdict(s) in %s (first: %s)", bad, self.path, first
+            )
         log.info("loaded %d verdict(s) from %s", len(verdicts), self.path)
         return verdicts
 

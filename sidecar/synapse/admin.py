@@ -203,11 +203,18 @@ class SynapseAdmin:
             headers["Content-Type"] = "application/json"
         try:
             reply = await http1.request(
-                endpoint.host, endpoint.port, method, endpoint.base_path + path,
-                host_header=endpoint.host_header, headers=headers, body=body, tls=self._tls,
-                server_hostname=endpoint.host, seconds=REQUEST_TIMEOUT_SECONDS,
+                endpoint.host,
+                endpoint.port,
+                method,
+                endpoint.base_path + path,
+                host_header=endpoint.host_header,
+                headers=headers,
+                body=body,
+                tls=self._tls,
+                server_hostname=endpoint.host,
+                seconds=REQUEST_TIMEOUT_SECONDS,
                 limit=MAX_REPLY_BYTES,
-            )  # fmt: skip
+            )
         except TimeoutError:
             detail = f"no answer in {REQUEST_TIMEOUT_SECONDS:g}s"
             raise self._failed(op, UNREACHABLE, detail) from None
@@ -260,8 +267,10 @@ class SynapseAdmin:
             log.warning(
                 "Synapse admin API at %s: %s (%s); proxying is not affected, lifted verdicts "
                 "will not reset Synapse's backoff until it answers",
-                self.endpoint, state, detail,
-            )  # fmt: skip
+                self.endpoint,
+                state,
+                detail,
+            )
 
 
 def _rows(reply: dict[str, Any]) -> list[Destination]:

@@ -199,11 +199,14 @@ class Lifter:
                 "RESURRECTION WITH A NEW IDENTITY: %s was gone (%s) and is back with %s. "
                 "Whoever runs it now is not who ran it before; review its users' power in "
                 "shared rooms. %s",
-                name, was, detail,
+                name,
+                was,
+                detail,
                 "Still suppressed (--hold-reborn) until an operator lifts it: "
-                f"tombstone-sidecar verdicts forget {name}" if held else
-                "Not held (no --hold-reborn): traffic to it flows again.",
-            )  # fmt: skip
+                f"tombstone-sidecar verdicts forget {name}"
+                if held
+                else "Not held (no --hold-reborn): traffic to it flows again.",
+            )
             if held:
                 return f"{HOLD_EVIDENCE} ({detail}); lift with ops DELETE"
             return None
@@ -271,12 +274,16 @@ class Lifter:
             if self._backing_off.get(name) and not backing_off and name not in resumed:
                 resumed.append(name)
         self._backing_off = seen
-        self.view = SynapseView(self._clock(), len(rows), truncated,
-                                tuple(sorted(n for n, b in seen.items() if b)))  # fmt: skip
+        self.view = SynapseView(
+            self._clock(), len(rows), truncated, tuple(sorted(n for n, b in seen.items() if b))
+        )
         for name in resumed:
             self.metrics.resumed_early.inc()
-            log.info("Synapse stopped backing off %s (inbound traffic from it reset its retry "
-                     "timings): checking the verdict now, not at its TTL", name)  # fmt: skip
+            log.info(
+                "Synapse stopped backing off %s (inbound traffic from it reset its retry "
+                "timings): checking the verdict now, not at its TTL",
+                name,
+            )
             self._spawn(policy.recheck(name))
         return resumed
 

@@ -21,8 +21,10 @@ def join(result: dict[str, Any], url: str, token: str) -> dict[str, Any]:
     admin = SynapseAdmin(AdminEndpoint.parse(url), token, None)
     verdicts = list(result.get("verdicts", []))
     views = asyncio.run(_ask_all(admin, [str(v["destination"]) for v in verdicts]))
-    return {**result, "verdicts": [{**v, "synapse": s} for v, s in zip(verdicts, views,
-                                                                     strict=True)]}  # fmt: skip
+    return {
+        **result,
+        "verdicts": [{**v, "synapse": s} for v, s in zip(verdicts, views, strict=True)],
+    }
 
 
 async def _ask_all(admin: SynapseAdmin, names: list[str]) -> list[dict[str, Any] | None]:
@@ -70,8 +72,7 @@ def _interval(ms: int) -> str:
 
 
 def table(joined: dict[str, Any]) -> str:
-    rows = [("DESTINATION", "STATE", "SIGNAL", "SYNAPSE", "RETRY", "FAILING SINCE (UTC)",
-             "ROOMS")]  # fmt: skip
+    rows = [("DESTINATION", "STATE", "SIGNAL", "SYNAPSE", "RETRY", "FAILING SINCE (UTC)", "ROOMS")]
     for v in joined.get("verdicts", []):
         view = v.get("synapse")
         if view is None:
@@ -84,11 +85,13 @@ def table(joined: dict[str, Any]) -> str:
             retry = _interval(view["retry_interval_ms"])
             since = _since(view["failure_ts"])
             rooms = str(view["rooms"] if view["rooms"] is not None else "-")
-        rows.append((v["destination"], v["state"], v.get("signal") or "-", synapse, retry, since,
-                     rooms))  # fmt: skip
+        rows.append(
+            (v["destination"], v["state"], v.get("signal") or "-", synapse, retry, since, rooms)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]  # fmt: skip
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     shown, total = len(rows) - 1, joined.get("total", len(rows) - 1)
     if total > shown:
         lines.append(f"({shown} of {total}; use --offset/--limit for more)")

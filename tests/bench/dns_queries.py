@@ -30,8 +30,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="wall time (default 60)")
     args = parser.parse_args()
     scale = args.scale
-    with tempfile.TemporaryDirectory(prefix="tombstone-dnsq-") as scratch, \
-            TestCA(Path(scratch) / "ca") as ca, DnsServer() as dns:  # fmt: skip
+    with (
+        tempfile.TemporaryDirectory(prefix="tombstone-dnsq-") as scratch,
+        TestCA(Path(scratch) / "ca") as ca,
+        DnsServer() as dns,
+    ):
         zone = dns.zone
         zone.add(NAME, "A", "127.0.0.2", ttl=A_TTL // scale)
         zone.add(NAME, "TXT", "v=spf1 -all", ttl=TXT_TTL // scale)
@@ -62,12 +65,17 @@ def main() -> None:
                 sidecar.stop()
         per_hour = 3600.0 / (args.seconds * scale)
         counts = {t: dns.query_count(rrtype=t) for t in ("TXT", "SRV", "A", "AAAA")}
-        print(json.dumps({
-            "connections": connections,
-            "queries_in_run": counts,
-            "queries_per_hour": {t: round(n * per_hour) for t, n in counts.items()},
-            "total_per_hour": round(sum(counts.values()) * per_hour),
-        }, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "connections": connections,
+                    "queries_in_run": counts,
+                    "queries_per_hour": {t: round(n * per_hour) for t, n in counts.items()},
+                    "total_per_hour": round(sum(counts.values()) * per_hour),
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -567,12 +567,24 @@ class Bench:
         seconds = max(cfg.seconds, 5.0)
         with self._on(self.load_cpus):
             spy = subprocess.Popen(
-                [py_spy, "record", "--pid", str(target.proxy.proc.pid), "--rate", "250",
-                 "--duration", str(int(seconds)), "--nonblocking", "--format", "raw",
-                 "--output", str(out)],
+                [
+                    py_spy,
+                    "record",
+                    "--pid",
+                    str(target.proxy.proc.pid),
+                    "--rate",
+                    "250",
+                    "--duration",
+                    str(int(seconds)),
+                    "--nonblocking",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(out),
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-            )  # fmt: skip
+            )
         try:
             time.sleep(0.3)  # py-spy attaches first
             self.load(target.args, target.proxy, seconds + 0.5)
@@ -708,10 +720,16 @@ class Bench:
                 Target(
                     with_addon.label,
                     with_addon,
-                    ["connect", "--proxy", with_addon.address, *common,
-                     "--expect-text", "X-Tombstone-Signal: operator"],
+                    [
+                        "connect",
+                        "--proxy",
+                        with_addon.address,
+                        *common,
+                        "--expect-text",
+                        "X-Tombstone-Signal: operator",
+                    ],
                 )
-            )  # fmt: skip
+            )
 
         def check(target: Target, result: dict[str, Any]) -> None:
             if result["count"] == 0:
@@ -1046,11 +1064,18 @@ class Bench:
         sidecar = self.sidecar()
         return self.run_json(
             "tests.bench.load",
-            ["names", "--proxy", sidecar.address, "--names", ",".join(names),
-             "--concurrency", str(concurrency)],
+            [
+                "names",
+                "--proxy",
+                sidecar.address,
+                "--names",
+                ",".join(names),
+                "--concurrency",
+                str(concurrency),
+            ],
             self.load_cpus,
             timeout=120,
-        )  # fmt: skip
+        )
 
     def _sidecar_metrics(self) -> dict[str, float]:
         """The sidecar's decision and DNS query histograms (sum, count) from /metrics."""
@@ -1142,11 +1167,18 @@ class Bench:
                 dns.reset_queries()
                 res = self.run_json(
                     "tests.bench.inproc",
-                    ["cold", "--nameserver", f"127.0.0.1:{dns.port}",
-                     "--sequential", ",".join(in_names), "--burst", ",".join(in_burst_names)],
+                    [
+                        "cold",
+                        "--nameserver",
+                        f"127.0.0.1:{dns.port}",
+                        "--sequential",
+                        ",".join(in_names),
+                        "--burst",
+                        ",".join(in_burst_names),
+                    ],
                     self.proxy_cpus,
                     timeout=120,
-                )  # fmt: skip
+                )
                 in_seq += res["sequential"]
                 in_burst += res["burst"]
                 in_cpu.append(res["burst_cpu_ns"] / 1e6 / len(in_burst_names))
@@ -1327,8 +1359,16 @@ class Bench:
             f'Authorization: X-Matrix origin="{ORIGIN}",destination="{LIVE}",'
             'key="ed25519:a",sig="x"'
         )
-        common = ["--name", LIVE, "--port", str(up.port), "--header", auth,
-                  "--concurrency", str(cfg.pooled_connections)]  # fmt: skip
+        common = [
+            "--name",
+            LIVE,
+            "--port",
+            str(up.port),
+            "--header",
+            auth,
+            "--concurrency",
+            str(cfg.pooled_connections),
+        ]
         ours = Target(
             "sidecar",
             sidecar,
@@ -1340,9 +1380,17 @@ class Bench:
         base = Target(
             "mitmdump intercept",
             mitm,
-            ["pooled", "--proxy", mitm.address, "--connect-host", UPSTREAM_HOST,
-             "--cafile", str(mitm.ca_file), *common],
-        )  # fmt: skip
+            [
+                "pooled",
+                "--proxy",
+                mitm.address,
+                "--connect-host",
+                UPSTREAM_HOST,
+                "--cafile",
+                str(mitm.ca_file),
+                *common,
+            ],
+        )
         problems: list[str] = []
 
         def check(target: Target, result: dict[str, Any]) -> None:
@@ -1445,8 +1493,14 @@ class Bench:
             "two processes (2nd)", "status", [*store, "--reuse-port"], first.port, self.load_cpus
         )
         first.siblings.append(second.proc)
-        common = ["--target", f"{GONE}:443", "--concurrency", str(cfg.concurrency),
-                  "--expect-text", "X-Tombstone-Signal: operator"]  # fmt: skip
+        common = [
+            "--target",
+            f"{GONE}:443",
+            "--concurrency",
+            str(cfg.concurrency),
+            "--expect-text",
+            "X-Tombstone-Signal: operator",
+        ]
         single = Target("one process", one, ["connect", "--proxy", one.address, *common])
         pair = Target(
             "two processes, --reuse-port", first, ["connect", "--proxy", first.address, *common]
@@ -1489,10 +1543,24 @@ class Bench:
         and the first profile lookup on a blackholed server. Needs root (a network
         namespace) and .venv-synapse, as scripts/test builds it."""
         self.log("scenario 7: the mission figure (real Synapse, tests/e2e/test_m1_mission.py)")
-        argv = [sys.executable, "-m", "pytest", "tests/e2e/test_m1_mission.py", "-q", "-s",
-                "-p", "no:cacheprovider"]  # fmt: skip
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False,
-                              cwd=Path(__file__).resolve().parents[2])  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "tests/e2e/test_m1_mission.py",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+        ]
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            check=False,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         found = {m.group(1): m for m in MISSION_LINE.finditer(done.stdout)}
         if done.returncode != 0 or set(found) != {"enforce", "shadow"}:
             tail = (done.stdout + done.stderr).strip().splitlines()[-3:]
@@ -1500,13 +1568,28 @@ class Bench:
             return
         on, off = found["enforce"], found["shadow"]
         scenario = "7. Mission (real Synapse)"
-        self.report.add(Row(scenario, f"reached dead servers in {on.group(3)} of user activity "
-                            f"({on.group(2)} actions)",
-                            on.group(4), f"{off.group(4)} (Synapse alone, --no-enforce)", "",
-                            "0 after the verdict", on.group(4) == "nothing"))  # fmt: skip
-        self.report.add(Row(scenario, f"first profile lookup on the blackholed {on.group(5)}",
-                            f"{on.group(7)} ms", f"{off.group(7)} ms", "", "milliseconds",
-                            int(on.group(7)) < 1000))  # fmt: skip
+        self.report.add(
+            Row(
+                scenario,
+                f"reached dead servers in {on.group(3)} of user activity ({on.group(2)} actions)",
+                on.group(4),
+                f"{off.group(4)} (Synapse alone, --no-enforce)",
+                "",
+                "0 after the verdict",
+                on.group(4) == "nothing",
+            )
+        )
+        self.report.add(
+            Row(
+                scenario,
+                f"first profile lookup on the blackholed {on.group(5)}",
+                f"{on.group(7)} ms",
+                f"{off.group(7)} ms",
+                "",
+                "milliseconds",
+                int(on.group(7)) < 1000,
+            )
+        )
 
     # -- all ----------------------------------------------------------------------------
 

@@ -77,14 +77,18 @@ def main() -> int:
             socks = [send_long_line(sidecar.proxy_port) for _ in range(3)]
             time.sleep(2)
             during = rss_kib(pid)
-            print(f"VmRSS with 3 x 40 MB header lines sent: {during / 1024:.1f} MiB "
-                  f"(+{(during - before) / 1024:.1f} MiB)")  # fmt: skip
+            print(
+                f"VmRSS with 3 x 40 MB header lines sent: {during / 1024:.1f} MiB "
+                f"(+{(during - before) / 1024:.1f} MiB)"
+            )
             for sock in socks:
                 sock.close()
             time.sleep(2)
             after = rss_kib(pid)
-            print(f"VmRSS after the connections closed: {after / 1024:.1f} MiB "
-                  f"(+{(after - before) / 1024:.1f} MiB)")  # fmt: skip
+            print(
+                f"VmRSS after the connections closed: {after / 1024:.1f} MiB "
+                f"(+{(after - before) / 1024:.1f} MiB)"
+            )
             lived = idle_lifetime(sidecar.proxy_port, args.idle_limit)
             shown = f"{lived:.1f}s" if lived is not None else f"> {args.idle_limit:g}s (still open)"
             print(f"an idle connection was closed by the sidecar after {shown}")

@@ -106,10 +106,21 @@ def make_base(podman: Podman, base: Base) -> None:
     """mmdebstrap (minbase + BASE_PACKAGES) piped into `podman import` (30-60 s here)."""
     hook = f"printf '{PIP_CONF}' > \"$1/etc/pip.conf\""
     debstrap = subprocess.Popen(
-        ["mmdebstrap", "--quiet", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-         f"--customize-hook={hook}", base.release, "-", *base.mirror],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=podman.env,
-    )  # fmt: skip
+        [
+            "mmdebstrap",
+            "--quiet",
+            "--variant=minbase",
+            f"--include={','.join(BASE_PACKAGES)}",
+            f"--customize-hook={hook}",
+            base.release,
+            "-",
+            *base.mirror,
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=podman.env,
+    )
     assert debstrap.stdout is not None
     try:
         tarball = debstrap.stdout.fileno()
@@ -126,8 +137,21 @@ def make_wheels(work: Path, python: str) -> Path:
     venv = work / "host-python"
     run([python, "-m", "venv", str(venv)])
     wheels = work / "wheels"
-    run([str(venv / "bin" / "python"), "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-         "-w", str(wheels), str(REPO), "hatchling"], timeout=600)  # fmt: skip
+    run(
+        [
+            str(venv / "bin" / "python"),
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--disable-pip-version-check",
+            "-w",
+            str(wheels),
+            str(REPO),
+            "hatchling",
+        ],
+        timeout=600,
+    )
     for own in wheels.glob("matrix_tombstone_sidecar-*.whl"):
         own.unlink()  # the image builds the package itself, from what the Dockerfile copies
     return wheels
@@ -143,8 +167,9 @@ def build(podman: Podman, work: Path) -> Built:
     )
     version = "import platform; print(platform.python_version())"
     host_python = run([base.python, "-c", version]).strip()
-    base_python = podman.output(["run", "--rm", "--network=none", BASE_TAG, "python3", "-c",
-                                 version])  # fmt: skip
+    base_python = podman.output(
+        ["run", "--rm", "--network=none", BASE_TAG, "python3", "-c", version]
+    )
     assert host_python.split(".")[:2] == base_python.split(".")[:2], (
         f"wheels made by Python {host_python} for an image with {base_python}"
     )
@@ -153,11 +178,24 @@ def build(podman: Podman, work: Path) -> Built:
     timings[f"wheels (pip wheel, host Python {host_python})"] = time.monotonic() - started
     started = time.monotonic()
     podman.run(
-        ["build", "--network=none", "--pull=never", "--format", "docker",
-         "--volume", f"{wheels}:/wheels:ro", "--build-arg", f"PYTHON_IMAGE={BASE_TAG}",
-         "--file", str(DOCKERFILE), "--tag", IMAGE_TAG, str(REPO)],
+        [
+            "build",
+            "--network=none",
+            "--pull=never",
+            "--format",
+            "docker",
+            "--volume",
+            f"{wheels}:/wheels:ro",
+            "--build-arg",
+            f"PYTHON_IMAGE={BASE_TAG}",
+            "--file",
+            str(DOCKERFILE),
+            "--tag",
+            IMAGE_TAG,
+            str(REPO),
+        ],
         timeout=600,
-    )  # fmt: skip
+    )
     timings["podman build"] = time.monotonic() - started
     size = int(podman.output(["image", "inspect", "--format", "{{.Size}}", IMAGE_TAG]))
     return Built(IMAGE_TAG, base.release, base_python, size, timings)

@@ -33,8 +33,14 @@ OTHER_TENANT = "tenant-b"
 # CGNAT ranges pod and service CIDRs are drawn from (kubeadm 10.96.0.0/12, k3s 10.42/10.43,
 # GKE/EKS VPC ranges, ...), IPv6 ULA and link-local, and the cloud metadata address.
 PUBLIC = ("1.1.1.1/32", "8.8.8.8/32", "203.0.113.7/32", "2606:4700:4700::1111/128")
-PRIVATE = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7",
-           "fe80::/10")  # fmt: skip
+PRIVATE = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+    "fe80::/10",
+)
 METADATA = ("169.254.169.254/32", "fd00:ec2::254/128")
 EVERYWHERE = ("0.0.0.0/0", "::/0")
 
@@ -141,9 +147,12 @@ def _namespace(name: str) -> Manifest:
 
 def _pod(name: str, namespace: str, labels: dict[str, str], port: int) -> Manifest:
     container = {"name": name, "image": name, "ports": [{"containerPort": port}]}
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels},
-            "spec": {"containers": [container]}}  # fmt: skip
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"containers": [container]},
+    }
 
 
 def topology(docs: tuple[Manifest, ...]) -> list[Manifest]:
@@ -173,10 +182,20 @@ def judge(claim: Claim, policies: list[Manifest], cluster: list[Manifest], work:
     resources.write_text(yaml.safe_dump_all(cluster))
     spec.write_text(yaml.safe_dump(claim.policy("matrix")))
     result = subprocess.run(
-        [tool("nca"), f"--{claim.query}", str(spec), "--base_np_list", str(base),
-         "--resource_list", str(resources)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+        [
+            tool("nca"),
+            f"--{claim.query}",
+            str(spec),
+            "--base_np_list",
+            str(base),
+            "--resource_list",
+            str(resources),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     if result.returncode == 0:
         return ""
     assert result.returncode == 1, f"nca failed to run:\n{result.stdout}\n{result.stderr}"

@@ -87,8 +87,11 @@ class Pod:
 
     def security(self, container: Manifest) -> dict[str, Any]:
         pod = self.spec.get("securityContext", {})
-        inherited = {k: pod[k] for k in ("runAsUser", "runAsGroup", "runAsNonRoot",
-                                          "seccompProfile") if k in pod}  # fmt: skip
+        inherited = {
+            k: pod[k]
+            for k in ("runAsUser", "runAsGroup", "runAsNonRoot", "seccompProfile")
+            if k in pod
+        }
         merged: dict[str, Any] = {**inherited, **container.get("securityContext", {})}
         return merged
 
@@ -161,8 +164,9 @@ class Pod:
 
     def run_to_completion(self, name: str, image: str, timeout: float = 60, **extra: Any) -> int:
         """Run container `name` (an init container that must exit); its exit status."""
-        result = self.podman.run(["run", *self.run_args(name, image, **extra)],
-                                 timeout=timeout, check=False)  # fmt: skip
+        result = self.podman.run(
+            ["run", *self.run_args(name, image, **extra)], timeout=timeout, check=False
+        )
         assert result.returncode in (0, 1, 2), result.stderr  # 125-127: podman's own failure
         return result.returncode
 

@@ -40,8 +40,11 @@ def _is_sidecar_proxy(container: Manifest) -> bool:
 
 def _writes(container: Manifest) -> set[str]:
     """Volumes it writes that others may read (scratch space at /tmp is nobody's input)."""
-    return {m["name"] for m in container.get("volumeMounts", [])
-            if not m.get("readOnly") and m["mountPath"] != "/tmp"}  # fmt: skip
+    return {
+        m["name"]
+        for m in container.get("volumeMounts", [])
+        if not m.get("readOnly") and m["mountPath"] != "/tmp"
+    }
 
 
 def _reads(container: Manifest) -> set[str]:
@@ -122,6 +125,9 @@ def pod_rule_errors(workload: Manifest) -> list[str]:
     for position, sidecar in enumerate(init):
         if sidecar.get("restartPolicy") != "Always":
             continue
-        errors += [f"{name}: init {c['name']} needs {sidecar['name']} but starts before it"
-                   for c in init[:position] if _needs(c, sidecar)]  # fmt: skip
+        errors += [
+            f"{name}: init {c['name']} needs {sidecar['name']} but starts before it"
+            for c in init[:position]
+            if _needs(c, sidecar)
+        ]
     return errors

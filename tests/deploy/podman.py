@@ -139,8 +139,11 @@ class Podman:
             ["system", "reset", "--force"],
         ):
             self.run(args, timeout=120, check=False)
-        left = [line for line in Path("/proc/self/mounts").read_text().splitlines()
-                if str(self.root) in line]  # fmt: skip
+        left = [
+            line
+            for line in Path("/proc/self/mounts").read_text().splitlines()
+            if str(self.root) in line
+        ]
         for line in left:
             subprocess.run(["umount", "-l", line.split()[1]], check=False, capture_output=True)
         shutil.rmtree(self.root, ignore_errors=True)

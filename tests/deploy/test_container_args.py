@@ -37,8 +37,12 @@ def _plan(container: Container, local: Localizer) -> Plan:
 
 
 def _servers() -> list[tuple[str, str]]:
-    return [(o, c.name) for o in WORKLOAD_OVERLAYS for c in sidecar_containers(render(o))
-            if c.spec["args"][0] == "run"]  # fmt: skip
+    return [
+        (o, c.name)
+        for o in WORKLOAD_OVERLAYS
+        for c in sidecar_containers(render(o))
+        if c.spec["args"][0] == "run"
+    ]
 
 
 def _container(overlay: str, name: str) -> Container:
@@ -83,9 +87,13 @@ def test_intercept_bundle_step_writes_the_sidecars_ca(tmp_path: Path, redis: Red
     with running(_plan(sidecar, local), tmp_path / "sidecar.log"):
         step = local.plan(bundle_step.spec["args"], bundle_step.env())
         result = subprocess.run(
-            [*sidecar_command(), *step.args], env=step.env, capture_output=True, text=True,
-            timeout=60, check=False,
-        )  # fmt: skip
+            [*sidecar_command(), *step.args],
+            env=step.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         assert result.returncode == 0, result.stderr
     bundle = Path(local.value(bundle_step.arg("--bundle") or ""))
     state = Path(local.value(sidecar.env()["TOMBSTONE_STATE_DIR"]))

@@ -31,6 +31,11 @@ def test_promtool_rejects_a_broken_panel_query(tmp_path: Path) -> None:
     """A control: a query Grafana would show as an error fails here too."""
     (_, expr), *_ = dashboard_queries()
     rules = _write_rules(tmp_path / "broken.rules.yaml", [expr + ")"])
-    result = subprocess.run([tool("promtool"), "check", "rules", str(rules)],
-                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    result = subprocess.run(
+        [tool("promtool"), "check", "rules", str(rules)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode != 0 and "parse error" in result.stdout + result.stderr

@@ -49,8 +49,10 @@ def test_what_the_build_copies_is_enough_to_build_the_package(tmp_path: Path) ->
             else:
                 shutil.copy2(src, dest)
     wheels = tmp_path / "wheels"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(context)],
-        timeout=300)  # fmt: skip
+    run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(context)],
+        timeout=300,
+    )
     (wheel,) = wheels.glob("matrix_tombstone_sidecar-*.whl")
     assert wheel.stat().st_size > 0
 

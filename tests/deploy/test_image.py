@@ -50,10 +50,27 @@ print(json.dumps({"status": {k: v.strip() for k, v in status.items()},
                   "writable": writable, "refused": refused, "rw_mounts": rw}))
 """
 # Written to by a kubelet or runtime in any pod (rw bind mounts of single files, or virtual).
-_RUNTIME_MOUNTS = ("/proc", "/sys", "/dev", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf",
-                   "/run/.containerenv")  # fmt: skip
-_TRY_WRITE = ("/", "/etc", "/opt/tombstone-sidecar", "/opt/tombstone-sidecar/bin", "/usr",
-              "/var/tmp", "/run", "/home", "/tmp", STATE)  # fmt: skip
+_RUNTIME_MOUNTS = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/resolv.conf",
+    "/run/.containerenv",
+)
+_TRY_WRITE = (
+    "/",
+    "/etc",
+    "/opt/tombstone-sidecar",
+    "/opt/tombstone-sidecar/bin",
+    "/usr",
+    "/var/tmp",
+    "/run",
+    "/home",
+    "/tmp",
+    STATE,
+)
 
 
 def _workload(overlay: str) -> dict[str, object]:
@@ -72,8 +89,12 @@ def native(podman: Podman, image: Built, tmp_path_factory: pytest.TempPathFactor
     (secret / "token").write_text(secrets.token_hex(32))
     (secret / "token").chmod(0o644)
     try:
-        pod.start(SIDECAR, image.tag, extra_mounts={TOKEN_DIR: secret},
-                  extra_env={"TOMBSTONE_OPS_TOKEN_FILE": f"{TOKEN_DIR}/token"})  # fmt: skip
+        pod.start(
+            SIDECAR,
+            image.tag,
+            extra_mounts={TOKEN_DIR: secret},
+            extra_env={"TOMBSTONE_OPS_TOKEN_FILE": f"{TOKEN_DIR}/token"},
+        )
         pod.wait_started(SIDECAR)
         yield pod
     finally:
@@ -116,11 +137,16 @@ def test_the_sidecar_runs_as_its_pod_spec_says(native: Pod, image: Built) -> Non
     state = native.volumes["tombstone-state"] / "verdicts.sqlite3"
     assert state.exists() and state.stat().st_uid == 10001
     # The image's HEALTHCHECK passes in the running container.
-    healthcheck = native.podman.run(["healthcheck", "run", native.container_name(SIDECAR)],
-                                    check=False)  # fmt: skip
+    healthcheck = native.podman.run(
+        ["healthcheck", "run", native.container_name(SIDECAR)], check=False
+    )
     assert healthcheck.returncode == 0, healthcheck.stderr
-    version = _inside(native, "python", "-c", "import sys, mitmproxy.version as m; "
-                      "print(sys.version.split()[0], m.VERSION)")  # fmt: skip
+    version = _inside(
+        native,
+        "python",
+        "-c",
+        "import sys, mitmproxy.version as m; print(sys.version.split()[0], m.VERSION)",
+    )
     assert version.split()[0] == image.python, version
     IMAGE_REPORT.append(
         f"  in the image: Python {version.split()[0]}, mitmproxy {version.split()[1]}"
@@ -128,8 +154,9 @@ def test_the_sidecar_runs_as_its_pod_spec_says(native: Pod, image: Built) -> Non
 
 
 def _verdict(pod: Pod) -> dict[str, object]:
-    text = _inside(pod, SIDECAR, "verdicts", "show", RETIRED, "--json",
-                   "--ops-listen", "127.0.0.1:9480")  # fmt: skip
+    text = _inside(
+        pod, SIDECAR, "verdicts", "show", RETIRED, "--json", "--ops-listen", "127.0.0.1:9480"
+    )
     result: dict[str, object] = json.loads(text)
     return result
 
@@ -137,15 +164,25 @@ def _verdict(pod: Pod) -> dict[str, object]:
 def test_a_verdict_survives_a_restart_and_sigterm_stops_it_in_time(native: Pod) -> None:
     """A verdict written through the API before a restart is served after it (the state file
     on the volume), and SIGTERM ends the process with status 0 within the grace period."""
-    _inside(native, SIDECAR, "verdicts", "deny", RETIRED, "--comment", "image test",
-            "--ops-listen", "127.0.0.1:9480")  # fmt: skip
+    _inside(
+        native,
+        SIDECAR,
+        "verdicts",
+        "deny",
+        RETIRED,
+        "--comment",
+        "image test",
+        "--ops-listen",
+        "127.0.0.1:9480",
+    )
     before = _verdict(native)
     assert before["state"] == "gone" and before["signal"] == "operator", before
     name = native.container_name(SIDECAR)
     started = time.monotonic()
     # podman stop: the image's stop signal (SIGTERM), SIGKILL only after the grace period.
-    native.podman.run(["stop", "--time", str(native.grace_seconds), name],
-                      timeout=native.grace_seconds + 30)  # fmt: skip
+    native.podman.run(
+        ["stop", "--time", str(native.grace_seconds), name], timeout=native.grace_seconds + 30
+    )
     took = time.monotonic() - started
     state = json.loads(native.podman.output(["inspect", "--format", "{{json .State}}", name]))
     assert state["ExitCode"] == 0, state
@@ -174,13 +211,25 @@ def test_the_intercept_ca_bundle_step_runs_in_the_image(
         pod.wait_started(SIDECAR)
         assert pod.run_to_completion(bundle_step, image.tag) == 0
     finally:
-        podman.run(["rm", "--force", "--time", "5", pod.container_name(SIDECAR),
-                    pod.container_name(bundle_step)], check=False)  # fmt: skip
+        podman.run(
+            [
+                "rm",
+                "--force",
+                "--time",
+                "5",
+                pod.container_name(SIDECAR),
+                pod.container_name(bundle_step),
+            ],
+            check=False,
+        )
     ca = (pod.volumes["tombstone-state"] / "ca" / "mitmproxy-ca-cert.pem").read_text()
     args = pod.container(bundle_step)["args"]
     target = Path(args[args.index("--bundle") + 1])
-    (mount,) = [m for m in pod.container(bundle_step)["volumeMounts"]
-                if target.is_relative_to(m["mountPath"])]  # fmt: skip
+    (mount,) = [
+        m
+        for m in pod.container(bundle_step)["volumeMounts"]
+        if target.is_relative_to(m["mountPath"])
+    ]
     bundle = (pod.volumes[mount["name"]] / target.relative_to(mount["mountPath"])).read_text()
     assert ca.strip() in bundle
     assert bundle.count("BEGIN CERTIFICATE") > 50, "the system CAs are in the bundle too"

@@ -90,8 +90,10 @@ def test_sidecar_probes_and_hardening(overlay: str) -> None:
         port = int(ops.rsplit(":", 1)[1])
         assert port in {p["containerPort"] for p in sidecar.spec["ports"]}
     for sidecar in sidecar_containers(render(overlay)):
-        security = {**pod_spec(sidecar.workload).get("securityContext", {}),
-                    **sidecar.spec.get("securityContext", {})}  # fmt: skip
+        security = {
+            **pod_spec(sidecar.workload).get("securityContext", {}),
+            **sidecar.spec.get("securityContext", {}),
+        }
         assert security["readOnlyRootFilesystem"] is True
         assert security["runAsNonRoot"] is True and security["runAsUser"] == 10001
         assert security["allowPrivilegeEscalation"] is False
@@ -119,9 +121,13 @@ def test_synapse_no_proxy_keeps_cluster_names_direct_and_federation_proxied(over
         no_proxy = env["NO_PROXY"]
         assert no_proxy is not None
         # ess-helm names services with a trailing dot (its clusterDomain is "cluster.local.").
-        for internal in ("localhost", "127.0.0.1", "mas.matrix.svc",
-                         "synapse-main.matrix.svc.cluster.local",
-                         "ess-matrix-authentication-service.ess.svc.cluster.local."):  # fmt: skip
+        for internal in (
+            "localhost",
+            "127.0.0.1",
+            "mas.matrix.svc",
+            "synapse-main.matrix.svc.cluster.local",
+            "ess-matrix-authentication-service.ess.svc.cluster.local.",
+        ):
             assert _bypassed(no_proxy, internal), internal
         for remote in ("matrix.org", "example.com", "fed.example.net"):
             assert not _bypassed(no_proxy, remote), remote
@@ -221,9 +227,12 @@ def test_monitors_select_a_named_metrics_port(overlay: str) -> None:
             ports = {p["name"] for c in selected for p in c.spec.get("ports", [])}
         else:
             endpoints = monitor["spec"]["endpoints"]
-            ports = {p["name"] for s in of_kind(docs, "Service")
-                     if matches(selector, s["metadata"].get("labels", {}))
-                     for p in s["spec"]["ports"]}  # fmt: skip
+            ports = {
+                p["name"]
+                for s in of_kind(docs, "Service")
+                if matches(selector, s["metadata"].get("labels", {}))
+                for p in s["spec"]["ports"]
+            }
         for endpoint in endpoints:
             assert endpoint["port"] in ports, f"{monitor['kind']} scrapes nothing: {ports}"
             job = {"action": "replace", "targetLabel": "job", "replacement": "tombstone-sidecar"}

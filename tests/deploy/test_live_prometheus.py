@@ -117,9 +117,11 @@ def test_dashboard_shows_the_traffic_it_is_about(prometheus: PrometheusServer) -
         (latency,) = prometheus.query(quantile)
         assert 0 < float(latency["value"][1]) < 5, latency  # seconds, finite
     connect = [
-        r for q in by_title["Decision latency by stage"] for r in prometheus.query(q)
+        r
+        for q in by_title["Decision latency by stage"]
+        for r in prometheus.query(q)
         if r["metric"]["stage"] == "connect"
-    ]  # fmt: skip
+    ]
     assert connect and all(0 < float(r["value"][1]) < 5 for r in connect), connect
 
 

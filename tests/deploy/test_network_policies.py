@@ -61,8 +61,9 @@ def _synapse_direct(policies: list[Manifest]) -> None:
 
 def _synapse_without_dns(policies: list[Manifest]) -> None:
     spec = _named(policies, "synapse-egress-via-tombstone")["spec"]
-    spec["egress"] = [r for r in spec["egress"] if {"port": 53, "protocol": "UDP"}
-                      not in r.get("ports", [])]  # fmt: skip
+    spec["egress"] = [
+        r for r in spec["egress"] if {"port": 53, "protocol": "UDP"} not in r.get("ports", [])
+    ]
 
 
 def _proxy_open_to_all(policies: list[Manifest]) -> None:

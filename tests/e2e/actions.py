@@ -63,8 +63,9 @@ def join_via(client: httpx.Client, room_id: str, servers: list[str]) -> Outcome:
     """Join by room ID with several `server_name` params, tried by Synapse in this order."""
     path = f"/_matrix/client/v3/join/{quote(room_id)}"
     params = [("server_name", s) for s in servers]
-    return _timed("join via", f"{room_id} via {servers}", client, "POST", path, json={},
-                  params=params)  # fmt: skip
+    return _timed(
+        "join via", f"{room_id} via {servers}", client, "POST", path, json={}, params=params
+    )
 
 
 def invite(client: httpx.Client, room_id: str, user: str) -> Outcome:

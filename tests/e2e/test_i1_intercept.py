@@ -77,8 +77,9 @@ def icept_client(icept: Behind) -> Iterator[httpx.Client]:
 def learned_410(icept: Behind, icept_client: httpx.Client, flip: FlipRemote) -> Outcome:
     """gone410.test judged gone by the intercepting sidecar from a real 410 response."""
     first = profile(icept_client, f"@carol:{GONE410}")
-    assert wait_until(lambda: verdict_of(icept.sidecar, GONE410).get("signal") == "http_410",
-                      timeout=5), verdict_of(icept.sidecar, GONE410)  # fmt: skip
+    assert wait_until(
+        lambda: verdict_of(icept.sidecar, GONE410).get("signal") == "http_410", timeout=5
+    ), verdict_of(icept.sidecar, GONE410)
     return first
 
 
@@ -174,9 +175,11 @@ def test_i2_invite_to_a_tombstoned_server_names_server_and_signal(
 
 
 def test_i3_server_turning_410_is_cut_off_at_the_next_request(
-    icept: Behind, icept_client: httpx.Client, flip: FlipRemote,
+    icept: Behind,
+    icept_client: httpx.Client,
+    flip: FlipRemote,
     record: Callable[[str, str], None],
-) -> None:  # fmt: skip
+) -> None:
     user = f"@carol:{FLIP}"
     warm = [profile(icept_client, user) for _ in range(3)]
     assert [o.status for o in warm] == [200, 200, 200], warm
@@ -218,9 +221,19 @@ def test_i4_server_that_comes_back_is_lifted_after_its_ttl(
     lifting = start_behind(
         world,
         "synapse-lifting",
-        ["--mode", "intercept", "--upstream-ca", world_ca, "--min-gone-ttl", "1s",
-         "--gone-ttl", "2s", "--min-ttl", "1s"],
-    )  # fmt: skip
+        [
+            "--mode",
+            "intercept",
+            "--upstream-ca",
+            world_ca,
+            "--min-gone-ttl",
+            "1s",
+            "--gone-ttl",
+            "2s",
+            "--min-ttl",
+            "1s",
+        ],
+    )
     sidecar, user = lifting.sidecar, f"@carol:{BACK}"
     world.zone.add(BACK, "TXT", "v=matrix;gone", ttl=1)
     flip.gone.add(BACK)
@@ -248,9 +261,12 @@ def test_i4_server_that_comes_back_is_lifted_after_its_ttl(
         final = profile(c, user)
 
     _record_all(record, "i4 comes back", [tombstoned, *outcomes[-2:], while_gone, flowing[-1]])
-    record("i4 comes back", f"requests reaching it while 410: {gone_seen}; lifted "
-                            f"{lifted_in:.1f} s after it came back (--gone-ttl 2s); "
-                            f"{len(flowing)} profile calls until 200")  # fmt: skip
+    record(
+        "i4 comes back",
+        f"requests reaching it while 410: {gone_seen}; lifted "
+        f"{lifted_in:.1f} s after it came back (--gone-ttl 2s); "
+        f"{len(flowing)} profile calls until 200",
+    )
     assert tombstoned.status == 502, tombstoned
     assert gone_seen >= 1
     # Synapse answers any failed profile query 502 "Failed to fetch profile" (see i3).
@@ -277,8 +293,11 @@ def test_i6_passthrough_probe_judges_410_server_gone_after_first_connect(
     sidecar, user = probing.sidecar, f"@carol:{PROBE}"
     with probing.synapse.client(probing.account, timeout=CLIENT_TIMEOUT) as c:
         first = profile(c, user)
-        assert wait_until(lambda: verdict_of(sidecar, PROBE).get("signal") == "http_410",
-                          timeout=10, interval=0.02), verdict_of(sidecar, PROBE)  # fmt: skip
+        assert wait_until(
+            lambda: verdict_of(sidecar, PROBE).get("signal") == "http_410",
+            timeout=10,
+            interval=0.02,
+        ), verdict_of(sidecar, PROBE)
         connects = sidecar.metric("tombstone_forwarded_total", stage="connect")
         asked_later = time.monotonic()
         later = [profile(c, user) for _ in range(3)]
@@ -291,9 +310,12 @@ def test_i6_passthrough_probe_judges_410_server_gone_after_first_connect(
 
     _record_all(record, "i6 probe", [first, *later])
     timeline = [(s.line, s.connection, round((s.wall - done) * 1000, 1)) for s in synapse_reqs]
-    record("i6 probe", f"probe requests {[s.line for s in probes]}; Synapse's requests that "
-                       f"reached it (line, (port, connection), ms after the verdict): {timeline}; "
-                       f"CONNECTs forwarded {connects:.0f}")  # fmt: skip
+    record(
+        "i6 probe",
+        f"probe requests {[s.line for s in probes]}; Synapse's requests that "
+        f"reached it (line, (port, connection), ms after the verdict): {timeline}; "
+        f"CONNECTs forwarded {connects:.0f}",
+    )
     assert probes, seen
     # A CONNECT after the verdict is refused, so the forwarded ones all came before it (the
     # first, as measured). Synapse's requests reached the server only through those

@@ -33,10 +33,24 @@ CLIENT_TIMEOUT = 60.0
 def retired(world: World) -> Iterator[Nginx]:
     """kit.test: A record only, and nginx answering with the kit's generated snippet."""
     generated = subprocess.run(
-        [*sidecar_command(), "tombstone", KIT_NAME, "--only", "nginx", "--max-age", "7d",
-         "--successor", "live.test", "--date", "2026-11-27"],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
+        [
+            *sidecar_command(),
+            "tombstone",
+            KIT_NAME,
+            "--only",
+            "nginx",
+            "--max-age",
+            "7d",
+            "--successor",
+            "live.test",
+            "--date",
+            "2026-11-27",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     world.zone.add(KIT_NAME, "A", KIT_IP)
     server = Nginx(world.directory / "kit-nginx", world.ca, KIT_NAME, KIT_IP, (443, 8448))
     server.start(generated.stdout)

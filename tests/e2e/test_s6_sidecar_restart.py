@@ -56,8 +56,9 @@ def test_sidecar_killed_under_load_and_restarted_synapse_recovers(
         time.sleep(1.0)
         sidecar.restart()
         restarted_at = time.monotonic()
-        assert wait_until(lambda: any(t > restarted_at and s == 200 for t, s in results),
-                          timeout=20, interval=0.2)  # fmt: skip
+        assert wait_until(
+            lambda: any(t > restarted_at and s == 200 for t, s in results), timeout=20, interval=0.2
+        )
         time.sleep(1.0)
     finally:
         stop.set()
@@ -67,11 +68,13 @@ def test_sidecar_killed_under_load_and_restarted_synapse_recovers(
     during = [s for t, s in results if killed_at <= t < restarted_at]
     after = [s for t, s in results if t >= restarted_at]
     recovered_in = min(t for t, s in results if t >= restarted_at and s == 200) - restarted_at
-    record("s6 kill -9 under load",
-           f"before {len(before)} requests ({before.count(200)} ok), during the gap "
-           f"{len(during)} ({during.count(200)} ok), after restart {len(after)} "
-           f"({after.count(200)} ok); first success {recovered_in * 1000:.0f} ms after the "
-           "restart")  # fmt: skip
+    record(
+        "s6 kill -9 under load",
+        f"before {len(before)} requests ({before.count(200)} ok), during the gap "
+        f"{len(during)} ({during.count(200)} ok), after restart {len(after)} "
+        f"({after.count(200)} ok); first success {recovered_in * 1000:.0f} ms after the "
+        "restart",
+    )
     assert before and set(before) == {200}
     assert after[-3:] == [200, 200, 200]
     assert "verdict(s) from" in sidecar.log() and "is unreadable" not in sidecar.log()

@@ -41,8 +41,9 @@ ADMIN = "http://127.0.0.1:8008"
 
 
 def ops(sidecar: Sidecar, method: str, path: str, body: bytes | None = None) -> dict[str, object]:
-    request = urllib.request.Request(f"http://127.0.0.1:{sidecar.ops_port}{path}", data=body,
-                                     method=method)  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{sidecar.ops_port}{path}", data=body, method=method
+    )
     request.add_header("Authorization", f"Bearer {OPS_TOKEN}")
     with urllib.request.urlopen(request, timeout=30) as response:
         result = json.loads(response.read())
@@ -88,9 +89,18 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
     world.zone.add(BACK, "TXT", "v=matrix;gone", ttl=300)
     make_synapse_back_off(world, client)
     token, ops_token = admin_files(world, tmp_path)
-    linked = world.start_sidecar(["--synapse-admin-url", ADMIN, "--synapse-admin-token-file",
-                                  str(token), "--synapse-admin-poll", "0.5s",
-                                  "--ops-token-file", str(ops_token)])  # fmt: skip
+    linked = world.start_sidecar(
+        [
+            "--synapse-admin-url",
+            ADMIN,
+            "--synapse-admin-token-file",
+            str(token),
+            "--synapse-admin-poll",
+            "0.5s",
+            "--ops-token-file",
+            str(ops_token),
+        ]
+    )
     assert not linked.tunnel_opens(f"{BACK}:8448")
     assert verdict_state(linked, BACK) == "gone"
 
@@ -102,13 +112,16 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
     world.zone.remove(BACK, "TXT")
     with httpx.Client(base_url=ADMIN, trust_env=False, timeout=10) as admin:
         headers = {"Authorization": f"Bearer {world.account.access_token}"}
-        reset = admin.post(f"/_synapse/admin/v1/federation/destinations/{BACK}/reset_connection",
-                           json={}, headers=headers)  # fmt: skip
+        reset = admin.post(
+            f"/_synapse/admin/v1/federation/destinations/{BACK}/reset_connection",
+            json={},
+            headers=headers,
+        )
         assert reset.status_code == 200, reset.text
         reset_at = time.monotonic()
         assert wait_until(
             lambda: verdict_state(linked, BACK) == "alive", timeout=15, interval=0.05
-        )  # fmt: skip  (the TXT verdict's TTL is 300 s)
+        )  # (the TXT verdict's TTL is 300 s)
         record(
             "t1 resume early",
             f"Synapse's backoff reset -> verdict alive in "
@@ -117,9 +130,17 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
         assert linked.metric("tombstone_resumed_early_total") == 1
         assert f"Synapse stopped backing off {BACK}" in linked.log()
         # Lifted while Synapse was not backing off: Synapse refuses the reset, honestly.
-        assert wait_until(lambda: linked.metric("tombstone_synapse_admin_requests_total",
-                                                op="reset_connection", result="not_needed") == 1,
-                          timeout=10)  # fmt: skip
+        assert wait_until(
+            lambda: (
+                linked.metric(
+                    "tombstone_synapse_admin_requests_total",
+                    op="reset_connection",
+                    result="not_needed",
+                )
+                == 1
+            ),
+            timeout=10,
+        )
 
         # Reset on lift: an operator verdict, Synapse backing off again, then the lift.
         ops(linked, "PUT", f"/v1/verdicts/{BACK}", b'{"comment": "e2e"}')
@@ -134,9 +155,15 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
             f"{(time.monotonic() - lifted_at) * 1000:.0f} ms",
         )
         # Synapse clears the row before its answer reaches the sidecar: wait for both.
-        assert wait_until(lambda: linked.metric("tombstone_synapse_admin_requests_total",
-                                                op="reset_connection", result="ok") == 1,
-                          timeout=10)  # fmt: skip
+        assert wait_until(
+            lambda: (
+                linked.metric(
+                    "tombstone_synapse_admin_requests_total", op="reset_connection", result="ok"
+                )
+                == 1
+            ),
+            timeout=10,
+        )
         assert f"{BACK} lifted: Synapse's backoff for it was reset" in linked.log()
 
         # The joined listing: our verdicts with Synapse's view of each name. A fresh room
@@ -155,11 +182,21 @@ def test_resume_early_reset_on_lift_and_the_joined_listing(
 
         assert wait_until(lambda: rooms(TIED) >= 1, timeout=15, interval=0.2)
         tied_rooms, back_rooms = rooms(TIED), rooms(BACK)
-    argv = [*sidecar_command(), "verdicts", "list", "--synapse", "--ops-listen",
-            f"127.0.0.1:{linked.ops_port}", "--synapse-admin-url", ADMIN,
-            "--synapse-admin-token-file", str(token)]  # fmt: skip
-    listed = subprocess.run([*argv, "--json"], capture_output=True, text=True, timeout=60,
-                            check=False)  # fmt: skip
+    argv = [
+        *sidecar_command(),
+        "verdicts",
+        "list",
+        "--synapse",
+        "--ops-listen",
+        f"127.0.0.1:{linked.ops_port}",
+        "--synapse-admin-url",
+        ADMIN,
+        "--synapse-admin-token-file",
+        str(token),
+    ]
+    listed = subprocess.run(
+        [*argv, "--json"], capture_output=True, text=True, timeout=60, check=False
+    )
     assert listed.returncode == 0, listed.stderr
     by_name = {v["destination"]: v for v in json.loads(listed.stdout)["verdicts"]}
     assert by_name[BACK]["synapse"]["retry_interval_ms"] == 0
@@ -184,13 +221,30 @@ def test_a_broken_admin_link_is_one_warning_and_never_touches_proxying(
 ) -> None:
     token = tmp_path / "wrong-token"
     token.write_text("syt_bm90YWRtaW4_wrongwrongwrongwrong_000000\n")
-    linked = world.start_sidecar(["--synapse-admin-url", url, "--synapse-admin-token-file",
-                                  str(token), "--synapse-admin-poll", "0.2s"])  # fmt: skip
-    assert wait_until(lambda: linked.metric("tombstone_synapse_admin_requests_total",
-                                            op="destinations", result=result) >= 3,
-                      timeout=15)  # fmt: skip
-    warnings = [line for line in linked.log().splitlines()
-                if "WARNING" in line and "Synapse admin API" in line]  # fmt: skip
+    linked = world.start_sidecar(
+        [
+            "--synapse-admin-url",
+            url,
+            "--synapse-admin-token-file",
+            str(token),
+            "--synapse-admin-poll",
+            "0.2s",
+        ]
+    )
+    assert wait_until(
+        lambda: (
+            linked.metric(
+                "tombstone_synapse_admin_requests_total", op="destinations", result=result
+            )
+            >= 3
+        ),
+        timeout=15,
+    )
+    warnings = [
+        line
+        for line in linked.log().splitlines()
+        if "WARNING" in line and "Synapse admin API" in line
+    ]
     assert len(warnings) == 1 and result in warnings[0], warnings
     assert linked.metric("tombstone_synapse_admin_up") == 0
     assert linked.tunnel_opens("live.test:8448")

@@ -366,9 +366,16 @@ def limited_proxy(dns_server: DnsServer) -> Iterator[GuardedSidecar]:
     with tempfile.TemporaryDirectory(prefix="fuzz-limits-") as name:
         users = Path(name) / "users"
         users.write_text("".join(f"{u}:{p}\n" for u, p in USERS.items()), encoding="utf-8")
-        sidecar = start(dns_server, Path(name), "--proxy-auth-file", str(users),
-                        "--max-head-size", str(HEAD_LIMIT),
-                        "--head-timeout", f"{HEAD_DEADLINE:g}s")  # fmt: skip
+        sidecar = start(
+            dns_server,
+            Path(name),
+            "--proxy-auth-file",
+            str(users),
+            "--max-head-size",
+            str(HEAD_LIMIT),
+            "--head-timeout",
+            f"{HEAD_DEADLINE:g}s",
+        )
         try:
             yield sidecar
         finally:

@@ -66,8 +66,10 @@ raw_records = st.one_of(
 @example(DEEP_SMALL)
 @example(DEEP_HUGE)
 @example("x" * (MAX_RECORD_BYTES + 1))
-@example(b'{"destination": "a.example", "state": "alive", "observed_at": 1, "expires_at": 2,'
-         b' "addresses": ["localhost"]}')  # fmt: skip
+@example(
+    b'{"destination": "a.example", "state": "alive", "observed_at": 1, "expires_at": 2,'
+    b' "addresses": ["localhost"]}'
+)
 @example(b"\xff\xfe")
 def test_decode_record_gives_a_valid_verdict_or_a_value_error(raw: str | bytes) -> None:
     try:
@@ -107,8 +109,10 @@ class Applied:
 def messages(draw: st.DrawFn) -> Any:
     """Pub/sub payloads: valid messages with parts replaced, and anything at all."""
     verdict = draw(verdicts())
-    body: dict[str, Any] = {"origin": draw(st.sampled_from(["peer", "ME"])),
-                            "destination": verdict.destination}  # fmt: skip
+    body: dict[str, Any] = {
+        "origin": draw(st.sampled_from(["peer", "ME"])),
+        "destination": verdict.destination,
+    }
     if draw(st.booleans()):
         body["verdict"] = to_record(verdict)
     for key in draw(st.lists(st.sampled_from(["origin", "destination", "verdict"]), max_size=2)):
@@ -142,12 +146,18 @@ def key_records(draw: st.DrawFn) -> Any:
     record: dict[str, Any] = {
         "server_name": draw(st.sampled_from(["a.example", "B.example", "", "a.example."])),
         "keys": draw(st.dictionaries(st.text(max_size=12), st.text(max_size=44), max_size=3)),
-        "old_keys": draw(st.one_of(st.none(), st.dictionaries(st.text(max_size=12),
-                                                              json_values, max_size=2))),
+        "old_keys": draw(
+            st.one_of(st.none(), st.dictionaries(st.text(max_size=12), json_values, max_size=2))
+        ),
         "seen_at": draw(st.one_of(st.floats(), st.integers(), st.text(max_size=5))),
-        "target": draw(st.one_of(st.none(), st.lists(json_values, max_size=3),
-                                 st.tuples(st.text(max_size=12), st.integers()).map(list))),
-    }  # fmt: skip
+        "target": draw(
+            st.one_of(
+                st.none(),
+                st.lists(json_values, max_size=3),
+                st.tuples(st.text(max_size=12), st.integers()).map(list),
+            )
+        ),
+    }
     for key in draw(st.lists(st.sampled_from(sorted(record)), max_size=2)):
         record.pop(key, None)
     return record
@@ -174,10 +184,19 @@ def test_the_key_file_drops_bad_entries_and_survives_deep_nesting(
     """signing-keys.json is read at start like the state file: a bad entry is dropped (one
     warning for all), a file nested past json.loads' limit is set aside, never a crash."""
     path = tmp_path / "signing-keys.json"
-    good = {"server_name": "a.example", "keys": {"ed25519:1": "k"}, "seen_at": 5.0,
-            "target": ["a.example", 8448]}  # fmt: skip
-    bad = [{"server_name": "A.example"}, {"server_name": "b.example", "keys": {"x": [1]}},
-           {"server_name": "c.example", "target": ["c.example", 0]}, "[[[", 7]  # fmt: skip
+    good = {
+        "server_name": "a.example",
+        "keys": {"ed25519:1": "k"},
+        "seen_at": 5.0,
+        "target": ["a.example", 8448],
+    }
+    bad = [
+        {"server_name": "A.example"},
+        {"server_name": "b.example", "keys": {"x": [1]}},
+        {"server_name": "c.example", "target": ["c.example", 0]},
+        "[[[",
+        7,
+    ]
     path.write_text(json.dumps({"records": [good, *bad], "held": ["a.example", "Bad Name!"]}))
     book = KeyBook(path)
     with caplog.at_level(logging.WARNING, logger="sidecar.identity"):

@@ -90,8 +90,9 @@ def sidecar_factory(
     def start(
         *args: str, env: dict[str, str] | None = None, proxy_port: int | None = None
     ) -> Sidecar:
-        sidecar = Sidecar(dns_server.port, [*BASE_ARGS, *args], env=env, log_dir=tmp_path,
-                          proxy_port=proxy_port)  # fmt: skip
+        sidecar = Sidecar(
+            dns_server.port, [*BASE_ARGS, *args], env=env, log_dir=tmp_path, proxy_port=proxy_port
+        )
         started.append(sidecar)
         return sidecar.start()
 

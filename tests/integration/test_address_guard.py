@@ -30,8 +30,9 @@ class Canary:
         self._socks.append(v4)
         with contextlib.suppress(OSError):  # no IPv6 loopback here: the IPv4 one counts
             self._socks.append(socket.create_server(("::1", self.port), family=socket.AF_INET6))
-        self._threads = [threading.Thread(target=self._accept, args=(s,), daemon=True)
-                         for s in self._socks]  # fmt: skip
+        self._threads = [
+            threading.Thread(target=self._accept, args=(s,), daemon=True) for s in self._socks
+        ]
         for thread in self._threads:
             thread.start()
 

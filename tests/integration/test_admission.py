@@ -101,8 +101,9 @@ def test_requests_inside_an_intercepted_tunnel_lose_proxy_headers(
     live_upstream: Upstream,
     unique: Callable[[str], str],
 ) -> None:
-    sidecar = sidecar_factory("--mode", "intercept", "--upstream-ca", str(ca.ca_pem_path),
-                              "--proxy-auth-file", str(users))  # fmt: skip
+    sidecar = sidecar_factory(
+        "--mode", "intercept", "--upstream-ca", str(ca.ca_pem_path), "--proxy-auth-file", str(users)
+    )
     trust = ssl.create_default_context(
         cafile=str(sidecar.state_dir / "ca" / "mitmproxy-ca-cert.pem")
     )
@@ -237,8 +238,9 @@ WITH_FILE_LIMIT = (
 
 @pytest.fixture
 def small_fd_sidecar(dns_server: DnsServer, tmp_path: Path, users: Path) -> Iterator[Sidecar]:
-    sidecar = Sidecar(dns_server.port, [*BASE_ARGS, "--proxy-auth-file", str(users)],
-                      log_dir=tmp_path)  # fmt: skip
+    sidecar = Sidecar(
+        dns_server.port, [*BASE_ARGS, "--proxy-auth-file", str(users)], log_dir=tmp_path
+    )
     argv = [sys.executable, "-c", WITH_FILE_LIMIT, "256", *sidecar.argv]
     sidecar.process = ManagedProcess(argv, log_path=sidecar.process.log_path)
     try:

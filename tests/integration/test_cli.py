@@ -211,14 +211,20 @@ def test_each_subcommand_reads_only_its_own_options(tmp_path: Path) -> None:
     ("command", "present", "absent"),
     [
         (["run"], ["--listen", "--mode", "--deny-file", "--shutdown-grace"], []),
-        (["check"], ["--nameserver", "--deny-file", "--gone-ttl", "--probe"],
-         ["--listen", "--mode", "--store", "--ops-listen", "--shutdown-grace"]),
-        (["verdicts", "list"], ["--ops-listen", "--ops-token-file", "--synapse-admin-url"],
-         ["--deny", "--nameserver", "--mode"]),
+        (
+            ["check"],
+            ["--nameserver", "--deny-file", "--gone-ttl", "--probe"],
+            ["--listen", "--mode", "--store", "--ops-listen", "--shutdown-grace"],
+        ),
+        (
+            ["verdicts", "list"],
+            ["--ops-listen", "--ops-token-file", "--synapse-admin-url"],
+            ["--deny", "--nameserver", "--mode"],
+        ),
         (["ca"], ["--state-dir", "--export"], ["--deny", "--mode", "--ops-listen"]),
         (["tombstone"], ["--max-age", "--only"], ["--config", "--state-dir", "TOMBSTONE_"]),
     ],
-)  # fmt: skip
+)
 def test_help_lists_only_the_subcommands_options(
     command: list[str], present: list[str], absent: list[str]
 ) -> None:
@@ -325,12 +331,25 @@ def test_mitmdump_script_loads_the_same_addon(
 
     def mitmdump_fails(*args: str) -> str:
         result = subprocess.run(
-            [command, "-q", "-p", str(free_port()), "--set", f"confdir={tmp_path}",
-             "-s", str(REPO / "addons" / "tombstone.py"),
-             "--set", f"tombstone_state_dir={tmp_path / 'state'}", *args],
+            [
+                command,
+                "-q",
+                "-p",
+                str(free_port()),
+                "--set",
+                f"confdir={tmp_path}",
+                "-s",
+                str(REPO / "addons" / "tombstone.py"),
+                "--set",
+                f"tombstone_state_dir={tmp_path / 'state'}",
+                *args,
+            ],
             env=minimal_env(PYTHONPATH=str(REPO)),
-            capture_output=True, text=True, timeout=30, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         assert result.returncode != 0, result
         return result.stdout + result.stderr
 

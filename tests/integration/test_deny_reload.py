@@ -91,9 +91,11 @@ def test_adding_300k_names_keeps_connects_flowing(
         for (metric, labels), count in sidecar.metrics().items()
         if metric == "tombstone_event_loop_lag_seconds_bucket"
     }
-    print(f"\n300k reload: {applied - swapped:.2f} s, {len(window)} CONNECT+GETs during it, "
-          f"max {worst * 1000:.0f} ms; median before {before[len(before) // 2] * 1000:.0f} ms, "
-          f"during {during[len(during) // 2] * 1000:.0f} ms; loop lag buckets {lag}")  # fmt: skip
+    print(
+        f"\n300k reload: {applied - swapped:.2f} s, {len(window)} CONNECT+GETs during it, "
+        f"max {worst * 1000:.0f} ms; median before {before[len(before) // 2] * 1000:.0f} ms, "
+        f"during {during[len(during) // 2] * 1000:.0f} ms; loop lag buckets {lag}"
+    )
     assert len(window) >= 5, f"only {len(window)} requests overlapped the reload"
     assert all(status == 200 for _, _, status in latencies), latencies
     assert worst < 3.0, f"a CONNECT waited {worst:.1f} s during the reload (was 11.8 s)"

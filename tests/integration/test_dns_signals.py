@@ -206,8 +206,7 @@ def test_failed_recheck_keeps_the_last_verdict(
     now = [1000.0]
     name = unique("keep")
     zone.add(name, "TXT", "v=matrix;gone")
-    policy = policy_over(client, ttl=TtlBounds(60, 60), cache_size=10,
-                         clock=lambda: now[0])  # fmt: skip
+    policy = policy_over(client, ttl=TtlBounds(60, 60), cache_size=10, clock=lambda: now[0])
 
     async def scenario() -> tuple[State, State]:
         first = (await policy.decide(name)).verdict.state

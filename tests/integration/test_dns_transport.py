@@ -117,8 +117,13 @@ def test_stray_and_forged_replies_are_ignored_until_the_true_one_arrives(
         not_a_reply = bytearray(wrong_id.pack())
         not_a_reply[0:2] = request.header.id.to_bytes(2, "big")
         not_a_reply[2] &= 0x7F  # QR clear: a query, not an answer
-        return [bytes(forged.pack()), bytes(wrong_id.pack()), bytes(not_a_reply), b"\x00" * 5,
-                bytes(true.pack())]  # fmt: skip
+        return [
+            bytes(forged.pack()),
+            bytes(wrong_id.pack()),
+            bytes(not_a_reply),
+            b"\x00" * 5,
+            bytes(true.pack()),
+        ]
 
     resolver = resolver_for(hostile)
     client = DnsClient((Nameserver("127.0.0.1", resolver.port),), timeout=2.0, metrics=Metrics())

@@ -66,19 +66,37 @@ def faulty(dns_server: DnsServer, tmp_path: Path) -> Iterator[Callable[[str, str
         port, ops = free_port(), free_port()
         confdir = tmp_path / f"conf-{fault}"
         process = ManagedProcess(
-            [command, "-q", "--listen-host", "127.0.0.1", "-p", str(port),
-             "--set", f"confdir={confdir}", "-s", str(SCRIPT),
-             "--set", "connection_strategy=lazy",
-             "--set", f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
-             "--set", f"tombstone_ops_listen=127.0.0.1:{ops}",
-             "--set", f"tombstone_state_dir={tmp_path / ('state-' + fault)}",
-             "--set", "tombstone_allow_address=127.0.0.0/8",
-             "--set", "tombstone_refusal=status",
-             "--set", "tombstone_probe=false",
-             "--set", f"tombstone_mode={mode}"],
+            [
+                command,
+                "-q",
+                "--listen-host",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "--set",
+                f"confdir={confdir}",
+                "-s",
+                str(SCRIPT),
+                "--set",
+                "connection_strategy=lazy",
+                "--set",
+                f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
+                "--set",
+                f"tombstone_ops_listen=127.0.0.1:{ops}",
+                "--set",
+                f"tombstone_state_dir={tmp_path / ('state-' + fault)}",
+                "--set",
+                "tombstone_allow_address=127.0.0.0/8",
+                "--set",
+                "tombstone_refusal=status",
+                "--set",
+                "tombstone_probe=false",
+                "--set",
+                f"tombstone_mode={mode}",
+            ],
             env={"PYTHONPATH": str(REPO), "SIDECAR_TEST_FAULT": fault},
             log_path=tmp_path / f"mitmdump-{fault}.log",
-        ).start()  # fmt: skip
+        ).start()
         started.append(process)
         process.wait_for_port(port)
         process.wait_for_port(ops)
@@ -161,8 +179,10 @@ def test_a_failing_request_decision_refuses_plain_http(
     before = plain_live.connections
     for _ in range(ATTEMPTS):
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-            sock.sendall(f"GET http://{name}:{plain_live.port}/ HTTP/1.1\r\nHost: {name}\r\n"
-                         "Connection: close\r\n\r\n".encode())  # fmt: skip
+            sock.sendall(
+                f"GET http://{name}:{plain_live.port}/ HTTP/1.1\r\nHost: {name}\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
             assert read_head(sock)[0] == 502
     assert plain_live.connections == before
     assert proxy.hook_errors("requestheaders") == ATTEMPTS

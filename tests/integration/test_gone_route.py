@@ -29,10 +29,12 @@ MAKE_JOIN = "/_matrix/federation/v1/make_join/!room:x/@u:x"
 
 
 @pytest.fixture
-def intercepting(sidecar_factory: Callable[..., Sidecar], ca: TestCA
-                 ) -> tuple[Sidecar, ssl.SSLContext]:  # fmt: skip
-    sidecar = sidecar_factory("--mode", "intercept", "--upstream-ca", str(ca.ca_pem_path),
-                              "--deny", "denied-host.hs.test")  # fmt: skip
+def intercepting(
+    sidecar_factory: Callable[..., Sidecar], ca: TestCA
+) -> tuple[Sidecar, ssl.SSLContext]:
+    sidecar = sidecar_factory(
+        "--mode", "intercept", "--upstream-ca", str(ca.ca_pem_path), "--deny", "denied-host.hs.test"
+    )
     trust = ssl.create_default_context(
         cafile=str(sidecar.state_dir / "ca" / "mitmproxy-ca-cert.pem")
     )
@@ -87,8 +89,11 @@ def test_connect_empty_host_in_intercept_mode_answers_each_request_by_its_server
     dead_before, live_before = dead_upstream.connections, live_upstream.connections
     tunnel = Tunnel(sidecar, ":0", gone, trust)
     try:
-        for path, code, cls in ((INVITE, 410, "user"), (PROFILE, 410, "user"),
-                                (MAKE_JOIN, 502, "failover")):  # fmt: skip
+        for path, code, cls in (
+            (INVITE, 410, "user"),
+            (PROFILE, 410, "user"),
+            (MAKE_JOIN, 502, "failover"),
+        ):
             method = "PUT" if path == INVITE else "GET"
             status, headers, body = tunnel.request(path, gone, method=method, body=b"{}")
             assert (status, headers["x-tombstone-class"]) == (code, cls), (path, body)
@@ -149,8 +154,9 @@ def test_a_tunnel_to_an_operator_denied_host_is_answered_as_gone(
     zone.add("denied-host.hs.test", "A", DEAD_IP)
     zone.add(destination, "A", LIVE_IP)
     before = dead_upstream.connections
-    tunnel = Tunnel(sidecar, f"denied-host.hs.test:{dead_upstream.port}", "denied-host.hs.test",
-                    trust)  # fmt: skip
+    tunnel = Tunnel(
+        sidecar, f"denied-host.hs.test:{dead_upstream.port}", "denied-host.hs.test", trust
+    )
     try:
         status, headers, body = tunnel.request(PROFILE, destination)
     finally:
@@ -182,8 +188,9 @@ def test_plain_http_is_refused_when_either_the_host_or_the_server_it_is_for_is_g
     assert json.loads(body)["error"].startswith(f"{gone} is decommissioned")
     # The URL names a live host; the X-Matrix destination is gone.
     auth = f'X-Matrix origin="hs.example",destination="{gone}",key="ed25519:a",sig="c2ln"'
-    status, head, body = plain_get(sidecar, f"http://{live}:{port}/x",
-                                   {"Host": f"{live}:{port}", "Authorization": auth})  # fmt: skip
+    status, head, body = plain_get(
+        sidecar, f"http://{live}:{port}/x", {"Host": f"{live}:{port}", "Authorization": auth}
+    )
     assert status == 410 and head["x-tombstone-signal"] == "dns_txt_gone", body
     assert plain_dead.connections == dead_before
     assert plain_live.connections == live_before

@@ -74,8 +74,9 @@ def test_breaker_opens_after_repeated_failures_retries_once_and_closes(
 ) -> None:
     refusing = RefusingPort(host=LIVE_IP).start()
     port = refusing.port
-    sidecar = sidecar_factory("--breaker-failures", "3", "--breaker-min", "1s",
-                              "--breaker-max", "4s")  # fmt: skip
+    sidecar = sidecar_factory(
+        "--breaker-failures", "3", "--breaker-min", "1s", "--breaker-max", "4s"
+    )
     name = unique("refusing")
     zone.add(name, "A", LIVE_IP)
     target = f"{name}:{port}"
@@ -91,14 +92,16 @@ def test_breaker_opens_after_repeated_failures_retries_once_and_closes(
     assert sidecar.metric("tombstone_verdicts", state="unreachable", signal="unreachable") == 1
 
     # Half-open after --breaker-min: one trial; it fails, so the breaker opens for longer.
-    assert wait_until(lambda: tunnel_outcome(sidecar, target, name, ca) == "closed", timeout=5,
-                      interval=0.2)  # fmt: skip
+    assert wait_until(
+        lambda: tunnel_outcome(sidecar, target, name, ca) == "closed", timeout=5, interval=0.2
+    )
     assert sidecar.connect(target).headers.get("x-tombstone-signal") == "unreachable"
 
     refusing.stop()  # the server comes back on the same port
     with Upstream(ca, [name], host=LIVE_IP, port=port) as server:
-        assert wait_until(lambda: tunnel_outcome(sidecar, target, name, ca) == "ok", timeout=10,
-                          interval=0.3)  # fmt: skip
+        assert wait_until(
+            lambda: tunnel_outcome(sidecar, target, name, ca) == "ok", timeout=10, interval=0.3
+        )
         assert tunnel_outcome(sidecar, target, name, ca) == "ok"
         assert wait_until(lambda: server.tls_handshakes >= 2)
     assert f"{target} reachable again; breaker closed" in sidecar.log()
@@ -169,8 +172,13 @@ def test_non_loopback_listen_needs_auth_or_an_explicit_open_proxy(
     sidecar_factory: Callable[..., Sidecar],
     dns_server: DnsServer,
 ) -> None:
-    result = subprocess.run([*sidecar_command(), "run", "--listen", f"0.0.0.0:{free_port()}"],
-                            capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+    result = subprocess.run(
+        [*sidecar_command(), "run", "--listen", f"0.0.0.0:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert result.returncode == 2
     assert "--proxy-auth-file" in result.stderr and "--allow-open-proxy" in result.stderr
     open_proxy = Sidecar(dns_server.port, ["--allow-open-proxy"])
@@ -191,8 +199,9 @@ def test_require_dnssec_counts_only_validated_tombstones(
     for name, validated in ((signed, True), (unsigned, False)):
         zone.add(name, "A", "192.0.2.1")
         zone.add_raw(name, "TXT", _txt_answer(validated))
-    client = DnsClient((Nameserver("127.0.0.1", dns_server.port),), 1.0, Metrics(),
-                       require_dnssec=True)  # fmt: skip
+    client = DnsClient(
+        (Nameserver("127.0.0.1", dns_server.port),), 1.0, Metrics(), require_dnssec=True
+    )
     policy = policy_over(client, ttl=TtlBounds(300, 3600), cache_size=10)
 
     async def judge(name: str) -> State:

@@ -31,14 +31,20 @@ class Tunnel:
         self.tls = trust.wrap_socket(reply.sock, server_hostname=sni)
         self.host = sni
 
-    def request(self, path: str, destination: str | None = None, method: str = "GET",
-                body: bytes = b"") -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    def request(
+        self, path: str, destination: str | None = None, method: str = "GET", body: bytes = b""
+    ) -> tuple[int, dict[str, str], bytes]:
         auth = ""
         if destination is not None:
-            auth = (f'Authorization: X-Matrix origin="hs.example",destination="{destination}",'
-                    'key="ed25519:a",sig="c2ln"\r\n')  # fmt: skip
-        self.tls.sendall(f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{auth}"
-                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+            auth = (
+                f'Authorization: X-Matrix origin="hs.example",destination="{destination}",'
+                'key="ed25519:a",sig="c2ln"\r\n'
+            )
+        self.tls.sendall(
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n{auth}"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         status, _, headers, rest = read_head(self.tls)
         length = int(headers.get("content-length", "0"))
         while len(rest) < length:
@@ -57,10 +63,14 @@ def shared_host(ca: TestCA) -> Iterator[Upstream]:
     def handler(request: Request) -> Response:
         named = xmatrix.destination(request.headers.get("authorization"))
         if named and named.startswith("gone410"):
-            return Response(410, b'{"errcode":"M_UNKNOWN","error":"gone"}',
-                            {"Cache-Control": "max-age=172800"})  # fmt: skip
-        return Response(200, json.dumps({"destination": named, "path": request.path}).encode(),
-                        {"Content-Type": "application/json"})  # fmt: skip
+            return Response(
+                410, b'{"errcode":"M_UNKNOWN","error":"gone"}', {"Cache-Control": "max-age=172800"}
+            )
+        return Response(
+            200,
+            json.dumps({"destination": named, "path": request.path}).encode(),
+            {"Content-Type": "application/json"},
+        )
 
     server = Upstream(ca, ["*.hs.test"], host=SHARED_IP, handler=handler).start()
     yield server
@@ -68,8 +78,9 @@ def shared_host(ca: TestCA) -> Iterator[Upstream]:
 
 
 @pytest.fixture
-def intercepting(sidecar_factory: Callable[..., Sidecar], ca: TestCA
-                 ) -> tuple[Sidecar, ssl.SSLContext]:  # fmt: skip
+def intercepting(
+    sidecar_factory: Callable[..., Sidecar], ca: TestCA
+) -> tuple[Sidecar, ssl.SSLContext]:
     sidecar = sidecar_factory("--mode", "intercept", "--upstream-ca", str(ca.ca_pem_path))
     sidecar_ca = sidecar.state_dir / "ca" / "mitmproxy-ca-cert.pem"
     assert "tombstone-sidecar CA" in sidecar_ca.read_text() or sidecar_ca.exists()
@@ -112,8 +123,9 @@ def test_requests_in_one_pooled_tunnel_are_judged_by_destination(
         tunnel.close()
     seen = {r.path.split("?")[0] for r in shared_host.requests}
     assert seen == {"/_matrix/federation/v1/query/profile", "/_matrix/federation/v1/version"}
-    assert all(xmatrix.destination(r.headers.get("authorization")) == alive
-               for r in shared_host.requests)  # fmt: skip
+    assert all(
+        xmatrix.destination(r.headers.get("authorization")) == alive for r in shared_host.requests
+    )
     assert sidecar.metric("tombstone_suppressed_total", signal="dns_txt_gone", stage="request") == 5
 
 
@@ -136,8 +148,11 @@ def test_a_410_for_one_server_on_a_shared_host_does_not_suppress_another(
         assert tunnel.request("/_matrix/federation/v1/query/profile", neighbour)[0] == 200
     finally:
         tunnel.close()
-    to_dead = [r for r in shared_host.requests
-               if xmatrix.destination(r.headers.get("authorization")) == dead]  # fmt: skip
+    to_dead = [
+        r
+        for r in shared_host.requests
+        if xmatrix.destination(r.headers.get("authorization")) == dead
+    ]
     assert len(to_dead) == 1  # nothing reached it after its first 410
     learned = json.loads(sidecar.ops(f"/v1/verdicts/{dead}")[1])
     assert (
@@ -181,9 +196,11 @@ def test_garbage_x_matrix_header_gets_400(
     zone.add(target, "A", SHARED_IP)
     tunnel = Tunnel(sidecar, f"{target}:{shared_host.port}", target, trust)
     try:
-        tunnel.tls.sendall(f"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: {target}\r\n"
-                           'Authorization: X-Matrix destination="unterminated\r\n'
-                           "Content-Length: 0\r\n\r\n".encode())  # fmt: skip
+        tunnel.tls.sendall(
+            f"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: {target}\r\n"
+            'Authorization: X-Matrix destination="unterminated\r\n'
+            "Content-Length: 0\r\n\r\n".encode()
+        )
         status, _, _, _ = read_head(tunnel.tls)
     finally:
         tunnel.close()
@@ -218,16 +235,34 @@ def test_an_upstream_that_fails_verification_is_never_accepted(
 
 def test_ca_command_exports_the_certificate_and_a_bundle(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    result = subprocess.run([*sidecar_command(), "ca", "--state-dir", str(state), "--export",
-                             str(tmp_path / "ca.pem"), "--bundle", str(tmp_path / "bundle.pem")],
-                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    result = subprocess.run(
+        [
+            *sidecar_command(),
+            "ca",
+            "--state-dir",
+            str(state),
+            "--export",
+            str(tmp_path / "ca.pem"),
+            "--bundle",
+            str(tmp_path / "bundle.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "O=tombstone-sidecar,CN=tombstone-sidecar CA" in result.stdout
     ours = (tmp_path / "ca.pem").read_text()
     bundle = (tmp_path / "bundle.pem").read_text()
     assert ours.strip() in bundle and bundle.count("BEGIN CERTIFICATE") > 50
-    again = subprocess.run([*sidecar_command(), "ca", "--state-dir", str(state)],
-                           capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    again = subprocess.run(
+        [*sidecar_command(), "ca", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert again.stdout.split(": ", 1)[1] == result.stdout.split(": ", 1)[1].splitlines()[0] + "\n"
     assert (state / "ca" / "mitmproxy-ca.pem").stat().st_mode & 0o077 == 0
 

@@ -29,18 +29,36 @@ WEEK = 7 * 86400
 # Operator text with every character nginx, Caddy or JSON would read into.
 CONTACT = 'it\'s $host {http.request.host} {$HOME} `x` "q" back\\slash; #hash é 🎉'
 SUCCESSOR = "new.example.test"
-PATHS = ("/.well-known/matrix/server", "/.well-known/matrix/client",
-         "/_matrix/federation/v1/version", "/_matrix/key/v2/server")  # fmt: skip
+PATHS = (
+    "/.well-known/matrix/server",
+    "/.well-known/matrix/client",
+    "/_matrix/federation/v1/version",
+    "/_matrix/key/v2/server",
+)
 
 
 def kit(name: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*sidecar_command(), "tombstone", name, *args], capture_output=True,
-                          text=True, timeout=30, check=False)  # fmt: skip
+    return subprocess.run(
+        [*sidecar_command(), "tombstone", name, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def kit_args(name: str) -> list[str]:
-    return [name, "--date", "2026-12-01", "--contact", CONTACT, "--successor", SUCCESSOR,
-            "--max-age", "7d"]  # fmt: skip
+    return [
+        name,
+        "--date",
+        "2026-12-01",
+        "--contact",
+        CONTACT,
+        "--successor",
+        SUCCESSOR,
+        "--max-age",
+        "7d",
+    ]
 
 
 def expected_body(name: str) -> dict[str, object]:
@@ -51,8 +69,9 @@ def expected_body(name: str) -> dict[str, object]:
     return body
 
 
-def https_get(host: str, port: int, name: str, path: str,
-              ca: TestCA) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+def https_get(
+    host: str, port: int, name: str, path: str, ca: TestCA
+) -> tuple[int, dict[str, str], bytes]:
     """One GET over TLS with SNI and Host `name`; the whole answer (Connection: close)."""
     request = f"GET {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n"
     with (
@@ -80,8 +99,9 @@ def assert_tombstone_answers(host: str, port: int, name: str, ca: TestCA) -> Non
 
 
 @pytest.fixture
-def nginx_for(ca: TestCA, tmp_path: Path,
-              request: pytest.FixtureRequest) -> Iterator[Callable[..., Nginx]]:  # fmt: skip
+def nginx_for(
+    ca: TestCA, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Nginx]]:
     started: list[Nginx] = []
 
     def start(name: str, ports: tuple[int, ...]) -> Nginx:
@@ -108,9 +128,12 @@ def test_nginx_answers_410_with_the_generated_snippet(
 
 
 def test_caddy_answers_410_with_the_generated_snippet_and_check_probe_judges_it(
-    dns_server: DnsServer, zone: Zone, ca: TestCA, tmp_path: Path,
+    dns_server: DnsServer,
+    zone: Zone,
+    ca: TestCA,
+    tmp_path: Path,
     unique: Callable[[str], str],
-) -> None:  # fmt: skip
+) -> None:
     name = unique("caddy")
     result = kit(*kit_args(name), "--only", "caddy")
     assert result.returncode == 0, result.stderr
@@ -135,14 +158,28 @@ def test_caddy_answers_410_with_the_generated_snippet_and_check_probe_judges_it(
         server.stop()
 
 
-def probe_check(dns_server: DnsServer, ca: TestCA, name: str,
-                *args: str) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def probe_check(
+    dns_server: DnsServer, ca: TestCA, name: str, *args: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*sidecar_command(), "check", name, "--probe", "--nameserver",
-         f"127.0.0.1:{dns_server.port}", "--upstream-ca", str(ca.ca_pem_path),
-         "--allow-address", "127.0.0.0/8", *args],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            *sidecar_command(),
+            "check",
+            name,
+            "--probe",
+            "--nameserver",
+            f"127.0.0.1:{dns_server.port}",
+            "--upstream-ca",
+            str(ca.ca_pem_path),
+            "--allow-address",
+            "127.0.0.0/8",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_check_probe_follows_srv_and_judges_the_nginx_tombstone_gone_for_its_max_age(
@@ -178,9 +215,12 @@ def test_check_probe_follows_srv_and_judges_the_nginx_tombstone_gone_for_its_max
 
 
 def test_check_probe_of_a_live_server_is_no_http_verdict(
-    dns_server: DnsServer, zone: Zone, ca: TestCA, live_upstream: object,
+    dns_server: DnsServer,
+    zone: Zone,
+    ca: TestCA,
+    live_upstream: object,
     unique: Callable[[str], str],
-) -> None:  # fmt: skip
+) -> None:
     from tests.integration.conftest import LIVE_IP
 
     name = unique("alive")
@@ -241,8 +281,9 @@ def test_check_probe_follows_well_known_delegation_to_the_410(
     port = free_port(NGINX_IP)
     nginx_for(federation, (port,))
     document = json.dumps({"m.server": f"{federation}:{port}"}).encode()
-    well_known = Upstream(ca, [name], host=DELEGATING_IP, port=443,
-                          handler=lambda request: Response(200, document)).start()  # fmt: skip
+    well_known = Upstream(
+        ca, [name], host=DELEGATING_IP, port=443, handler=lambda request: Response(200, document)
+    ).start()
     try:
         zone.add(name, "A", DELEGATING_IP)
         zone.add(federation, "A", NGINX_IP)

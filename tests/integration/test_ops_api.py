@@ -94,9 +94,17 @@ def test_malformed_authorization_is_401_not_a_crash(
 
 
 def test_head_answers_the_get_headers_without_a_body(ops_sidecar: Sidecar) -> None:
-    for path in ["/healthz", "/readyz", "/v1/verdicts", "/v1/verdicts/denied.hs.test",
-                 "/v1/verdicts/unknown.hs.test", "/v1/verdicts/bad..name", "/v1/resurrections",
-                 "/v1/synapse", "/nowhere"]:  # fmt: skip
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/v1/verdicts",
+        "/v1/verdicts/denied.hs.test",
+        "/v1/verdicts/unknown.hs.test",
+        "/v1/verdicts/bad..name",
+        "/v1/resurrections",
+        "/v1/synapse",
+        "/nowhere",
+    ]:
         get = raw(ops_sidecar, f"GET {path} HTTP/1.1\r\n\r\n".encode())
         head = raw(ops_sidecar, f"HEAD {path} HTTP/1.1\r\n\r\n".encode())
         assert head[2] == b"", (path, head)
@@ -183,8 +191,13 @@ def test_verdicts_cli_without_a_token_hints_at_the_token_file(
     base = ["--ops-listen", f"127.0.0.1:{ops_sidecar.ops_port}"]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*sidecar_command(), "verdicts", *args, *base], capture_output=True,
-                              text=True, timeout=30, check=False)  # fmt: skip
+        return subprocess.run(
+            [*sidecar_command(), "verdicts", *args, *base],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
     missing = cli("deny", "cli.hs.test")
     assert missing.returncode == 3
@@ -206,9 +219,13 @@ def in_process_ops(
     """The real sidecar and ops server on a loopback port, in this process, so a fault can be
     injected into one handler (nothing else here is replaced)."""
     settings = Settings.from_raw(
-        {"listen": f"127.0.0.1:{free_port()}", "nameserver": ["127.0.0.1:9"],
-         "state_dir": str(tmp_path), "store": "memory"}
-    )  # fmt: skip
+        {
+            "listen": f"127.0.0.1:{free_port()}",
+            "nameserver": ["127.0.0.1:9"],
+            "state_dir": str(tmp_path),
+            "store": "memory",
+        }
+    )
     loop = asyncio.new_event_loop()
     sidecar = RunningSidecar(settings)
     server = OpsServer(sidecar)

@@ -486,8 +486,9 @@ def test_gone_verdict_is_rechecked_after_its_ttl_without_a_gap(
     zone.remove(name)  # the operator removes the tombstone and brings the server back
     zone.add(name, "A", LIVE_IP)
 
-    assert wait_until(lambda: sidecar.tunnel_opens(f"{name}:{live_upstream.port}"), timeout=10,
-                      interval=0.2)  # fmt: skip
+    assert wait_until(
+        lambda: sidecar.tunnel_opens(f"{name}:{live_upstream.port}"), timeout=10, interval=0.2
+    )
     assert dead_upstream.connections == 0
     changes = [line for line in sidecar.log().splitlines() if f"{name} " in line and "INFO" in line]
     assert len(changes) == 2, changes  # gone, then alive again

@@ -86,8 +86,18 @@ def test_an_expired_410_is_probed_again_and_lifted_when_the_server_is_back(
     unique: Callable[[str], str],
 ) -> None:
     server, state = switchable
-    sidecar = probing(sidecar_factory, ca, "--min-gone-ttl", "1s", "--min-ttl", "1s",
-                      "--max-ttl", "1s", "--probe-interval", "1s")  # fmt: skip
+    sidecar = probing(
+        sidecar_factory,
+        ca,
+        "--min-gone-ttl",
+        "1s",
+        "--min-ttl",
+        "1s",
+        "--max-ttl",
+        "1s",
+        "--probe-interval",
+        "1s",
+    )
     name = unique("comeback")
     zone.add(name, "A", PROBE_IP)
     reply = sidecar.connect(f"{name}:443")
@@ -162,8 +172,12 @@ def test_404_and_errors_are_not_tombstones(
         reply = sidecar.connect(f"{name}:{port}")
         if reply.sock is not None:
             reply.sock.close()
-    assert wait_until(lambda: sidecar.metric("tombstone_probes_total", result="answered") >= 1
-                      and sidecar.metric("tombstone_probes_total", result="failed") >= 2,
-                      timeout=15)  # fmt: skip
+    assert wait_until(
+        lambda: (
+            sidecar.metric("tombstone_probes_total", result="answered") >= 1
+            and sidecar.metric("tombstone_probes_total", result="failed") >= 2
+        ),
+        timeout=15,
+    )
     for name in (live, refusing):
         assert verdict(sidecar, name)["state"] == "alive"

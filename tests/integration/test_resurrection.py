@@ -77,8 +77,18 @@ def ops(sidecar: Sidecar, method: str, path: str) -> tuple[int, dict[str, object
 
 
 def start(factory: Callable[..., Sidecar], ca: TestCA, token: Path, *args: str) -> Sidecar:
-    return factory("--probe", "--upstream-ca", str(ca.ca_pem_path), "--ops-token-file",
-                   str(token), "--min-ttl", "1s", "--max-ttl", "1s", *args)  # fmt: skip
+    return factory(
+        "--probe",
+        "--upstream-ca",
+        str(ca.ca_pem_path),
+        "--ops-token-file",
+        str(token),
+        "--min-ttl",
+        "1s",
+        "--max-ttl",
+        "1s",
+        *args,
+    )
 
 
 def live_then_gone(sidecar: Sidecar, zone: Zone, remote: Remote, name: str) -> str:
@@ -129,8 +139,11 @@ def test_a_rekeyed_server_is_a_resurrection_and_held_until_an_operator_lifts_it(
     assert event["destination"] == name and event["key_changed"] == "true" and event["held"]
     assert resurrections(sidecar)["held"] == [name]
     assert sidecar.metric("tombstone_resurrections_total", key_changed="true") == 1
-    alerts = [line for line in sidecar.log().splitlines()
-              if f"RESURRECTION WITH A NEW IDENTITY: {name}" in line]  # fmt: skip
+    alerts = [
+        line
+        for line in sidecar.log().splitlines()
+        if f"RESURRECTION WITH A NEW IDENTITY: {name}" in line
+    ]
     assert len(alerts) == 1 and "WARNING" in alerts[0] and "--hold-reborn" in alerts[0]
     held = sidecar.connect(target)
     assert held.status == 502 and held.headers["x-tombstone-signal"] == "operator"
@@ -195,11 +208,22 @@ def test_intercept_mode_records_the_keys_synapse_fetched_and_catches_the_rekey(
     unique: Callable[[str], str],
 ) -> None:
     """No probes: the keys are the ones the homeserver itself fetched through the sidecar."""
-    sidecar = sidecar_factory("--mode", "intercept", "--upstream-ca", str(ca.ca_pem_path),
-                              "--ops-token-file", str(ops_token), "--min-ttl", "1s",
-                              "--max-ttl", "1s", "--hold-reborn")  # fmt: skip
-    trust = ssl.create_default_context(cafile=str(sidecar.state_dir / "ca" /
-                                                  "mitmproxy-ca-cert.pem"))  # fmt: skip
+    sidecar = sidecar_factory(
+        "--mode",
+        "intercept",
+        "--upstream-ca",
+        str(ca.ca_pem_path),
+        "--ops-token-file",
+        str(ops_token),
+        "--min-ttl",
+        "1s",
+        "--max-ttl",
+        "1s",
+        "--hold-reborn",
+    )
+    trust = ssl.create_default_context(
+        cafile=str(sidecar.state_dir / "ca" / "mitmproxy-ca-cert.pem")
+    )
     name = unique("intercepted")
     target = f"{name}:{remote.upstream.port}"
     remote.keys[name] = SigningKey(name)
@@ -223,8 +247,11 @@ def test_intercept_mode_records_the_keys_synapse_fetched_and_catches_the_rekey(
     event = resurrections(sidecar)["resurrections"][0]  # type: ignore[index]
     assert event["key_changed"] == "true" and event["held"]
     assert key_request() != 200
-    checks = [r for r in remote.upstream.requests
-              if r.headers.get("user-agent") == "tombstone-sidecar-keys"]  # fmt: skip
+    checks = [
+        r
+        for r in remote.upstream.requests
+        if r.headers.get("user-agent") == "tombstone-sidecar-keys"
+    ]
     assert len(checks) == 1  # the lift's own check; every other fetch was the client's
 
 
@@ -270,7 +297,12 @@ def test_replicas_share_recorded_keys_and_holds_through_redis(
         assert wait_until(lambda: other.tunnel_opens(target), timeout=10, interval=0.2)
         assert witness.tunnel_opens(target)
         assert wait_until(lambda: resurrections(other)["held"] == [], timeout=10)
-        assert sum(s.metric("tombstone_resurrections_total", key_changed="true")
-                   for s in (witness, other)) == 1  # fmt: skip
+        assert (
+            sum(
+                s.metric("tombstone_resurrections_total", key_changed="true")
+                for s in (witness, other)
+            )
+            == 1
+        )
     finally:
         redis.stop()

@@ -68,10 +68,12 @@ def services(ca: TestCA) -> Iterator[Services]:
     tls: dict[str, Upstream] = {}
     plain: dict[str, Upstream] = {}
     for target, address in addresses.items():  # one port for each kind on every address
-        tls[target] = Upstream(ca, ["*.hs.test"], host=address,
-                               port=tls["live"].port if tls else 0).start()  # fmt: skip
-        plain[target] = Upstream(host=address, tls=False,
-                                 port=plain["live"].port if plain else 0).start()  # fmt: skip
+        tls[target] = Upstream(
+            ca, ["*.hs.test"], host=address, port=tls["live"].port if tls else 0
+        ).start()
+        plain[target] = Upstream(
+            host=address, tls=False, port=plain["live"].port if plain else 0
+        ).start()
     yield Services(tls, plain)
     for server in (*tls.values(), *plain.values()):
         server.stop()
@@ -87,11 +89,22 @@ def sidecars(
     users.write_text(f"{USER}:{PASSWORD}\n")
     started: dict[tuple[str, str, bool], Sidecar] = {}
     try:
-        for mode, enforce, auth in itertools.product(("passthrough", "intercept"), MODES,
-                                                     (False, True)):  # fmt: skip
-            args = ["--allow-address", f"{LIVE_IP}/32", "--allow-address", f"{DEAD_IP}/32",
-                    "--refusal", "status", "--no-probe", "--mode", mode,
-                    "--upstream-ca", str(ca.ca_pem_path)]  # fmt: skip
+        for mode, enforce, auth in itertools.product(
+            ("passthrough", "intercept"), MODES, (False, True)
+        ):
+            args = [
+                "--allow-address",
+                f"{LIVE_IP}/32",
+                "--allow-address",
+                f"{DEAD_IP}/32",
+                "--refusal",
+                "status",
+                "--no-probe",
+                "--mode",
+                mode,
+                "--upstream-ca",
+                str(ca.ca_pem_path),
+            ]
             if enforce == "shadow":
                 args.append("--no-enforce")
             if auth:
@@ -119,22 +132,27 @@ def credentials(auth: str) -> str:
     return f"Proxy-Authorization: Basic {token}\r\nProxy-Connection: keep-alive\r\n"
 
 
-def via_connect(sidecar: Sidecar, name: str, port: int, auth: str,
-                context: ssl.SSLContext) -> int:  # fmt: skip
+def via_connect(sidecar: Sidecar, name: str, port: int, auth: str, context: ssl.SSLContext) -> int:
     """CONNECT, then a GET inside the tunnel: the CONNECT's status if not 200, else the
     GET's (0 when the tunnel closed without an answer)."""
     with socket.create_connection(("127.0.0.1", sidecar.proxy_port), timeout=10) as sock:
-        sock.sendall(f"CONNECT {name}:{port} HTTP/1.1\r\nHost: {name}:{port}\r\n"
-                     f"{credentials(auth)}\r\n".encode())  # fmt: skip
+        sock.sendall(
+            f"CONNECT {name}:{port} HTTP/1.1\r\nHost: {name}:{port}\r\n"
+            f"{credentials(auth)}\r\n".encode()
+        )
         status = read_head(sock)[0]
         if status != 200:
             return status
         try:
             with context.wrap_socket(sock, server_hostname=name) as tls:
-                auth_header = (f'Authorization: X-Matrix origin="hs.example",destination='
-                               f'"{name}",key="ed25519:a",sig="c2ln"\r\n')  # fmt: skip
-                tls.sendall(f"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: {name}\r\n"
-                            f"{auth_header}Connection: close\r\n\r\n".encode())  # fmt: skip
+                auth_header = (
+                    f'Authorization: X-Matrix origin="hs.example",destination='
+                    f'"{name}",key="ed25519:a",sig="c2ln"\r\n'
+                )
+                tls.sendall(
+                    f"GET /_matrix/federation/v1/version HTTP/1.1\r\nHost: {name}\r\n"
+                    f"{auth_header}Connection: close\r\n\r\n".encode()
+                )
                 return read_head(tls)[0]
         except (OSError, ssl.SSLError):
             return 0
@@ -142,8 +160,10 @@ def via_connect(sidecar: Sidecar, name: str, port: int, auth: str,
 
 def via_plain(sidecar: Sidecar, name: str, port: int, auth: str) -> int:
     with socket.create_connection(("127.0.0.1", sidecar.proxy_port), timeout=10) as sock:
-        sock.sendall(f"GET http://{name}:{port}/preview HTTP/1.1\r\nHost: {name}:{port}\r\n"
-                     f"{credentials(auth)}Connection: close\r\n\r\n".encode())  # fmt: skip
+        sock.sendall(
+            f"GET http://{name}:{port}/preview HTTP/1.1\r\nHost: {name}:{port}\r\n"
+            f"{credentials(auth)}Connection: close\r\n\r\n".encode()
+        )
         return read_head(sock)[0]
 
 
@@ -162,8 +182,7 @@ def expected(path: str, target: str, auth: str, mode: str) -> tuple[int, str | N
 ROWS = list(itertools.product(PATHS, TARGETS, AUTHS, MODES))
 
 
-@pytest.mark.parametrize(("path", "target", "auth", "mode"), ROWS,
-                         ids=["-".join(r) for r in ROWS])  # fmt: skip
+@pytest.mark.parametrize(("path", "target", "auth", "mode"), ROWS, ids=["-".join(r) for r in ROWS])
 def test_security_matrix(
     path: str,
     target: str,
@@ -174,8 +193,9 @@ def test_security_matrix(
     zone: Zone,
     ca: TestCA,
 ) -> None:
-    sidecar = sidecars[("intercept" if path == "intercepted" else "passthrough", mode,
-                        auth != "none")]  # fmt: skip
+    sidecar = sidecars[
+        ("intercept" if path == "intercepted" else "passthrough", mode, auth != "none")
+    ]
     name = publish(zone, target)
     before = services.seen()
     if path == "plain":

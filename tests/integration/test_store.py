@@ -109,11 +109,17 @@ def test_unusable_state_dir_serves_from_memory_and_says_so(
 # -- ops API and CLI -----------------------------------------------------------------------
 
 
-def request(sidecar: Sidecar, method: str, path: str, token: str | None = None,
-            body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:  # fmt: skip
+def request(
+    sidecar: Sidecar,
+    method: str,
+    path: str,
+    token: str | None = None,
+    body: dict[str, object] | None = None,
+) -> tuple[int, dict[str, object]]:
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(f"http://127.0.0.1:{sidecar.ops_port}{path}", data=data,
-                                 method=method)  # fmt: skip
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{sidecar.ops_port}{path}", data=data, method=method
+    )
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     try:
@@ -148,8 +154,13 @@ def test_ops_api_changes_need_the_token(
     zone.add(name, "A", DEAD_IP)
     assert request(sidecar, "PUT", f"/v1/verdicts/{name}")[0] == 401
     assert request(sidecar, "PUT", f"/v1/verdicts/{name}", "wrong-token-wrong-token")[0] == 401
-    status, verdict = request(sidecar, "PUT", f"/v1/verdicts/{name}", TOKEN,
-                              {"ttl": "7d", "comment": "shut down by its admins"})  # fmt: skip
+    status, verdict = request(
+        sidecar,
+        "PUT",
+        f"/v1/verdicts/{name}",
+        TOKEN,
+        {"ttl": "7d", "comment": "shut down by its admins"},
+    )
     assert status == 200
     assert (verdict["state"], verdict["signal"], verdict["evidence"]) == (
         "gone",
@@ -183,8 +194,13 @@ def test_verdicts_cli_end_to_end_and_operator_verdicts_survive_restart(
     base = ["--ops-listen", f"127.0.0.1:{sidecar.ops_port}", "--ops-token-file", str(token_file)]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*sidecar_command(), "verdicts", *args, *base], capture_output=True,
-                              text=True, timeout=30, check=False)  # fmt: skip
+        return subprocess.run(
+            [*sidecar_command(), "verdicts", *args, *base],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
 
     name = unique("cli")
     zone.add(name, "A", DEAD_IP)
@@ -211,9 +227,13 @@ def test_verdicts_cli_end_to_end_and_operator_verdicts_survive_restart(
     assert json.loads(cli("show", name, "--json").stdout)["evidence"] == "retired in 2026"
     forgotten = cli("forget", name, "--json")
     assert forgotten.returncode == 0 and json.loads(forgotten.stdout)["state"] == "alive"
-    unreachable = subprocess.run([*sidecar_command(), "verdicts", "list", "--ops-listen",
-                                  "127.0.0.1:1"], capture_output=True, text=True, timeout=30,
-                                 check=False)  # fmt: skip
+    unreachable = subprocess.run(
+        [*sidecar_command(), "verdicts", "list", "--ops-listen", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert unreachable.returncode == 3 and "cannot reach the sidecar" in unreachable.stderr
 
 
@@ -228,10 +248,23 @@ def test_verdicts_list_sorted_by_suppressed_puts_the_most_refused_server_first(
             assert sidecar.connect(f"{name}:8448").status == 502
 
     listing = subprocess.run(
-        [*sidecar_command(), "verdicts", "list", "--sort", "suppressed", "--state", "gone",
-         "--json", "--ops-listen", f"127.0.0.1:{sidecar.ops_port}"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+        [
+            *sidecar_command(),
+            "verdicts",
+            "list",
+            "--sort",
+            "suppressed",
+            "--state",
+            "gone",
+            "--json",
+            "--ops-listen",
+            f"127.0.0.1:{sidecar.ops_port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
     assert listing.returncode == 0, listing.stderr
     rows = [
@@ -386,11 +419,22 @@ def test_disk_full_keeps_serving_from_memory_and_recovers(
     the sidecar says so and keeps serving; grown again, the pending writes land."""
     state = tmp_path / "state"
     state.mkdir()
-    sidecar = Sidecar(dns_server.port, ["--allow-address", "127.0.0.0/8", "--refusal", "status",
-                                        "--state-dir", str(state)], log_dir=tmp_path)  # fmt: skip
+    sidecar = Sidecar(
+        dns_server.port,
+        ["--allow-address", "127.0.0.0/8", "--refusal", "status", "--state-dir", str(state)],
+        log_dir=tmp_path,
+    )
     mount = 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$@"'
-    sidecar.argv[:0] = ["unshare", "--mount", "--propagation", "private", "sh", "-c", mount,
-                        str(state)]  # fmt: skip
+    sidecar.argv[:0] = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        mount,
+        str(state),
+    ]
     sidecar.process.argv = sidecar.argv
     sidecar.start()
     try:
@@ -401,19 +445,29 @@ def test_disk_full_keeps_serving_from_memory_and_recovers(
             assert sidecar.connect(f"{name}:{dead_upstream.port}").status == 502
             if sidecar.metric("tombstone_store_up", store="sqlite") == 0:
                 break
-        assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="sqlite") == 0,
-                          timeout=10)  # fmt: skip
+        assert wait_until(
+            lambda: sidecar.metric("tombstone_store_up", store="sqlite") == 0, timeout=10
+        )
         ready = json.loads(sidecar.ops("/readyz")[1])
         assert ready["status"] == "ready" and "full" in ready["store"]["detail"]
         assert sidecar.metric("tombstone_store_errors_total", store="sqlite", op="write") >= 1
         assert sidecar.connect(f"{names[0]}:{dead_upstream.port}").status == 502  # from memory
 
         assert sidecar.process.proc is not None
-        grow = ["nsenter", "--target", str(sidecar.process.proc.pid), "--mount", "mount", "-o",
-                "remount,size=16m", str(state)]  # fmt: skip
+        grow = [
+            "nsenter",
+            "--target",
+            str(sidecar.process.proc.pid),
+            "--mount",
+            "mount",
+            "-o",
+            "remount,size=16m",
+            str(state),
+        ]
         subprocess.run(grow, check=True, timeout=10)
-        assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="sqlite") == 1,
-                          timeout=20)  # fmt: skip
+        assert wait_until(
+            lambda: sidecar.metric("tombstone_store_up", store="sqlite") == 1, timeout=20
+        )
         assert "sqlite store up" in sidecar.log()
     finally:
         sidecar.stop()
@@ -423,12 +477,19 @@ def test_disk_full_keeps_serving_from_memory_and_recovers(
 # -- hostile records: every store validates what it reads (issue 14, defect 2) -----------
 
 
-def record(name: str, state: object = "gone", signal: str | None = "dns_txt_gone",
-           **fields: object) -> dict[str, object]:  # fmt: skip
+def record(
+    name: str, state: object = "gone", signal: str | None = "dns_txt_gone", **fields: object
+) -> dict[str, object]:
     now = time.time()
-    base: dict[str, object] = {"destination": name, "state": state, "signal": signal,
-                               "evidence": "planted by the test", "observed_at": now,
-                               "expires_at": now + 3600, "addresses": []}  # fmt: skip
+    base: dict[str, object] = {
+        "destination": name,
+        "state": state,
+        "signal": signal,
+        "evidence": "planted by the test",
+        "observed_at": now,
+        "expires_at": now + 3600,
+        "addresses": [],
+    }
     return {**base, **fields}
 
 
@@ -443,8 +504,10 @@ def write_state_file(state: Path, rows: list[tuple[str, str | bytes]]) -> Path:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.executescript(SCHEMA)
-    db.executemany("INSERT INTO verdicts VALUES (?, ?, ?)",
-                   [(name, raw, time.time() + 3600) for name, raw in rows])  # fmt: skip
+    db.executemany(
+        "INSERT INTO verdicts VALUES (?, ?, ?)",
+        [(name, raw, time.time() + 3600) for name, raw in rows],
+    )
     db.close()
     return path
 
@@ -498,8 +561,9 @@ def test_hostile_state_file_rows_are_dropped_and_counted_and_good_rows_still_ser
 
     sidecar = sidecar_factory("--state-dir", str(tmp_path / "state"))
 
-    assert sidecar.metric("tombstone_store_invalid_records_total", store="sqlite",
-                          source="load") == len(bad)  # fmt: skip
+    assert sidecar.metric(
+        "tombstone_store_invalid_records_total", store="sqlite", source="load"
+    ) == len(bad)
     assert sidecar.metric("tombstone_store_up", store="sqlite") == 1
     log = sidecar.log()
     assert log.count("invalid stored verdict(s)") == 1, log  # one line for all of them
@@ -552,17 +616,24 @@ def test_stored_junk_addresses_never_make_the_sidecar_dial_loopback(
         (n, json.dumps(alive(n, a))) for n, a in zip(names, junk, strict=True)
     ]
     mapped = unique("mapped")  # a valid IP literal: loaded, and the guard refuses it
-    rows += [("localhost", json.dumps(alive("localhost", "localhost"))),
-             (mapped, json.dumps(alive(mapped, "::ffff:127.0.0.1")))]  # fmt: skip
+    rows += [
+        ("localhost", json.dumps(alive("localhost", "localhost"))),
+        (mapped, json.dumps(alive(mapped, "::ffff:127.0.0.1"))),
+    ]
     for name in [*names, mapped]:
         zone.add(name, "A", "127.0.0.1")  # DNS leads to loopback too: the guard must hold
     write_state_file(tmp_path / "state", rows)
-    sidecar = Sidecar(dns_server.port, ["--refusal", "status", "--no-probe", "--state-dir",
-                                        str(tmp_path / "state")], log_dir=tmp_path)  # fmt: skip
+    sidecar = Sidecar(
+        dns_server.port,
+        ["--refusal", "status", "--no-probe", "--state-dir", str(tmp_path / "state")],
+        log_dir=tmp_path,
+    )
     try:
         sidecar.start()
-        assert sidecar.metric("tombstone_store_invalid_records_total", store="sqlite",
-                              source="load") == len(junk) + 1  # fmt: skip
+        assert (
+            sidecar.metric("tombstone_store_invalid_records_total", store="sqlite", source="load")
+            == len(junk) + 1
+        )
         for name in [*names, "localhost", mapped]:
             for target in (f"{name}:{canary.port}", f"{name}:443"):
                 assert not sidecar.tunnel_opens(target), target
@@ -585,11 +656,18 @@ def test_read_only_state_file_still_loads_its_verdicts_and_says_it_is_not_persis
     stored = gone_name(zone, unique, "read-only")
     state = tmp_path / "state"
     write_state_file(state, [(stored, json.dumps(record(stored)))])
-    sidecar = Sidecar(dns_server.port, [*BASE_ARGS, "--state-dir", str(state)],
-                      log_dir=tmp_path)  # fmt: skip
+    sidecar = Sidecar(dns_server.port, [*BASE_ARGS, "--state-dir", str(state)], log_dir=tmp_path)
     read_only = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
-    sidecar.argv[:0] = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                        read_only, str(state)]  # fmt: skip
+    sidecar.argv[:0] = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        read_only,
+        str(state),
+    ]
     sidecar.process.argv = sidecar.argv
     try:
         sidecar.start()
@@ -614,8 +692,7 @@ def publish(redis: RedisServer, payload: str) -> None:
 
 
 def message(verdict: dict[str, object], origin: str = "another-replica") -> str:
-    return json.dumps({"origin": origin, "destination": verdict["destination"],
-                       "verdict": verdict})  # fmt: skip
+    return json.dumps({"origin": origin, "destination": verdict["destination"], "verdict": verdict})
 
 
 def test_hostile_redis_keys_and_messages_are_dropped_and_the_subscriber_keeps_listening(
@@ -629,8 +706,12 @@ def test_hostile_redis_keys_and_messages_are_dropped_and_the_subscriber_keeps_li
     keyed = [unique("key") for _ in range(5)]
     for name in keyed:
         zone.add(name, "A", DEAD_IP)  # what DNS says once the key is refused
-    values = [json.dumps(alive(keyed[0], "localhost")), DEEP,
-              json.dumps(record(unique("elsewhere"))), "x" * 1_000_000]  # fmt: skip
+    values = [
+        json.dumps(alive(keyed[0], "localhost")),
+        DEEP,
+        json.dumps(record(unique("elsewhere"))),
+        "x" * 1_000_000,
+    ]
     for name, value in zip(keyed, values, strict=False):
         redis.command("SET", KEY_PREFIX + name, value)
     redis.command("RPUSH", KEY_PREFIX + keyed[4], "not a string")
@@ -638,8 +719,7 @@ def test_hostile_redis_keys_and_messages_are_dropped_and_the_subscriber_keeps_li
         assert sidecar.tunnel_opens(f"{name}:{dead_upstream.port}")
     # Each name's key was fetched once and refused (a fetch over its 5 ms budget on a busy
     # machine is skipped instead, and counted as such).
-    refused = sidecar.metric("tombstone_store_invalid_records_total", store="redis",
-                             source="fetch")  # fmt: skip
+    refused = sidecar.metric("tombstone_store_invalid_records_total", store="redis", source="fetch")
     skipped = sidecar.metric("tombstone_store_errors_total", store="redis", op="fetch_timeout")
     assert refused >= 1 and refused + skipped == len(keyed), (refused, skipped)
 
@@ -661,8 +741,9 @@ def test_hostile_redis_keys_and_messages_are_dropped_and_the_subscriber_keeps_li
     assert wait_until(lambda: sidecar.ops(f"/v1/verdicts/{target}")[0] == 200, timeout=10)
     reply = sidecar.connect(f"{target}:{dead_upstream.port}")
     assert reply.status == 502 and reply.headers["x-tombstone-signal"] == "dns_txt_gone"
-    assert sidecar.metric("tombstone_store_invalid_records_total", store="redis",
-                          source="message") == len(bad_messages)  # fmt: skip
+    assert sidecar.metric(
+        "tombstone_store_invalid_records_total", store="redis", source="message"
+    ) == len(bad_messages)
     assert sidecar.metric("tombstone_store_up", store="redis") == 1  # bad records: no outage
     log = sidecar.log()
     assert log.count("invalid record(s) from") == 1, log  # rate-limited: once a minute
@@ -681,19 +762,19 @@ def test_a_lost_subscription_shows_the_store_down_until_it_is_resubscribed(
     assert redis.command("ACL", "SETUSER", "default", "-subscribe") == b"+OK\r\n"
     assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":1")
 
-    assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="redis") == 0,
-                      timeout=10)  # fmt: skip
+    assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="redis") == 0, timeout=10)
     ready = json.loads(sidecar.ops("/readyz")[1])
     assert ready["store"]["up"] is False and "subscribe" in ready["store"]["detail"], ready
     # Refused resubscriptions (NOPERM) keep it down: no flapping up and down between them.
-    assert wait_until(lambda: sidecar.metric("tombstone_store_errors_total", store="redis",
-                                             op="subscribe") >= 3, timeout=10)  # fmt: skip
+    assert wait_until(
+        lambda: sidecar.metric("tombstone_store_errors_total", store="redis", op="subscribe") >= 3,
+        timeout=10,
+    )
     assert sidecar.metric("tombstone_store_up", store="redis") == 0
     assert sidecar.log().count("redis store DOWN") == 1
 
     redis.command("ACL", "SETUSER", "default", "+subscribe")
-    assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="redis") == 1,
-                      timeout=30)  # fmt: skip
+    assert wait_until(lambda: sidecar.metric("tombstone_store_up", store="redis") == 1, timeout=30)
     assert json.loads(sidecar.ops("/readyz")[1])["store"]["up"] is True
     name = unique("after-resubscribe")
     publish(redis, message(record(name)))

@@ -57,8 +57,14 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         dns.zone.add(f"gone{i}.soak.test", "A", DEAD_IP)
         dns.zone.add(f"live{i}.soak.test", "A", LIVE_IP)
         dns.zone.add(f"down{i}.soak.test", "A", REFUSING_IP)
-    yield {"ca": ca, "dns": dns, "live": live, "dead": dead, "refusing": refusing,
-           "tmp": tmp_path_factory.mktemp("soak")}  # fmt: skip
+    yield {
+        "ca": ca,
+        "dns": dns,
+        "live": live,
+        "dead": dead,
+        "refusing": refusing,
+        "tmp": tmp_path_factory.mktemp("soak"),
+    }
     refusing.stop()
     dead.stop()
     live.stop()
@@ -80,8 +86,15 @@ async def connect(port: int, target: str) -> tuple[int, asyncio.StreamReader, as
     return int(head.split(b" ", 2)[1]), reader, writer
 
 
-async def one_request(port: int, kind: str, name: str, live_port: int, refusing_port: int,
-                      context: ssl.SSLContext, tally: Tally) -> None:  # fmt: skip
+async def one_request(
+    port: int,
+    kind: str,
+    name: str,
+    live_port: int,
+    refusing_port: int,
+    context: ssl.SSLContext,
+    tally: Tally,
+) -> None:
     target_port = refusing_port if kind == "unreachable" else live_port
     writer: asyncio.StreamWriter | None = None
     try:
@@ -102,8 +115,9 @@ async def one_request(port: int, kind: str, name: str, live_port: int, refusing_
             writer.close()
 
 
-async def worker(port: int, world: dict[str, object], stop: float, tally: Tally,
-                 counter: Iterator[int]) -> None:  # fmt: skip
+async def worker(
+    port: int, world: dict[str, object], stop: float, tally: Tally, counter: Iterator[int]
+) -> None:
     live, refusing, ca = world["live"], world["refusing"], world["ca"]
     assert isinstance(live, Upstream) and isinstance(refusing, RefusingPort)
     assert isinstance(ca, TestCA)
@@ -124,22 +138,32 @@ async def worker(port: int, world: dict[str, object], stop: float, tally: Tally,
 async def hold_tunnels(port: int, count: int, live_port: int) -> list[asyncio.StreamWriter]:
     held = []
     for start in range(0, count, 200):
-        batch = await asyncio.gather(*(connect(port, f"live{i % 50}.soak.test:{live_port}")
-                                       for i in range(start, min(start + 200, count))),
-                                     return_exceptions=True)  # fmt: skip
+        batch = await asyncio.gather(
+            *(
+                connect(port, f"live{i % 50}.soak.test:{live_port}")
+                for i in range(start, min(start + 200, count))
+            ),
+            return_exceptions=True,
+        )
         held += [w for r in batch if not isinstance(r, BaseException) for w in [r[2]]]
     return held
 
 
-async def soak(sidecar: Sidecar, world: dict[str, object], seconds: float,
-               during: Callable[[], object] | None = None) -> Tally:  # fmt: skip
+async def soak(
+    sidecar: Sidecar,
+    world: dict[str, object],
+    seconds: float,
+    during: Callable[[], object] | None = None,
+) -> Tally:
     live = world["live"]
     assert isinstance(live, Upstream)
     tally = Tally()
     counter = iter(range(10**9))
     stop = time.monotonic() + seconds
-    tasks = [asyncio.create_task(worker(sidecar.proxy_port, world, stop, tally, counter))
-             for _ in range(WORKERS)]  # fmt: skip
+    tasks = [
+        asyncio.create_task(worker(sidecar.proxy_port, world, stop, tally, counter))
+        for _ in range(WORKERS)
+    ]
     if during is not None:
         await asyncio.sleep(seconds / 3)
         await asyncio.to_thread(during)
@@ -161,8 +185,9 @@ def test_mixed_load_with_thousands_of_held_tunnels(world: dict[str, object]) -> 
     dns, live, dead = world["dns"], world["live"], world["dead"]
     assert isinstance(dns, DnsServer) and isinstance(live, Upstream)
     assert isinstance(dead, Upstream)
-    sidecar = Sidecar(dns.port, ["--allow-address", "127.0.0.0/8"],
-                      log_dir=Path(str(world["tmp"]))).start()  # fmt: skip
+    sidecar = Sidecar(
+        dns.port, ["--allow-address", "127.0.0.0/8"], log_dir=Path(str(world["tmp"]))
+    ).start()
     try:
         assert sidecar.process.proc is not None
         pid = sidecar.process.proc.pid
@@ -184,17 +209,26 @@ def test_mixed_load_with_thousands_of_held_tunnels(world: dict[str, object]) -> 
         served = sum(c for (k, o), c in tally.outcomes.items() if o == "200")
         # refused locally: closed unanswered (--refusal close, the default) or a 502
         gone = tally.outcomes[("gone", "closed")] + tally.outcomes[("gone", "status 502")]
-        report("mixed load", tally, {
-            "seconds": round(time.monotonic() - started), "held tunnels": held,
-            "still open at the end": still_open, "requests served (200)": served,
-            "gone answered locally": gone, "RSS now KiB": rss, "RSS growth over soak KiB": growth,
-        })  # fmt: skip
+        report(
+            "mixed load",
+            tally,
+            {
+                "seconds": round(time.monotonic() - started),
+                "held tunnels": held,
+                "still open at the end": still_open,
+                "requests served (200)": served,
+                "gone answered locally": gone,
+                "RSS now KiB": rss,
+                "RSS growth over soak KiB": growth,
+            },
+        )
         live_errors = [(k, o) for (k, o) in tally.outcomes if k in ("live", "new") and o != "200"]
         assert not live_errors, (live_errors, tally.errors)
         assert held == HELD_TUNNELS and still_open == HELD_TUNNELS
         assert dead.connections == 0
-        suppressed = sidecar.metric("tombstone_suppressed_total", signal="dns_txt_gone",
-                                    stage="connect")  # fmt: skip
+        suppressed = sidecar.metric(
+            "tombstone_suppressed_total", signal="dns_txt_gone", stage="connect"
+        )
         assert gone > 0 and suppressed >= gone  # warm-up rounds count too
         assert growth < 0.2 * rss  # flat: less than a fifth of the footprint over the soak
     finally:
@@ -204,8 +238,9 @@ def test_mixed_load_with_thousands_of_held_tunnels(world: dict[str, object]) -> 
 def test_kill_and_restart_under_load_recovers_with_state_intact(world: dict[str, object]) -> None:
     dns = world["dns"]
     assert isinstance(dns, DnsServer)
-    sidecar = Sidecar(dns.port, ["--allow-address", "127.0.0.0/8"],
-                      log_dir=Path(str(world["tmp"]))).start()  # fmt: skip
+    sidecar = Sidecar(
+        dns.port, ["--allow-address", "127.0.0.0/8"], log_dir=Path(str(world["tmp"]))
+    ).start()
 
     def kill_and_restart() -> None:
         assert sidecar.process.proc is not None
@@ -228,8 +263,11 @@ def test_kill_and_restart_under_load_recovers_with_state_intact(world: dict[str,
 def test_sigterm_under_load_lets_in_flight_tunnels_finish(world: dict[str, object]) -> None:
     dns = world["dns"]
     assert isinstance(dns, DnsServer)
-    sidecar = Sidecar(dns.port, ["--allow-address", "127.0.0.0/8", "--shutdown-grace", "20s"],
-                      log_dir=Path(str(world["tmp"]))).start()  # fmt: skip
+    sidecar = Sidecar(
+        dns.port,
+        ["--allow-address", "127.0.0.0/8", "--shutdown-grace", "20s"],
+        log_dir=Path(str(world["tmp"])),
+    ).start()
 
     def terminate() -> None:
         assert sidecar.process.proc is not None

@@ -19,8 +19,11 @@ from sidecar.proxy.requests import RequestGate
 from sidecar.proxy.tunnels import TunnelGate
 
 FAULT = os.environ["SIDECAR_TEST_FAULT"]
-GATES: dict[str, type] = {"TunnelGate": TunnelGate, "RequestGate": RequestGate,
-                          "DialGate": DialGate}  # fmt: skip
+GATES: dict[str, type] = {
+    "TunnelGate": TunnelGate,
+    "RequestGate": RequestGate,
+    "DialGate": DialGate,
+}
 
 
 class InjectedFault(RuntimeError):

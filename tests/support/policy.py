@@ -28,6 +28,13 @@ def policy_over(
 ) -> Policy:
     metrics = metrics if metrics is not None else Metrics()
     book = AddressBook(client, metrics, max_stale=max_stale, maxsize=cache_size, clock=clock)
-    return Policy(DnsQuestions(client), addresses=book, store=VerdictStore(metrics),
-                  metrics=metrics, ttl=ttl, cache_size=cache_size, clock=clock,
-                  **kwargs)  # fmt: skip
+    return Policy(
+        DnsQuestions(client),
+        addresses=book,
+        store=VerdictStore(metrics),
+        metrics=metrics,
+        ttl=ttl,
+        cache_size=cache_size,
+        clock=clock,
+        **kwargs,
+    )

@@ -28,8 +28,19 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         self.dir.mkdir(exist_ok=True)
-        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.dir)]  # fmt: skip
+        argv = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.dir),
+        ]
         self.process = ManagedProcess(argv, log_path=self.dir / "redis.log").start()
         assert self.process.proc is not None
         wait_for_port(self.port, proc=self.process.proc, log_path=self.process.log_path)

@@ -87,8 +87,17 @@ http {{
   }}
 }}
 """)
-        self._start([nginx, "-p", str(self.root), "-e", str(self.root / "error.log"),
-                     "-c", str(self.root / "nginx.conf")])  # fmt: skip
+        self._start(
+            [
+                nginx,
+                "-p",
+                str(self.root),
+                "-e",
+                str(self.root / "error.log"),
+                "-c",
+                str(self.root / "nginx.conf"),
+            ]
+        )
         return self
 
     def requests(self) -> list[str]:
@@ -123,7 +132,10 @@ class Caddy(_WebServer):
 \trespond "{FALLBACK_BODY}" 200
 }}
 """)
-        env = {"HOME": str(self.root), "XDG_DATA_HOME": str(self.root / "data"),
-               "XDG_CONFIG_HOME": str(self.root / "config")}  # fmt: skip
+        env = {
+            "HOME": str(self.root),
+            "XDG_DATA_HOME": str(self.root / "data"),
+            "XDG_CONFIG_HOME": str(self.root / "config"),
+        }
         self._start([caddy, "run", "--config", str(caddyfile), "--adapter", "caddyfile"], env)
         return self

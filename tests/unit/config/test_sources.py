@@ -81,14 +81,21 @@ def test_mitmproxy_values_are_named_as_mitmproxy_options() -> None:
 @pytest.mark.parametrize(
     ("variable", "message"),
     [
-        ("TOMBSTONE_MIN_TLL", "TOMBSTONE_MIN_TLL: unknown option (did you mean "
-                              "TOMBSTONE_MIN_TTL?)"),
-        ("TOMBSTONE_DENYFILE", "TOMBSTONE_DENYFILE: unknown option (did you mean "
-                               "TOMBSTONE_DENY_FILE?)"),
-        ("TOMBSTONE_SYNAPSE_VENV", "TOMBSTONE_SYNAPSE_VENV: unknown option; every TOMBSTONE_* "
-                                   "variable must name an option (see --help)"),
+        (
+            "TOMBSTONE_MIN_TLL",
+            "TOMBSTONE_MIN_TLL: unknown option (did you mean TOMBSTONE_MIN_TTL?)",
+        ),
+        (
+            "TOMBSTONE_DENYFILE",
+            "TOMBSTONE_DENYFILE: unknown option (did you mean TOMBSTONE_DENY_FILE?)",
+        ),
+        (
+            "TOMBSTONE_SYNAPSE_VENV",
+            "TOMBSTONE_SYNAPSE_VENV: unknown option; every TOMBSTONE_* "
+            "variable must name an option (see --help)",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_tombstone_variable_that_names_no_option_is_an_error(variable: str, message: str) -> None:
     with pytest.raises(ConfigError) as excinfo:
         check_environment({"PATH": "/bin", variable: "10m"})
@@ -117,8 +124,11 @@ def test_an_unknown_file_key_names_its_line_and_the_close_option(tmp_path: Path)
 
 def test_options_another_subcommand_uses_are_neither_read_nor_validated(tmp_path: Path) -> None:
     """A shared env or file for `run` and `verdicts`: verdicts ignores run's deny file."""
-    environ = {"TOMBSTONE_DENY_FILE": "/nonexistent/deny.txt", "TOMBSTONE_MODE": "bogus",
-               "TOMBSTONE_OPS_LISTEN": "127.0.0.1:9999"}  # fmt: skip
+    environ = {
+        "TOMBSTONE_DENY_FILE": "/nonexistent/deny.txt",
+        "TOMBSTONE_MODE": "bogus",
+        "TOMBSTONE_OPS_LISTEN": "127.0.0.1:9999",
+    }
     raw = gather_raw({}, environ, "verdicts")
     assert raw == {"ops_listen": "127.0.0.1:9999"}
     verdicts = Settings.from_raw(raw, "verdicts")

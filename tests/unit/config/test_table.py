@@ -50,27 +50,50 @@ def test_every_option_is_a_run_option_and_run_reads_them_all() -> None:
     ("command", "names"),
     [
         ("ca", {"config", "state_dir"}),
-        ("verdicts", {"config", "ops_listen", "ops_token_file", "synapse_admin_url",
-                      "synapse_admin_token_file"}),
+        (
+            "verdicts",
+            {
+                "config",
+                "ops_listen",
+                "ops_token_file",
+                "synapse_admin_url",
+                "synapse_admin_token_file",
+            },
+        ),
         ("tombstone", set()),
     ],
-)  # fmt: skip
+)
 def test_small_subcommands_read_only_their_options(command: str, names: set[str]) -> None:
     assert {o.name for o in options_for(command)} == names
 
 
 def test_check_reads_what_judging_one_name_needs_and_nothing_of_the_proxy() -> None:
     check = {o.name for o in options_for("check")}
-    assert {"nameserver", "dns_timeout", "min_ttl", "max_ttl", "deny", "deny_file", "allow",
-            "allow_file", "require_dnssec", "gone_ttl", "upstream_ca"} <= check  # fmt: skip
+    assert {
+        "nameserver",
+        "dns_timeout",
+        "min_ttl",
+        "max_ttl",
+        "deny",
+        "deny_file",
+        "allow",
+        "allow_file",
+        "require_dnssec",
+        "gone_ttl",
+        "upstream_ca",
+    } <= check
     assert check.isdisjoint({"listen", "mode", "store", "ops_listen", "enforce", "probe"})
 
 
 @pytest.mark.parametrize(
     "pair",
-    [("min_ttl", "max_ttl"), ("min_gone_ttl", "max_gone_ttl"), ("breaker_min", "breaker_max"),
-     ("synapse_admin_url", "synapse_admin_token_file")],
-)  # fmt: skip
+    [
+        ("min_ttl", "max_ttl"),
+        ("min_gone_ttl", "max_gone_ttl"),
+        ("breaker_min", "breaker_max"),
+        ("synapse_admin_url", "synapse_admin_token_file"),
+    ],
+)
 def test_options_checked_together_are_read_together(pair: tuple[str, str]) -> None:
     """from_raw compares these two; a subcommand reading only one would compare a given
     value with a default the operator never chose."""

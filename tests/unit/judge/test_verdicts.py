@@ -67,9 +67,15 @@ def test_describe_alive_has_no_signal() -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0.4, "0s"), (300, "300s"), (86399, "86399s"), (86400, "1d"), (129600, "1.5d"),
-     (10 * 365 * 86400.0, "3650d")],
-)  # fmt: skip
+    [
+        (0.4, "0s"),
+        (300, "300s"),
+        (86399, "86399s"),
+        (86400, "1d"),
+        (129600, "1.5d"),
+        (10 * 365 * 86400.0, "3650d"),
+    ],
+)
 def test_ttls_read_in_seconds_then_days(seconds: float, text: str) -> None:
     assert format_ttl(seconds) == text
 
@@ -277,10 +283,15 @@ def test_counts_empty(cache: VerdictCache) -> None:
 
 
 def good_record(**fields: object) -> dict[str, object]:
-    record: dict[str, object] = {"destination": "example.org", "state": "gone",
-                                 "signal": "dns_txt_gone", "evidence": "TXT",
-                                 "observed_at": 10.0, "expires_at": 20.0,
-                                 "addresses": ["192.0.2.1", "2001:db8::1"]}  # fmt: skip
+    record: dict[str, object] = {
+        "destination": "example.org",
+        "state": "gone",
+        "signal": "dns_txt_gone",
+        "evidence": "TXT",
+        "observed_at": 10.0,
+        "expires_at": 20.0,
+        "addresses": ["192.0.2.1", "2001:db8::1"],
+    }
     record.update(fields)
     return record
 

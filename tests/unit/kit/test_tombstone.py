@@ -53,8 +53,9 @@ def test_the_srv_record_is_the_root_target_the_sidecar_calls_dns_srv_dot() -> No
 
 
 def test_the_body_is_a_matrix_error_naming_date_contact_and_successor() -> None:
-    tombstone = kit.make("example.org", date="2026-12-01", contact="admin@example.org",
-                         successor="new.example.org")  # fmt: skip
+    tombstone = kit.make(
+        "example.org", date="2026-12-01", contact="admin@example.org", successor="new.example.org"
+    )
     body = json.loads(kit.body_json(tombstone))
     assert body == {
         "errcode": "M_SERVER_DECOMMISSIONED",
@@ -82,8 +83,11 @@ def test_hostile_operator_text_survives_json_nginx_and_caddy_quoting() -> None:
     assert f"respond `{text}` 410" in kit.render_caddy(tombstone)
 
 
-@given(st.text(st.characters(exclude_categories=["Cs", "Cc", "Cf", "Zl", "Zp", "Co", "Cn"]),
-               max_size=60))  # fmt: skip
+@given(
+    st.text(
+        st.characters(exclude_categories=["Cs", "Cc", "Cf", "Zl", "Zp", "Co", "Cn"]), max_size=60
+    )
+)
 def test_any_printable_note_round_trips_and_stays_config_safe(note: str) -> None:
     tombstone = kit.make("example.org", contact=note)
     text = kit.body_json(tombstone)
@@ -154,8 +158,7 @@ def test_a_name_with_a_port_keeps_its_port_for_the_check_line() -> None:
 
 
 def test_delegated_federation_hosts_get_their_own_txt_record() -> None:
-    tombstone = kit.make("example.org", federation_hosts=["Matrix.Example.org:8448",
-                                                          "example.org"])  # fmt: skip
+    tombstone = kit.make("example.org", federation_hosts=["Matrix.Example.org:8448", "example.org"])
     lines = kit.dns_records(tombstone)
     assert [rdata(line)[0] for line in lines] == ["example.org.", "matrix.example.org."]
     assert all(is_tombstone(join_strings(rdata(line)[1].strings)) for line in lines)  # type: ignore[attr-defined]

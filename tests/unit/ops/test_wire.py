@@ -31,8 +31,9 @@ def refused(data: bytes) -> tuple[int, str]:
 
 def test_a_put_is_read_with_its_body_and_lower_case_headers() -> None:
     request = read(b"PUT /v1/verdicts/a HTTP/1.1\r\nContent-Length: 2\r\nX-A: b\r\n\r\n{}tail")
-    assert request == wire.Request("PUT", "/v1/verdicts/a", {"content-length": "2", "x-a": "b"},
-                                   b"{}")  # fmt: skip
+    assert request == wire.Request(
+        "PUT", "/v1/verdicts/a", {"content-length": "2", "x-a": "b"}, b"{}"
+    )
 
 
 def test_a_get_body_is_left_unread() -> None:

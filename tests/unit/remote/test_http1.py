@@ -21,8 +21,16 @@ async def exchange(answer: bytes, limit: int = 1000, read_body: bool = True) -> 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        return await http1.request("127.0.0.1", port, "GET", "/x", host_header="h",
-                                   seconds=5, limit=limit, read_body=read_body)  # fmt: skip
+        return await http1.request(
+            "127.0.0.1",
+            port,
+            "GET",
+            "/x",
+            host_header="h",
+            seconds=5,
+            limit=limit,
+            read_body=read_body,
+        )
     finally:
         server.close()
         await server.wait_closed()
@@ -95,8 +103,16 @@ def test_a_header_value_with_a_line_break_is_refused_before_sending() -> None:
         server = await asyncio.start_server(serve, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         try:
-            await http1.request("127.0.0.1", port, "GET", "/", host_header="h",
-                                headers={"X": "a\r\nInjected: 1"}, seconds=5, limit=10)  # fmt: skip
+            await http1.request(
+                "127.0.0.1",
+                port,
+                "GET",
+                "/",
+                host_header="h",
+                headers={"X": "a\r\nInjected: 1"},
+                seconds=5,
+                limit=10,
+            )
         finally:
             server.close()
             await server.wait_closed()

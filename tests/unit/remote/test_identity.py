@@ -40,8 +40,7 @@ def test_a_document_for_another_name_is_not_evidence() -> None:
 
 def test_a_document_signed_by_a_key_it_does_not_publish_is_not_evidence() -> None:
     real, impostor = SigningKey(NAME), SigningKey(NAME)
-    forged = impostor.sign_json({k: v for k, v in real.key_document().items()
-                                 if k != "signatures"})  # fmt: skip
+    forged = impostor.sign_json({k: v for k, v in real.key_document().items() if k != "signatures"})
     with pytest.raises(KeyDocumentError, match="no valid self-signature"):
         parse_key_document(json.dumps(forged).encode(), frozenset({NAME}), None, 0.0)
 

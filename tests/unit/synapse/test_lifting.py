@@ -111,7 +111,13 @@ def test_a_lift_without_recorded_keys_is_an_unknown_resurrection_at_the_clocks_t
 
 def test_a_hold_is_known_by_its_evidence_on_every_replica(clock: FakeClock) -> None:
     gone, _ = verdicts(clock.now)
-    held = Verdict(NAME, State.GONE, Signal.OPERATOR, f"{HOLD_EVIDENCE} (new keys)", clock.now,
-                   clock.now + 3600)  # fmt: skip
+    held = Verdict(
+        NAME,
+        State.GONE,
+        Signal.OPERATOR,
+        f"{HOLD_EVIDENCE} (new keys)",
+        clock.now,
+        clock.now + 3600,
+    )
     assert is_hold(held)
     assert not is_hold(gone)
