@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 from mitmproxy import connection, ctx, exceptions, http
 from mitmproxy.net.http.http1 import assemble_response
+from mitmproxy.net.tls import starts_like_tls_record
 from mitmproxy.proxy import commands, events, layer
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers import HttpLayer
@@ -215,7 +216,9 @@ class Admission:
 
     def next_layer(self, nextlayer: layer.NextLayer) -> None:
         """The first layer of a regular proxy connection: HTTP with a bounded head, or
-        closed. mitmproxy's NextLayer addon (loaded before) has chosen already."""
+        closed. Under `run` mitmproxy's NextLayer addon has chosen already; under
+        `mitmdump -s` this script's hook runs before it, so the choice is made here, as
+        NextLayer makes it for an explicit HTTP proxy (TLS first, else HTTP)."""
         context = nextlayer.context
         if not (context.layers and isinstance(context.layers[0], HttpProxy)):
             return
@@ -226,8 +229,13 @@ class Admission:
             return  # deeper: inside an admitted tunnel
         try:
             if chosen is None:
-                return  # undecided: mitmproxy waits for more bytes (head limit not reached)
-            if type(chosen) is not HttpLayer or chosen.mode is not HTTPMode.regular:
+                data = nextlayer.data_client()
+                if not data:
+                    return  # nothing to decide on yet
+                tls_first = starts_like_tls_record(data)
+            else:
+                tls_first = type(chosen) is not HttpLayer or chosen.mode is not HTTPMode.regular
+            if tls_first:
                 # mitmproxy chose TLS (a ClientHello sent straight to the proxy port) or
                 # anything else that is not an HTTP proxy request: refuse before any addon
                 # sees a ClientHello, authenticated or not.

@@ -21,7 +21,7 @@ import pytest
 
 from tests.integration.conftest import BASE_ARGS, LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
-from tests.support.procs import ManagedProcess, closed_within, wait_until
+from tests.support.procs import ManagedProcess, closed_within, free_port, wait_until
 from tests.support.sidecar_process import Sidecar, read_head
 from tests.support.tls_upstream import TestCA, Upstream
 
@@ -317,3 +317,67 @@ def test_an_admission_hook_that_fails_refuses_the_connection() -> None:
         "tombstone_admission_refused_total", {"reason": "error"}
     )
     assert refused == 2
+
+
+# -- under mitmdump, admission guards the port the same way -------------------------------
+
+
+def test_under_mitmdump_tls_without_connect_and_an_oversized_head_are_refused(
+    dns_server: DnsServer, users: Path, tmp_path: Path
+) -> None:
+    """mitmdump runs a script's hooks before its own NextLayer addon: admission makes the
+    first layer choice itself there, so the head limit and the TLS-without-CONNECT refusal
+    hold under `mitmdump -s addons/tombstone.py` as under `run`."""
+    repo = Path(__file__).resolve().parents[2]
+    mitmdump = Path(sys.executable).parent / "mitmdump"
+    port, ops = free_port(), free_port()
+    process = ManagedProcess(
+        [
+            str(mitmdump),
+            "-q",
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--set",
+            f"confdir={tmp_path}",
+            "-s",
+            str(repo / "addons" / "tombstone.py"),
+            "--set",
+            "connection_strategy=lazy",
+            "--set",
+            f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
+            "--set",
+            f"tombstone_ops_listen=127.0.0.1:{ops}",
+            "--set",
+            f"tombstone_proxy_auth_file={users}",
+            "--set",
+            "tombstone_max_head_size=1k",
+            "--set",
+            f"tombstone_state_dir={tmp_path / 'state'}",
+        ],
+        env={"PYTHONPATH": str(repo)},
+        log_path=tmp_path / "mitmdump.log",
+    ).start()
+    try:
+        process.wait_for_port(port)
+        process.wait_for_port(ops)
+        proxy = Sidecar.__new__(Sidecar)
+        proxy.proxy_port, proxy.ops_port = port, ops
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(client_hello("hello.test"))
+            closed, received = closed_within(sock, 5)
+        assert closed and received == b""
+        assert proxy.metric("tombstone_admission_refused_total", reason="tls_without_connect") == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            filler = "b" * 4096
+            sock.sendall(
+                f"CONNECT example.test:443 HTTP/1.1\r\nX-Filler: {filler}\r\n\r\n".encode()
+            )
+            assert read_head(sock)[0] == 431
+        assert proxy.metric("tombstone_admission_refused_total", reason="too_large") == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"CONNECT example.test:443 HTTP/1.1\r\n\r\n")
+            assert read_head(sock)[0] == 407  # an ordinary head: proxy auth asks first
+    finally:
+        process.stop()
