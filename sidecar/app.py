@@ -20,6 +20,8 @@ import logging
 import os
 import signal
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from sidecar.dns.questions import DnsQuestions
 from sidecar.judge.breaker import Breaker, Gate
 from sidecar.judge.policy import Policy
 from sidecar.judge.ports import FoundAddresses
+from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict
 from sidecar.metrics import Metrics
 from sidecar.ops.backend import Listed, Readiness, Resurrections, Unavailable
@@ -409,6 +412,33 @@ class Sidecar:
             "truncated": view.truncated,
             "backing_off_gone": list(view.backing_off_gone),
         }
+
+
+def standalone_policy(
+    dns: DnsClient,
+    metrics: Metrics,
+    *,
+    ttl: TtlBounds,
+    cache_size: int,
+    max_stale: float = 3600.0,
+    clock: Callable[[], float] = time.time,
+    deny: frozenset[str] = frozenset(),
+    allow: frozenset[str] = frozenset(),
+) -> Policy:
+    """A policy over one resolver, alone: its own address book, verdicts in memory, no
+    prober and no lifting. `check` judges one name with it, and the tests judge with it."""
+    book = AddressBook(dns, metrics, max_stale=max_stale, maxsize=cache_size, clock=clock)
+    return Policy(
+        DnsQuestions(dns),
+        addresses=book,
+        store=VerdictStore(metrics),
+        metrics=metrics,
+        ttl=ttl,
+        cache_size=cache_size,
+        deny=deny,
+        allow=allow,
+        clock=clock,
+    )
 
 
 # -- building blocks from settings -------------------------------------------------------

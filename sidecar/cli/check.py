@@ -13,12 +13,12 @@ import dataclasses
 import json
 from typing import Any
 
+from sidecar.app import standalone_policy
 from sidecar.cli import exits
 from sidecar.cli.args import add_options, fail, sources_note
 from sidecar.config.options import RawOptions, Settings
-from sidecar.dns.address_book import AddressBook
 from sidecar.dns.client import DnsClient
-from sidecar.dns.questions import DnsQuestions, evaluate
+from sidecar.dns.questions import evaluate
 from sidecar.judge.names import InvalidName, is_ip_literal, parse_authority
 from sidecar.judge.policy import Policy
 from sidecar.judge.signals import DnsReport, Signal
@@ -28,7 +28,6 @@ from sidecar.remote import check_http
 from sidecar.remote.addresses import AddressPolicy
 from sidecar.remote.check_http import HttpReport
 from sidecar.remote.probe import Prober
-from sidecar.store.base import VerdictStore
 
 NAME = "check"
 EXIT_BY_STATE = {
@@ -95,12 +94,9 @@ async def run_check(
         )
     except ValueError as e:
         return fail(f"{raw.label('nameserver')}: {e}")
-    metrics = Metrics()
-    policy = Policy(
-        DnsQuestions(dns),
-        addresses=AddressBook(dns, metrics, max_stale=settings.dns_max_stale, maxsize=1),
-        store=VerdictStore(metrics),
-        metrics=metrics,
+    policy = standalone_policy(
+        dns,
+        Metrics(),
         ttl=settings.verdict_ttl,
         cache_size=1,
         deny=settings.deny,

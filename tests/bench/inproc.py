@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sidecar.app import standalone_policy
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.judge.dns_answer import DnsAnswer
 from sidecar.judge.signals import SRV_PREFIXES
 from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
-from tests.support.policy import policy_over
 
 TTL = TtlBounds(300.0, 86400.0)  # the sidecar's defaults: --min-ttl 5m, --max-ttl 24h
 
@@ -87,7 +87,7 @@ def _time_sync(call: Callable[[], object], calls: int) -> list[int]:
 async def _policy_decision(args: argparse.Namespace) -> dict[str, Any]:
     metrics = Metrics()
     dns = DnsClient((_nameserver(args.nameserver),), 5.0, metrics)
-    policy = policy_over(dns, metrics=metrics, ttl=TTL, cache_size=100_000)
+    policy = standalone_policy(dns, metrics, ttl=TTL, cache_size=100_000)
     out: dict[str, Any] = {}
     for label, name, want in (("gone", args.gone, State.GONE), ("alive", args.alive, State.ALIVE)):
         entry = await policy.decide(name)
@@ -240,7 +240,7 @@ async def mode_cold(args: argparse.Namespace) -> dict[str, Any]:
     """Cold decisions timed against the slowest of their own queries."""
     metrics = Metrics()
     dns = DnsClient((_nameserver(args.nameserver),), 5.0, metrics)
-    policy = policy_over(dns, metrics=metrics, ttl=TTL, cache_size=100_000)
+    policy = standalone_policy(dns, metrics, ttl=TTL, cache_size=100_000)
     slowest: dict[str, int] = {}
     queries: dict[str, int] = {}
     plain_query = dns.query
@@ -308,7 +308,7 @@ def _realistic_verdict(i: int, now: float) -> Verdict:
 def mode_memory(args: argparse.Namespace) -> dict[str, Any]:
     metrics = Metrics()
     dns = DnsClient((Nameserver("127.0.0.1", 53),), 5.0, metrics)
-    policy = policy_over(dns, metrics=metrics, ttl=TTL, cache_size=args.count)
+    policy = standalone_policy(dns, metrics, ttl=TTL, cache_size=args.count)
     cache = policy.cache
     now = time.time()
     _realistic_verdict(0, now)  # first call: any lazy allocations happen before the baseline

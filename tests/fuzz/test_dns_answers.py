@@ -21,6 +21,7 @@ from dnslib import CNAME, QTYPE, RR, SRV, TXT, A, DNSRecord
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from sidecar.app import standalone_policy
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.dns.questions import evaluate
 from sidecar.judge.dns_answer import MAX_ADDRESSES
@@ -32,7 +33,6 @@ from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.fuzz.profiles import examples
 from tests.support.dns_server import DnsServer
-from tests.support.policy import policy_over
 
 # DnsClient lifetime per query. Most byte-mutated replies no longer parse: the resolver drops
 # them and waits the whole lifetime, which sets the pace of the test (loopback answers take
@@ -229,7 +229,7 @@ def test_mutated_answers_never_raise_hang_or_invent_a_tombstone(
     assert all(str(ipaddress.ip_address(a)) == a for a in report.addresses)
 
     client = DnsClient((nameserver,), timeout=timeout, metrics=Metrics())
-    verdict = policy_over(client, ttl=BOUNDS, cache_size=10).judge(report)
+    verdict = standalone_policy(client, Metrics(), ttl=BOUNDS, cache_size=10).judge(report)
     lifetime = verdict.expires_at - verdict.observed_at
     if verdict.state is State.UNDECIDED:
         assert lifetime == UNDECIDED_RETRY_SECONDS

@@ -22,7 +22,7 @@ import pytest
 from tests.integration.conftest import BASE_ARGS, LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import ManagedProcess, closed_within, free_port, wait_until
-from tests.support.sidecar_process import Sidecar, read_head
+from tests.support.sidecar_process import REPO, Sidecar, mitmdump_command, read_head
 from tests.support.tls_upstream import TestCA, Upstream
 
 USER, PASSWORD = "synapse", "s3cret-pass"
@@ -328,35 +328,17 @@ def test_under_mitmdump_tls_without_connect_and_an_oversized_head_are_refused(
     """mitmdump runs a script's hooks before its own NextLayer addon: admission makes the
     first layer choice itself there, so the head limit and the TLS-without-CONNECT refusal
     hold under `mitmdump -s addons/tombstone.py` as under `run`."""
-    repo = Path(__file__).resolve().parents[2]
-    mitmdump = Path(sys.executable).parent / "mitmdump"
     port, ops = free_port(), free_port()
+    options = [
+        f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
+        f"tombstone_ops_listen=127.0.0.1:{ops}",
+        f"tombstone_proxy_auth_file={users}",
+        "tombstone_max_head_size=1k",
+        f"tombstone_state_dir={tmp_path / 'state'}",
+    ]
     process = ManagedProcess(
-        [
-            str(mitmdump),
-            "-q",
-            "--listen-host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--set",
-            f"confdir={tmp_path}",
-            "-s",
-            str(repo / "addons" / "tombstone.py"),
-            "--set",
-            "connection_strategy=lazy",
-            "--set",
-            f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
-            "--set",
-            f"tombstone_ops_listen=127.0.0.1:{ops}",
-            "--set",
-            f"tombstone_proxy_auth_file={users}",
-            "--set",
-            "tombstone_max_head_size=1k",
-            "--set",
-            f"tombstone_state_dir={tmp_path / 'state'}",
-        ],
-        env={"PYTHONPATH": str(repo)},
+        mitmdump_command(port, tmp_path, options),
+        env={"PYTHONPATH": str(REPO)},
         log_path=tmp_path / "mitmdump.log",
     ).start()
     try:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,10 +14,15 @@ from sidecar.config.options import options_for
 from tests.integration.conftest import DEAD_IP, LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import ManagedProcess, free_port
-from tests.support.sidecar_process import Sidecar, sidecar_command
+from tests.support.sidecar_process import (
+    REPO,
+    Sidecar,
+    mitmdump_command,
+    mitmdump_path,
+    sidecar_command,
+)
 from tests.support.tls_upstream import Upstream
 
-REPO = Path(__file__).resolve().parents[2]
 # The session's private HOME, XDG directories and TMPDIR (tests/conftest.py): a command run
 # with a minimal environment must still never reach the real user's state directory.
 PRIVATE = ("HOME", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_CACHE_HOME", "TMPDIR")
@@ -282,37 +285,18 @@ def test_mitmdump_script_loads_the_same_addon(
     unique: Callable[[str], str],
     tmp_path: Path,
 ) -> None:
-    mitmdump = Path(sys.executable).parent / "mitmdump"
-    command = str(mitmdump) if mitmdump.exists() else shutil.which("mitmdump")
-    assert command, "mitmdump is installed with mitmproxy"
     name = unique("mitmdump")
     zone.add(name, "TXT", "v=matrix;gone")
     port, ops = free_port(), free_port()
+    options = [
+        f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
+        f"tombstone_ops_listen=127.0.0.1:{ops}",
+        "tombstone_deny=old.example",
+        "tombstone_refusal=status",
+        f"tombstone_state_dir={tmp_path / 'state'}",  # never the user's real state dir
+    ]
     process = ManagedProcess(
-        [
-            command,
-            "-q",
-            "--listen-host",
-            "127.0.0.1",
-            "-p",
-            str(port),
-            "--set",
-            f"confdir={tmp_path}",
-            "-s",
-            str(REPO / "addons" / "tombstone.py"),
-            "--set",
-            "connection_strategy=lazy",
-            "--set",
-            f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
-            "--set",
-            f"tombstone_ops_listen=127.0.0.1:{ops}",
-            "--set",
-            "tombstone_deny=old.example",
-            "--set",
-            "tombstone_refusal=status",
-            "--set",
-            f"tombstone_state_dir={tmp_path / 'state'}",  # never the user's real state dir
-        ],
+        mitmdump_command(port, tmp_path, options),
         env={"PYTHONPATH": str(REPO)},
         log_path=tmp_path / "mitmdump.log",
     ).start()
@@ -332,7 +316,7 @@ def test_mitmdump_script_loads_the_same_addon(
     def mitmdump_fails(*args: str) -> str:
         result = subprocess.run(
             [
-                command,
+                mitmdump_path(),
                 "-q",
                 "-p",
                 str(free_port()),

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 from dnslib import QTYPE, RR, TXT, DNSRecord
 
+from sidecar.app import standalone_policy
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.dns.questions import evaluate
 from sidecar.judge.policy import Policy
@@ -22,7 +22,6 @@ from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.support.dns_server import DnsServer, Zone
-from tests.support.policy import policy_over
 
 
 @pytest.fixture
@@ -30,9 +29,8 @@ def client(dns_server: DnsServer) -> DnsClient:
     return DnsClient((Nameserver("127.0.0.1", dns_server.port),), timeout=1.0, metrics=Metrics())
 
 
-def policy_for(client: DnsClient, **kwargs: Any) -> Policy:
-    ttl = TtlBounds(300, 86400)
-    return policy_over(client, ttl=ttl, cache_size=1000, **kwargs)
+def policy_for(client: DnsClient) -> Policy:
+    return standalone_policy(client, Metrics(), ttl=TtlBounds(300, 86400), cache_size=1000)
 
 
 def test_tombstone_among_an_oversized_txt_set_is_found_over_tcp(
@@ -206,7 +204,9 @@ def test_failed_recheck_keeps_the_last_verdict(
     now = [1000.0]
     name = unique("keep")
     zone.add(name, "TXT", "v=matrix;gone")
-    policy = policy_over(client, ttl=TtlBounds(60, 60), cache_size=10, clock=lambda: now[0])
+    policy = standalone_policy(
+        client, Metrics(), ttl=TtlBounds(60, 60), cache_size=10, clock=lambda: now[0]
+    )
 
     async def scenario() -> tuple[State, State]:
         first = (await policy.decide(name)).verdict.state

@@ -9,10 +9,8 @@ per connection), and `tombstone_hook_errors_total` counts each.
 
 from __future__ import annotations
 
-import shutil
 import socket
 import ssl
-import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,11 +22,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.integration.conftest import LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import ManagedProcess, free_port
-from tests.support.sidecar_process import read_head
-from tests.support.tls_client import split_hello_get
+from tests.support.sidecar_process import REPO, mitmdump_command, read_head
+from tests.support.tls_client import split_hello_get, tls_get
 from tests.support.tls_upstream import TestCA, Upstream
 
-REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tests" / "support" / "faulty_addon.py"
 ATTEMPTS = 3
 
@@ -58,42 +55,21 @@ class Faulty:
 @pytest.fixture
 def faulty(dns_server: DnsServer, tmp_path: Path) -> Iterator[Callable[[str, str], Faulty]]:
     started: list[ManagedProcess] = []
-    mitmdump = Path(sys.executable).parent / "mitmdump"
-    command = str(mitmdump) if mitmdump.exists() else shutil.which("mitmdump")
-    assert command, "mitmdump is installed with mitmproxy"
 
     def start(fault: str, mode: str) -> Faulty:
         port, ops = free_port(), free_port()
         confdir = tmp_path / f"conf-{fault}"
+        options = [
+            f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
+            f"tombstone_ops_listen=127.0.0.1:{ops}",
+            f"tombstone_state_dir={tmp_path / ('state-' + fault)}",
+            "tombstone_allow_address=127.0.0.0/8",
+            "tombstone_refusal=status",
+            "tombstone_probe=false",
+            f"tombstone_mode={mode}",
+        ]
         process = ManagedProcess(
-            [
-                command,
-                "-q",
-                "--listen-host",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "--set",
-                f"confdir={confdir}",
-                "-s",
-                str(SCRIPT),
-                "--set",
-                "connection_strategy=lazy",
-                "--set",
-                f"tombstone_nameserver=127.0.0.1:{dns_server.port}",
-                "--set",
-                f"tombstone_ops_listen=127.0.0.1:{ops}",
-                "--set",
-                f"tombstone_state_dir={tmp_path / ('state-' + fault)}",
-                "--set",
-                "tombstone_allow_address=127.0.0.0/8",
-                "--set",
-                "tombstone_refusal=status",
-                "--set",
-                "tombstone_probe=false",
-                "--set",
-                f"tombstone_mode={mode}",
-            ],
+            mitmdump_command(port, confdir, options, script=SCRIPT),
             env={"PYTHONPATH": str(REPO), "SIDECAR_TEST_FAULT": fault},
             log_path=tmp_path / f"mitmdump-{fault}.log",
         ).start()
@@ -119,16 +95,6 @@ def connect(port: int, target: str) -> tuple[int, socket.socket]:
     sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     status, _, _, _ = read_head(sock)
     return status, sock
-
-
-def tls_get(sock: socket.socket, context: ssl.SSLContext, name: str) -> int:
-    """A GET inside the tunnel; 0 when the TLS handshake or the answer never came."""
-    try:
-        with context.wrap_socket(sock, server_hostname=name) as tls:
-            tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
-            return read_head(tls)[0]
-    except (OSError, ssl.SSLError):
-        return 0
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ import httpx
 import pytest
 from dnslib import QTYPE, RR, TXT, DNSRecord
 
+from sidecar.app import standalone_policy
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.dns.questions import evaluate
 from sidecar.judge.ttl import TtlBounds
@@ -26,7 +27,6 @@ from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
 from tests.integration.conftest import LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
-from tests.support.policy import policy_over
 from tests.support.procs import free_port, port_open, wait_until
 from tests.support.sidecar_process import Sidecar, read_head, sidecar_command
 from tests.support.tls_upstream import Blackhole, RefusingPort, TestCA, Upstream
@@ -202,7 +202,7 @@ def test_require_dnssec_counts_only_validated_tombstones(
     client = DnsClient(
         (Nameserver("127.0.0.1", dns_server.port),), 1.0, Metrics(), require_dnssec=True
     )
-    policy = policy_over(client, ttl=TtlBounds(300, 3600), cache_size=10)
+    policy = standalone_policy(client, Metrics(), ttl=TtlBounds(300, 3600), cache_size=10)
 
     async def judge(name: str) -> State:
         return policy.judge(await evaluate(client, name)).state

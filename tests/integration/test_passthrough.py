@@ -20,7 +20,7 @@ from tests.integration.conftest import DEAD_IP, LIVE_IP
 from tests.support.dns_server import Zone
 from tests.support.procs import wait_until
 from tests.support.sidecar_process import Sidecar
-from tests.support.tls_client import split_hello_get
+from tests.support.tls_client import split_hello_get, tls_get
 from tests.support.tls_upstream import TestCA, Upstream
 
 GONE_SIGNALS = [
@@ -543,14 +543,8 @@ def test_the_sni_is_judged_whether_the_clienthello_comes_whole_or_split(
     def get(authority: str, name: str) -> int:
         reply = sidecar.connect(authority)
         assert reply.status == 200 and reply.sock is not None
-        if split:
-            return split_hello_get(reply.sock, ca.client_context(), name)
-        try:
-            with ca.client_context().wrap_socket(reply.sock, server_hostname=name) as tls:
-                tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
-                return int(tls.recv(65536).split(b" ", 2)[1])
-        except (ssl.SSLError, OSError):
-            return 0
+        client = split_hello_get if split else tls_get
+        return client(reply.sock, ca.client_context(), name)
 
     assert get(f"{target}:{dead_upstream.port}", server) == 0
     assert dead_upstream.connections == 0

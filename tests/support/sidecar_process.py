@@ -34,6 +34,41 @@ def sidecar_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "sidecar.cli"]
 
 
+REPO = Path(__file__).resolve().parents[2]
+ADDON_SCRIPT = REPO / "addons" / "tombstone.py"
+
+
+def mitmdump_path() -> str:
+    """mitmdump next to this interpreter (installed with mitmproxy), else on PATH."""
+    mitmdump = Path(sys.executable).parent / "mitmdump"
+    command = str(mitmdump) if mitmdump.exists() else shutil.which("mitmdump")
+    assert command, "mitmdump is installed with mitmproxy"
+    return command
+
+
+def mitmdump_command(
+    port: int, confdir: Path, options: Sequence[str], script: Path = ADDON_SCRIPT
+) -> list[str]:
+    """Stock mitmdump on loopback running `script` (the sidecar's addon by default), as the
+    docs show it, with each of `options` (`name=value`) given as `--set`."""
+    sets = [arg for option in options for arg in ("--set", option)]
+    return [
+        mitmdump_path(),
+        "-q",
+        "--listen-host",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "--set",
+        f"confdir={confdir}",
+        "-s",
+        str(script),
+        "--set",
+        "connection_strategy=lazy",
+        *sets,
+    ]
+
+
 @dataclass
 class ConnectReply:
     """What the proxy answered to a CONNECT, and the socket if the tunnel is open."""

@@ -7,6 +7,8 @@ import socket
 import ssl
 import time
 
+from tests.support.sidecar_process import read_head
+
 
 def split_hello_get(sock: socket.socket, context: ssl.SSLContext, name: str) -> int:
     """A GET inside a CONNECT tunnel whose ClientHello goes out in two writes 0.2 s apart
@@ -45,3 +47,14 @@ def split_hello_get(sock: socket.socket, context: ssl.SSLContext, name: str) -> 
         return 0
     finally:
         sock.close()
+
+
+def tls_get(sock: socket.socket, context: ssl.SSLContext, name: str) -> int:
+    """A GET inside a CONNECT tunnel; its status, or 0 when the TLS handshake or the
+    answer never came."""
+    try:
+        with context.wrap_socket(sock, server_hostname=name) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+            return read_head(tls)[0]
+    except (OSError, ssl.SSLError):
+        return 0
