@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,7 @@ class ScaleWorld:
         self.synapse: Synapse | None = None
         self.account: Account | None = None
         self.timings: dict[str, float] = {}
+        self._iptables = "iptables"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -152,7 +154,8 @@ class ScaleWorld:
 
     def _blackhole(self) -> None:
         """Drop every SYN to the blackholed addresses (INPUT: the SYN counter saw it)."""
-        tool = shutil.which("iptables") or shutil.which("iptables-nft")
+        path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
+        tool = shutil.which("iptables", path=path)
         if tool is None:
             raise RuntimeError("the scale world needs iptables (apt-get install iptables)")
         for ip in BLACKHOLE_IPS:
