@@ -259,6 +259,7 @@ class ScaleWorld:
         for ip in sorted(addresses):
             kinds = "+".join(k for k, a in DEAD_KINDS.items() if a == ip)
             reached[f"SYNs {kinds} ({ip})"] = self.syns.count(ip)
+            reached[f"connection attempts {kinds} ({ip})"] = self.syns.attempts(ip)
         stats = self.control("/stats")
         for kind_port, count in sorted(stats["gone_kinds"].items()):
             reached[f"requests {kind_port}"] = count
