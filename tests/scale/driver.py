@@ -147,3 +147,95 @@ def report(world: ScaleWorld, run: JoinRun) -> dict[str, Any]:
         },
         "start_seconds": {k: round(v, 2) for k, v in world.timings.items()},
     }
+
+
+@dataclass
+class EduDelivery:
+    """When each live server first received an EDU of one type after the client's action."""
+
+    edu_type: str
+    sent_at: float
+    arrivals: dict[str, float]
+    expected: int
+
+    def summary(self) -> dict[str, float]:
+        return Delivery(self.edu_type, self.sent_at, self.arrivals, self.expected).summary()
+
+
+def wait_for_edu(world: ScaleWorld, edu_type: str, sent_at: float, timeout: float) -> EduDelivery:
+    """Poll until every live server got an EDU of `edu_type` sent after `sent_at`."""
+    live = {s.name for s in world.population.live}
+    deadline = time.monotonic() + timeout
+    arrivals: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        received: dict[str, list[float]] = world.control(f"/edus?type={quote(edu_type)}")
+        arrivals = {
+            name: min(after)
+            for name, times in received.items()
+            if name in live and (after := [t for t in times if t >= sent_at])
+        }
+        if len(arrivals) >= len(live):
+            break
+        time.sleep(POLL_INTERVAL)
+    return EduDelivery(edu_type, sent_at, arrivals, len(live))
+
+
+@dataclass
+class FanOut:
+    messages: list[Delivery] = field(default_factory=list)
+    typing: EduDelivery | None = None
+    device: EduDelivery | None = None
+
+    def summary(self) -> dict[str, Any]:
+        latencies = sorted(x for d in self.messages for x in d.latencies)
+        everything: dict[str, Any] = {"messages": len(self.messages)}
+        if latencies:
+            p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
+            everything |= {
+                "deliveries": len(latencies),
+                "expected": sum(d.expected for d in self.messages),
+                "p50_ms": statistics.median(latencies) * 1000,
+                "p99_ms": p99 * 1000,
+                "max_ms": latencies[-1] * 1000,
+            }
+        if self.typing is not None:
+            everything["typing"] = self.typing.summary()
+        if self.device is not None:
+            everything["device_list_update"] = self.device.summary()
+        return everything
+
+
+def fan_out(world: ScaleWorld, messages: int, timeout: float = 120.0) -> FanOut:
+    """Scenario 2 of issue 17: `messages` messages, a typing notification and a new device
+    (a second login: Synapse tells every server sharing a room with alice)."""
+    assert world.synapse is not None and world.account is not None
+    result = FanOut()
+    user = world.account.user_id
+    with world.synapse.client(world.account, timeout=JOIN_TIMEOUT) as client:
+        room = quote(ROOM_ID)
+        sent: list[tuple[str, float]] = []
+        for i in range(messages):
+            at = time.time()
+            response = client.put(
+                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/fan-{i}",
+                json={"msgtype": "m.text", "body": f"message {i}"},
+            )
+            response.raise_for_status()
+            sent.append((response.json()["event_id"], at))
+        for event_id, at in sent:
+            result.messages.append(wait_for_delivery(world, event_id, at, timeout))
+        at = time.time()
+        client.put(
+            f"/_matrix/client/v3/rooms/{room}/typing/{quote(user)}",
+            json={"typing": True, "timeout": 30000},
+        ).raise_for_status()
+        result.typing = wait_for_edu(world, "m.typing", at, timeout)
+        at = time.time()
+        login = {
+            "type": "m.login.password",
+            "identifier": {"type": "m.id.user", "user": user},
+            "password": world.account.password,
+        }
+        client.post("/_matrix/client/v3/login", json=login).raise_for_status()
+        result.device = wait_for_edu(world, "m.device_list_update", at, timeout)
+    return result

@@ -1,7 +1,8 @@
 """Run the scale scenario at any size: `python -m tests.scale.run --count 1000` (as root).
 
 Starts the scale world (tests/scale/world.py) in a private namespace, runs the join and
-first message (tests/scale/driver.py), prints every figure as JSON, and stops the world.
+first message, then the fan-out (M messages, typing, a new device; tests/scale/driver.py),
+prints every figure as JSON, and stops the world.
 `--keep DIR` keeps the world's files (logs, Synapse's database) in DIR.
 """
 
@@ -16,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.scale.driver import join_and_send, report
+from tests.scale.driver import fan_out, join_and_send, report
 from tests.scale.population import DEFAULT_DEAD_SHARE, Population
 from tests.scale.world import MODES, ScaleWorld
 
@@ -27,6 +28,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--mode", choices=MODES, default="sidecar")
     parser.add_argument("--dead-share", type=float, default=DEFAULT_DEAD_SHARE)
     parser.add_argument("--partial-state", action="store_true", help="hub honours omit_members")
+    parser.add_argument(
+        "--messages",
+        type=int,
+        default=10,
+        help="then M messages, a typing notification and a new device (0: skip)",
+    )
     parser.add_argument("--delivery-timeout", type=float, default=300.0)
     parser.add_argument("--keep", type=Path, help="keep the world's files in this directory")
     parser.add_argument("--output", type=Path, help="also write the JSON report here")
@@ -44,7 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         world.start()
         print(f"scale world up in {time.monotonic() - began:.1f} s: {world.timings}", flush=True)
         run = join_and_send(world, delivery_timeout=args.delivery_timeout)
+        fan = None
+        if run.join_status == 200 and args.messages > 0:
+            fan = fan_out(world, args.messages, timeout=args.delivery_timeout)
         figures = report(world, run)
+        if fan is not None:
+            figures["fan_out"] = fan.summary()
         text = json.dumps(figures, indent=2, sort_keys=True)
         print(text)
         if args.output:
