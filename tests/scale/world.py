@@ -136,9 +136,12 @@ class ScaleWorld:
         ca_file = self.ca.ca_pem_path
         if self.mode != "direct":
             began = time.monotonic()
-            args = ["--allow-address", "127.0.0.0/8", "--no-probe", *self.sidecar_args]
+            # The sidecar's defaults (probes on: they learn the 410s), trusting the world's
+            # CA for its own requests and dialling loopback.
+            ca = str(self.ca.ca_pem_path)
+            args = ["--allow-address", "127.0.0.0/8", "--upstream-ca", ca, *self.sidecar_args]
             if self.mode == "intercept":
-                args += ["--mode", "intercept", "--upstream-ca", str(self.ca.ca_pem_path)]
+                args += ["--mode", "intercept"]
             self.sidecar = self._started(Sidecar(SIDECAR_DNS_PORT, args, log_dir=self.directory))
             self.sidecar.start()
             proxy_url = self.sidecar.proxy_url
