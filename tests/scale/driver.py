@@ -140,6 +140,7 @@ def report(world: ScaleWorld, run: JoinRun) -> dict[str, Any]:
         "synapse_log": world.synapse_log_counts(),
         "fakefed": {
             "requests": stats["requests"],
+            "requests_by_agent": stats["agents"],
             "unknown": stats["unknown"],
             "connections": stats["connections"],
             "edu_types": stats["edu_types"],

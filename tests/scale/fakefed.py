@@ -95,6 +95,16 @@ def _error(status: int, errcode: str, error: str) -> Reply:
     return _json(status, {"errcode": errcode, "error": error})
 
 
+def agent(headers: dict[str, str]) -> str:
+    """Who asked, in one word: Synapse, the sidecar's probe, or something else."""
+    value = headers.get("user-agent", "")
+    if value.startswith("Synapse"):
+        return "synapse"
+    if value.startswith("tombstone-sidecar"):
+        return "sidecar"
+    return value.split("/", 1)[0] or "unknown"
+
+
 def x_matrix_destination(headers: dict[str, str]) -> str | None:
     auth = headers.get("authorization", "")
     if not auth.startswith("X-Matrix "):
@@ -114,7 +124,8 @@ class Stats:
     connections: Counter[str] = field(default_factory=Counter)  # by listener
     requests: Counter[str] = field(default_factory=Counter)  # by endpoint (live servers)
     gone_requests: Counter[str] = field(default_factory=Counter)  # by server name
-    gone_kinds: Counter[str] = field(default_factory=Counter)  # by kind and port
+    gone_kinds: Counter[str] = field(default_factory=Counter)  # by kind, port and agent
+    agents: Counter[str] = field(default_factory=Counter)  # live requests by agent, endpoint
     unknown: Counter[str] = field(default_factory=Counter)  # paths the fake does not serve
     # event ID -> server -> first arrival (epoch seconds), for every PDU a live server got
     pdus: dict[str, dict[str, float]] = field(default_factory=lambda: defaultdict(dict))
@@ -139,6 +150,7 @@ class Stats:
             "gone_requests_total": sum(self.gone_requests.values()),
             "gone_requests": dict(self.gone_requests),
             "gone_kinds": dict(self.gone_kinds),
+            "agents": dict(self.agents),
             "unknown": dict(self.unknown),
             "transactions_total": sum(self.transactions.values()),
             "servers_with_transactions": len(self.transactions),
@@ -196,6 +208,7 @@ class Federation:
             return _error(404, "M_UNKNOWN", f"no server {name!r} here")
         if listener == "live-wk":
             self.stats.requests["well-known"] += 1
+            self.stats.agents[f"{agent(request.headers)} well-known"] += 1
             return _error(404, "M_NOT_FOUND", "no delegation")
         try:
             return self._api(name, request)
@@ -208,7 +221,7 @@ class Federation:
         kind = server.kind if server is not None else "unknown"
         port = listener.removeprefix("gone-")
         self.stats.gone_requests[name] += 1
-        self.stats.gone_kinds[f"{kind} {port}"] += 1
+        self.stats.gone_kinds[f"{kind} {port} {agent(request.headers)}"] += 1
         if request.path == "/.well-known/matrix/server" and kind != "wk410":
             return _error(404, "M_NOT_FOUND", "no delegation")
         return _error(410, "M_UNKNOWN", "this server is gone")
@@ -222,6 +235,7 @@ class Federation:
             return self._unknown(path)
         endpoint = parts[3]
         self.stats.requests[endpoint] += 1
+        self.stats.agents[f"{agent(request.headers)} {endpoint}"] += 1
         if endpoint == "version":
             return _json(200, {"server": {"name": "scale-fake", "version": "1"}})
         if endpoint == "send" and request.method == "PUT":
