@@ -206,9 +206,12 @@ class Federation:
             return self._gone(listener, name, request)
         if server is None or not server.live:
             return _error(404, "M_UNKNOWN", f"no server {name!r} here")
-        if listener == "live-wk":
-            self.stats.requests["well-known"] += 1
-            self.stats.agents[f"{agent(request.headers)} well-known"] += 1
+        if listener == "live-wk":  # the name's port 443: no delegation, no API here
+            what = "well-known" if request.path == "/.well-known/matrix/server" else "443 other"
+            self.stats.requests[what] += 1
+            self.stats.agents[f"{agent(request.headers)} {what}"] += 1
+            if what != "well-known":
+                self.stats.unknown[f"443 {request.path}"] += 1
             return _error(404, "M_NOT_FOUND", "no delegation")
         try:
             return self._api(name, request)
