@@ -143,6 +143,7 @@ def report(world: ScaleWorld, run: JoinRun) -> dict[str, Any]:
             "requests_by_agent": stats["agents"],
             "unknown": stats["unknown"],
             "connections": stats["connections"],
+            "peak_open_connections": stats["peak_open_connections"],
             "edu_types": stats["edu_types"],
             "servers_with_transactions": stats["servers_with_transactions"],
         },
