@@ -148,6 +148,7 @@ def report(world: ScaleWorld, run: JoinRun) -> dict[str, Any]:
             "servers_with_transactions": stats["servers_with_transactions"],
         },
         "start_seconds": {k: round(v, 2) for k, v in world.timings.items()},
+        "fd_limit": world.fd_limit,
     }
 
 

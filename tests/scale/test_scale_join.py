@@ -1,14 +1,16 @@
-"""Scenario 1 of issue 17 at CI size: Synapse joins a room of N servers through the hub and
-sends a message. Asserts counts only (the join completes, every member is listed, every
-live server receives the message); what reached the dead servers, timings and CPU go to
-the measurements summary (`SIDECAR_TEST_SCALE_REPORT=path` writes them to a file)."""
+"""Scenarios 1 and 2 of issue 17 at CI size: Synapse joins a room of N servers through the
+hub and sends a message, then more messages, a typing notification and a new device. The
+tests assert counts only (the join completes, every member is listed, every live server
+receives each); what reached the dead servers, timings and CPU go to the measurements
+summary (`SIDECAR_TEST_SCALE_REPORT=path` writes them to a file). The two tests share one
+world, in this order."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 
-from tests.scale.driver import join_and_send, report
+from tests.scale.driver import fan_out, join_and_send, report
 from tests.scale.world import ScaleWorld
 
 
@@ -26,3 +28,20 @@ def test_join_then_every_live_server_receives_the_message(
     assert run.message is not None
     missing = {s.name for s in scale_world.population.live} - set(run.message.arrivals)
     assert missing == set(), f"{len(missing)} live servers never received the message"
+
+
+FAN_OUT_MESSAGES = 3
+
+
+def test_fan_out_reaches_every_live_server(
+    scale_world: ScaleWorld, record: Callable[[str, str], None]
+) -> None:
+    """Scenario 2 of issue 17 (after the join above): messages, a typing notification and a
+    new device each reach every live server."""
+    result = fan_out(scale_world, FAN_OUT_MESSAGES)
+    label = f"scale {scale_world.mode} N={len(scale_world.population.servers)}"
+    record(f"{label} fan_out", json.dumps(result.summary(), sort_keys=True))
+    live = len(scale_world.population.live)
+    assert [len(d.arrivals) for d in result.messages] == [live] * FAN_OUT_MESSAGES
+    assert result.typing is not None and len(result.typing.arrivals) == live
+    assert result.device is not None and len(result.device.arrivals) == live
