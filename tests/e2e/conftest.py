@@ -2,7 +2,7 @@
 
 Design (the simplest that is robust):
 
-- A *holder* process is started under `unshare --net --mount` (tests.e2e.netns). It
+- A *holder* process is started under `unshare --net --mount` (tests.support.netns). It
   makes the world's mounts private, binds its own resolv.conf (nameserver 127.0.0.1)
   and hosts over /etc inside the namespace only, brings `lo` up and waits.
 - The pytest thread then joins the holder's network namespace with setns(2) (per
@@ -34,9 +34,9 @@ import httpx
 import pytest
 
 from tests.e2e.actions import create_room
-from tests.e2e.netns import Namespace, NamespaceError, check_prerequisites
-from tests.e2e.synapse import find_venv
 from tests.e2e.world import HOSTS, ROOT, SIDECAR_ARGS_ENV, World
+from tests.support.netns import Namespace, NamespaceError, check_prerequisites
+from tests.support.synapse_server import find_venv
 
 LOG_LIMIT = 30000  # characters of each log attached to a failing test
 CLIENT_TIMEOUT = 30.0  # Synapse answers in milliseconds here; without the sidecar, not always

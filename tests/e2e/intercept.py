@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.e2e.federation import FakeHomeserver
-from tests.e2e.synapse import Account, Synapse
 from tests.e2e.world import FEDERATION, World
 from tests.support.sidecar_process import Sidecar
+from tests.support.synapse_server import Account, Synapse
 from tests.support.tls_upstream import Request, Response, Upstream
 
 FLIP_IP = "127.0.3.1"

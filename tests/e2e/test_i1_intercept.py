@@ -38,9 +38,9 @@ from tests.e2e.actions import (
 )
 from tests.e2e.actions import verdict as verdict_of
 from tests.e2e.intercept import Behind, FlipRemote, start_behind
-from tests.e2e.synapse import count_critical
 from tests.e2e.world import TOMBSTONES, World
 from tests.support.procs import wait_until
+from tests.support.synapse_server import count_critical
 
 TXT_GONE = TOMBSTONES[0]  # txt-gone.test: TXT "v=matrix;gone", A -> the 410 remote
 FLIP, GONE410, BACK, PROBE = "flip.test", "gone410.test", "back.test", "probe.test"

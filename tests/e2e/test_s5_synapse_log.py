@@ -44,7 +44,6 @@ from tests.e2e.actions import (
     suppressed,
 )
 from tests.e2e.refusal_proxy import RefusalProxy
-from tests.e2e.synapse import Synapse, count_critical
 from tests.e2e.world import (
     FEDERATION,
     LIVE_IP,
@@ -53,6 +52,7 @@ from tests.e2e.world import (
     World,
 )
 from tests.support.procs import wait_until
+from tests.support.synapse_server import Synapse, count_critical
 
 _ports = itertools.count(8010)
 TARGET = TOMBSTONES[0]  # txt-gone.test: a TXT tombstone on the 410 remote

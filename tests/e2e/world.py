@@ -1,6 +1,6 @@
 """The test world: a real Synapse federating through the real sidecar with fake remotes.
 
-Everything runs inside a private network + mount namespace (see `tests.e2e.netns`):
+Everything runs inside a private network + mount namespace (see `tests.support.netns`):
 
     address          what
     127.0.0.1:53     DNS for Synapse (the world's /etc/resolv.conf points here)
@@ -46,18 +46,18 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.federation import FakeHomeserver
-from tests.e2e.netns import (
+from tests.support.dns_server import DnsServer, Zone
+from tests.support.netns import (
     NamespaceError,
     bring_up_loopback,
     check_prerequisites,
     isolate_files,
     reap_namespace,
 )
-from tests.e2e.packets import SynCounter
-from tests.e2e.synapse import Account, Synapse, find_venv
-from tests.support.dns_server import DnsServer, Zone
+from tests.support.packets import SynCounter
 from tests.support.sidecar_process import Sidecar
 from tests.support.signing import KEY_ID
+from tests.support.synapse_server import Account, Synapse, find_venv
 from tests.support.tls_upstream import Blackhole, TestCA, Upstream
 
 ROOT = Path(__file__).resolve().parents[2]

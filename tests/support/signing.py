@@ -95,9 +95,15 @@ def event_id(event: JsonDict) -> str:
 class SigningKey:
     """An ed25519 key of one server name, with Matrix JSON signing."""
 
-    def __init__(self, server_name: str) -> None:
+    def __init__(self, server_name: str, seed: bytes | None = None) -> None:
+        """A fresh random key, or the one `seed` (32 bytes) determines: a fake federation
+        in another process derives the same keys from the same seeds, so the test process
+        knows every public key without asking."""
         self.server_name = server_name
-        self._key = Ed25519PrivateKey.generate()
+        if seed is None:
+            self._key = Ed25519PrivateKey.generate()
+        else:
+            self._key = Ed25519PrivateKey.from_private_bytes(seed)
         raw = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.public_b64 = unpadded_b64(raw)
 

@@ -28,6 +28,9 @@ class SynCounter:
     def __init__(self, interface: str = "lo") -> None:
         self.interface = interface
         self._counts: Counter[tuple[str, int]] = Counter()
+        # (destination IP, destination port, source port): one per connection attempt, so a
+        # SYN the kernel retransmits to a blackhole is counted once here
+        self._attempts: set[tuple[str, int, int]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -70,14 +73,21 @@ class SynCounter:
         tcp = ip[header_len:]
         flags = tcp[13]
         if flags & TCP_SYN and not flags & TCP_ACK:
-            destination = (socket.inet_ntoa(ip[16:20]), struct.unpack_from("!H", tcp, 2)[0])
+            source_port, port = struct.unpack_from("!HH", tcp, 0)
+            destination = (socket.inet_ntoa(ip[16:20]), port)
             with self._lock:
                 self._counts[destination] += 1
+                self._attempts.add((*destination, source_port))
 
     def count(self, ip: str, port: int | None = None) -> int:
         """Connection attempts to `ip` (on `port`, or any port)."""
         with self._lock:
             return sum(n for (i, p), n in self._counts.items() if i == ip and port in (None, p))
+
+    def attempts(self, ip: str) -> int:
+        """Connection attempts to `ip`, each counted once however often its SYN was resent."""
+        with self._lock:
+            return sum(1 for i, _, _ in self._attempts if i == ip)
 
     def snapshot(self) -> dict[tuple[str, int], int]:
         with self._lock:

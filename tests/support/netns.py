@@ -3,7 +3,7 @@
 The world must never touch the host: its DNS server binds 127.0.0.1:53, its remotes bind
 443 and 8448, and Synapse reads `/etc/resolv.conf`. So it lives in namespaces of its own:
 
-- `hold()` (run as `python -m tests.e2e.netns DIR` under `unshare --net --mount`) is the
+- `hold()` (run as `python -m tests.support.netns DIR` under `unshare --net --mount`) is the
   *holder*: it makes every mount private (so nothing propagates back to the host), binds
   `DIR/resolv.conf` and `DIR/hosts` over `/etc/resolv.conf` and `/etc/hosts` inside the
   namespace only, brings `lo` up, prints `ready` and sleeps until its stdin closes.
@@ -129,17 +129,17 @@ def reap_namespace(grace: float = 5.0) -> list[int]:
 def check_prerequisites() -> None:
     """Raise NamespaceError naming the first thing that stops the world from starting."""
     if not sys.platform.startswith("linux"):
-        raise NamespaceError(f"the e2e world needs Linux namespaces; this is {sys.platform}")
+        raise NamespaceError(f"the test world needs Linux namespaces; this is {sys.platform}")
     if os.geteuid() != 0:
         raise NamespaceError(
-            "the e2e world needs root: it creates network and mount namespaces "
+            "the test world needs root: it creates network and mount namespaces "
             "(unshare -n -m) and binds ports 53/443/8448 inside them. Run the suite as root "
             "(CI does), e.g. `sudo scripts/test`."
         )
     for tool in ("unshare", "nsenter"):
         if shutil.which(tool) is None:
             raise NamespaceError(
-                f"the e2e world needs `{tool}` (util-linux); install it: apt-get install util-linux"
+                f"the test world needs `{tool}` (util-linux): apt-get install util-linux"
             )
 
 
@@ -158,7 +158,15 @@ class Namespace:
         (etc / "resolv.conf").write_text(f"nameserver {nameserver}\noptions timeout:2 attempts:2\n")
         (etc / "hosts").write_text(hosts)
         root = Path(__file__).resolve().parents[2]
-        argv = ["unshare", "--net", "--mount", sys.executable, "-m", "tests.e2e.netns", str(etc)]
+        argv = [
+            "unshare",
+            "--net",
+            "--mount",
+            sys.executable,
+            "-m",
+            "tests.support.netns",
+            str(etc),
+        ]
         self.proc = subprocess.Popen(
             argv,
             cwd=root,
@@ -233,7 +241,7 @@ class Namespace:
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) != 1:
-        print("usage: unshare --net --mount python -m tests.e2e.netns ETC_DIR", file=sys.stderr)
+        print("usage: unshare --net --mount python -m tests.support.netns ETC_DIR", file=sys.stderr)
         return 2
     return hold(Path(argv[0]))
 
