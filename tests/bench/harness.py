@@ -37,6 +37,9 @@ from tests.bench.report import (
     median,
     ratio,
 )
+from tests.bench.squid import DENIED_STATUS as SQUID_DENIED_STATUS
+from tests.bench.squid import DENIED_TEXT as SQUID_DENIED_TEXT
+from tests.bench.squid import INSTALL_HINT, squid_argv, squid_binary, squid_version
 from tests.support import DnsServer, ManagedProcess, TestCA, Upstream, Zone, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,6 +107,7 @@ class Proxy:
     ops_port: int | None = None
     ca_file: Path | None = None  # an intercepting proxy's CA: what its clients trust
     siblings: list[ManagedProcess] = field(default_factory=list)  # more processes, same port
+    python: bool = True  # py-spy can profile it (squid: no)
 
     def cpu_ticks(self) -> int:
         return sum(_cpu_ticks(p.pid) for p in [self.proc, *self.siblings])
@@ -512,7 +516,7 @@ class Bench:
                     f"steal {result['steal_share']:.0%}"
                 )
         for target in targets:
-            if cfg.py_spy is not None and target.proxy is not None:
+            if cfg.py_spy is not None and target.proxy is not None and target.proxy.python:
                 self.profile(target)  # may turn profiling off (no py-spy)
 
     def _quiet_run(
@@ -656,7 +660,9 @@ class Bench:
         )
         return value
 
-    def cpu_row(self, scenario: str, metric: str, ours: Target, base: Target) -> float:
+    def cpu_row(
+        self, scenario: str, metric: str, ours: Target, base: Target, goal: float | None = None
+    ) -> float:
         """Proxy CPU time per request: the proxy's cost even when it is not the bottleneck.
 
         The ratio is baseline ÷ sidecar, the throughput ratio the two would reach if the
@@ -671,7 +677,15 @@ class Bench:
         ]
         spread = f" ({min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else ""
         self.report.add(
-            Row(scenario, metric, f"{a:,.0f} µs", f"{b:,.0f} µs", f"{value:.2f} (b÷s){spread}")
+            Row(
+                scenario,
+                metric,
+                f"{a:,.0f} µs",
+                f"{b:,.0f} µs",
+                f"{value:.2f} (b÷s){spread}",
+                f">= {goal:.2f}" if goal is not None else "",
+                (value >= goal) if goal is not None else None,
+            )
         )
         return value
 
@@ -731,6 +745,10 @@ class Bench:
                 )
             )
 
+        anchor = self.squid_target(common)
+        if anchor is not None:
+            targets.append(anchor)
+
         def check(target: Target, result: dict[str, Any]) -> None:
             if result["count"] == 0:
                 raise BenchError(f"{target.label}: no CONNECT answered: {result['first_error']}")
@@ -759,6 +777,8 @@ class Bench:
             variant = by_label["mitmdump + sidecar addon"]
             self.throughput_row(scen, "… sidecar addon in stock mitmdump", variant, base, None)
             self.cpu_row(scen, "… proxy CPU per CONNECT", variant, base)
+        if anchor is not None:
+            self._squid_rows(scen, ours, by_label.get("sidecar, default --refusal close"), anchor)
         self.report.add(
             Row(
                 "1. (check)",
@@ -772,6 +792,48 @@ class Bench:
             )
         )
         self.describe_runs("1. suppressed CONNECTs/s", targets)
+
+    def squid_target(self, common: Sequence[str]) -> Target | None:
+        """Squid with a `dstdomain` deny list of the gone name, on the proxy core (one
+        process): the anchor of scenario 1. None, with a note, when squid is missing."""
+        binary = squid_binary()
+        if binary is None:
+            self.report.note(f"1. squid anchor not measured: no squid here ({INSTALL_HINT})")
+            return None
+        port = free_port()
+        argv = squid_argv(binary, port, [GONE], self.logdir / f"squid-{port}")
+        label = f"squid {squid_version(binary)} (dstdomain deny)".replace("  ", " ")
+        proxy = Proxy(label, self._spawn(f"squid-{port}", argv), port, python=False)
+        self._wait_ready(proxy)
+        self.log(f"{label} ready on {proxy.address}: {' '.join(argv)}")
+        return Target(
+            label,
+            proxy,
+            [
+                "connect",
+                "--proxy",
+                proxy.address,
+                *common,
+                "--expect",
+                str(SQUID_DENIED_STATUS),
+                "--expect-text",
+                SQUID_DENIED_TEXT,
+            ],
+        )
+
+    def _squid_rows(self, scen: str, status: Target, closing: Target | None, squid: Target) -> None:
+        """The sidecar's refusals against squid's, per second and per CPU second.
+
+        Squid may be held back by the load generator (its CPU per CONNECT then says
+        what one core of it could do); the goal is half of squid's rate per core.
+        """
+        for target, how in ((closing, "--refusal close"), (status, "--refusal status")):
+            if target is None:
+                continue
+            self.throughput_row(scen, f"… {how} vs squid (anchor)", target, squid, None)
+            self.cpu_row(
+                scen, f"… {how} vs squid: proxy CPU per CONNECT (per core)", target, squid, 0.5
+            )
 
     def _generator_ceiling(self) -> dict[str, Any]:
         """The same CONNECT load against a trivial server: the generator's headroom."""
