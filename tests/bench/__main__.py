@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the sidecar addon in stock mitmdump (-s addons/tombstone.py)",
     )
+    parser.add_argument(
+        "--compare-rev",
+        metavar="REV",
+        help="connect scenario: also run the sidecar of this git revision (its sidecar/ "
+        "exported into the run's temp dir), side by side: before and after a change",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         pin=not args.no_pin,
         py_spy=args.py_spy,
         addon_variant=not args.no_addon_variant,
+        compare_rev=args.compare_rev,
         scenarios=tuple(args.only) if args.only else SCENARIOS,
         command=shlex.join(["python", "-m", "tests.bench", *raw]),
         verbose=not args.quiet,
