@@ -299,19 +299,39 @@ class Admission:
         return self.limits
 
     def _refused_early(self, nextlayer: layer.NextLayer, limit: int) -> bool:
-        """Close a CONNECT that `refuse_early` refuses, from its first bytes; False (and
-        nothing done) for any head that needs mitmproxy's HTTP layer: incomplete, unusual,
-        over the head limit, without the right credentials, or a target not refused now."""
+        """Close a CONNECT that `refuse_early` refuses, from its first bytes (see
+        `refuses_first_bytes`); False, and nothing done, otherwise."""
+        if not self._refuses(nextlayer.context.client, nextlayer.data_client(), limit):
+            return False
+        _close_instead(nextlayer)
+        return True
+
+    def refuses_first_bytes(self, client: connection.Client, data: bytes) -> bool:
+        """True when the client's first bytes are a CONNECT refused at once: the caller
+        closes the connection (FirstBytesProxy, before mitmproxy's first layer decision
+        and its hook). Fails closed: an error is counted, logged and refuses."""
+        if self.refuse_early is None or not _regular(client):
+            return False
+        try:
+            return self._refuses(client, data, self._limits().max_head_size)
+        except Exception as e:
+            self._failed("first_bytes", e)
+            return True
+
+    def _refuses(self, client: connection.Client, data: bytes, limit: int) -> bool:
+        """False (and nothing done) for any head that needs mitmproxy's HTTP layer:
+        incomplete, unusual, over the head limit, without the right credentials, or a
+        target not refused now; else the client is admitted (its refusal is counted by
+        `refuse_early`) and True."""
         assert self.refuse_early is not None
-        head = read_connect_head(nextlayer.data_client(), limit)
+        head = read_connect_head(data, limit)
         if head is None:
             return False
         if self.auth is not None and not self.auth.check(head.proxy_authorization):
             return False  # the HTTP layer answers 407 and counts the failure
         if not self.refuse_early(head.host, head.port):
             return False
-        self._admit(nextlayer.context.client)  # authenticated; closed now, no timer needed
-        _close_instead(nextlayer)
+        self._admit(client)  # authenticated; closed now, no timer needed
         return True
 
     def _authenticate(self, flow: http.HTTPFlow) -> bool:

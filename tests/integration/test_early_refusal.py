@@ -125,6 +125,83 @@ def test_proxy_authentication_comes_before_the_early_refusal(
     assert dead_upstream.connections == 0
 
 
+def test_the_proxy_mode_layer_closes_a_refused_connect_before_any_hook(tmp_path: Path) -> None:
+    """In process: `run`'s own top layer (FirstBytesProxy) shows the first bytes to
+    Admission; a refused CONNECT is closed with no hook asked, anything else goes on to
+    mitmproxy's layer decision (its next_layer hook); an error closes (fail closed)."""
+    asyncio.run(_top_layer(tmp_path))
+
+
+async def _top_layer(tmp_path: Path) -> None:
+    from mitmproxy.addons.next_layer import NextLayer as MitmNextLayer
+    from mitmproxy.proxy import commands, events
+    from mitmproxy.proxy.context import Context
+    from mitmproxy.proxy.layer import NextLayerHook
+    from mitmproxy.test import taddons, tflow
+
+    from sidecar.proxy.addon import TombstoneAddon
+    from sidecar.proxy.admission import Admission
+    from sidecar.proxy.shared_port import FirstBytesProxy
+
+    addon = TombstoneAddon()
+    admission = Admission(addon.metrics, refuse_early=addon.refuse_early)
+
+    def commands_for(data: bytes) -> tuple[Any, list[commands.Command]]:
+        client = tflow.tclient_conn()
+        client.proxy_mode = _regular_mode()
+        top = FirstBytesProxy(Context(client, tctx.options), admission)
+        out = list(top.handle_event(events.Start()))
+        out += list(top.handle_event(events.DataReceived(client, data)))
+        out += list(top.handle_event(events.ConnectionClosed(client)))
+        return client, out
+
+    with taddons.context(MitmNextLayer(), admission, addon) as tctx:
+        tctx.configure(addon, **_OPTIONS)
+        tctx.configure(admission, listen_host="127.0.0.1")
+        await addon.running()
+        try:
+            client, out = commands_for(head("gone.test:8448"))
+            assert [type(c) for c in out] == [commands.CloseConnection]
+            assert isinstance(out[0], commands.CloseConnection) and out[0].connection is client
+            _, out = commands_for(head("live.test:8448"))
+            assert [type(c) for c in out][:1] == [NextLayerHook]
+            _, out = commands_for(b"\x16\x03\x01\x00")  # TLS: mitmproxy's decision
+            assert [type(c) for c in out][:1] == [NextLayerHook]
+
+            def broken(host: str, port: int) -> bool:
+                raise RuntimeError("injected")
+
+            admission.refuse_early = broken
+            _, out = commands_for(head("live.test:8448"))
+            assert [type(c) for c in out] == [commands.CloseConnection]
+        finally:
+            await addon.done()
+    registry = addon.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "tombstone_suppressed_total", {"signal": "operator", "stage": "connect"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("tombstone_admission_refused_total", {"reason": "error"}) == 1
+
+
+def _regular_mode() -> Any:
+    from mitmproxy.proxy.mode_specs import ProxyMode
+
+    return ProxyMode.parse("regular")
+
+
+_OPTIONS: dict[str, Any] = {
+    "tombstone_deny": ["gone.test"],
+    "tombstone_ops_listen": "",
+    "tombstone_store": "memory",
+    "tombstone_nameserver": ["127.0.0.1:9"],  # never asked: nothing here is cold
+    "tombstone_refusal": "close",
+    "tombstone_probe": False,
+}
+
+
 def test_the_layer_each_head_gets(tmp_path: Path) -> None:
     """In process: a plain, whole CONNECT head to a cached gone name gets the closing layer
     at once; a live name, a partial head, shadow mode, `--refusal status` and wrong
@@ -148,14 +225,6 @@ async def _layers(tmp_path: Path) -> None:
     users.write_text(f"{USER}:{PASSWORD}\n")
     addon = TombstoneAddon()
     admission = Admission(addon.metrics, refuse_early=addon.refuse_early)
-    options: dict[str, Any] = {
-        "tombstone_deny": ["gone.test"],
-        "tombstone_ops_listen": "",
-        "tombstone_store": "memory",
-        "tombstone_nameserver": ["127.0.0.1:9"],  # never asked: nothing here is cold
-        "tombstone_refusal": "close",
-        "tombstone_probe": False,
-    }
 
     def layer_for(*data: bytes, mitmdump: bool = False) -> object:
         """The layer chosen for a client whose first bytes are `data`: mitmproxy's choice
@@ -178,7 +247,7 @@ async def _layers(tmp_path: Path) -> None:
 
     gone = head("gone.test:8448")
     with taddons.context(MitmNextLayer(), admission, addon) as tctx:
-        tctx.configure(addon, **options)
+        tctx.configure(addon, **_OPTIONS)
         tctx.configure(admission, listen_host="127.0.0.1")
         await addon.running()
         try:
