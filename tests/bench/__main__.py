@@ -13,7 +13,8 @@ from tests.support import ProcessStartError
 DESCRIPTION = """\
 Benchmark tombstone-sidecar against bare mitmdump and against no proxy, side by side in one
 run: alternating rounds, medians and ratios, printed as a Markdown table with the machine,
-versions, date and this command. Scenarios: connect (suppressed CONNECTs/s), decision
+versions, date and this command. Scenarios: connect (suppressed CONNECTs/s, with squid
+as the anchor where it is installed: apt-get install squid), decision
 (cached decision time, in-process), passthrough (new TLS tunnels and pooled tunnels),
 cold (new names against a DNS server with latency), memory (RSS per cached verdict),
 intercept (intercept mode vs intercepting mitmdump, pooled keep-alive tunnels), mission
