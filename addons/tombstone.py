@@ -10,4 +10,4 @@ from sidecar.proxy.admission import Admission
 
 tombstone = TombstoneAddon()
 # Admission first: proxy auth, header stripping and pre-auth limits before any decision.
-addons = [Admission(tombstone.metrics), tombstone]
+addons = [Admission(tombstone.metrics, refuse_early=tombstone.refuse_early), tombstone]

@@ -133,7 +133,8 @@ async def _serve(settings: Settings, raw: RawOptions) -> int:
         addon = TombstoneAddon(settings)  # validated once, handed over whole
         try:
             # Admission first: nothing reaches the decision hooks before it admits a client.
-            master.addons.add(*_mitmproxy_addons(), Admission(addon.metrics, settings), addon)
+            admission = Admission(addon.metrics, settings, refuse_early=addon.refuse_early)
+            master.addons.add(*_mitmproxy_addons(), admission, addon)
             # Options defined by addons exist only once the addons are loaded.
             opts.update(
                 mode=[mode_spec(settings.listen.port, settings.reuse_port)],

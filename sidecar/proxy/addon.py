@@ -184,6 +184,12 @@ class TombstoneAddon:
             self._hook_failed("next_layer", e)
             refuse_connection(nextlayer)
 
+    def refuse_early(self, host: str, port: int) -> bool:
+        """Admission asks, from a CONNECT's first bytes: refuse it now? (TunnelGate).
+        Not a hook: an exception reaches Admission, which refuses (fail closed)."""
+        tunnels = self.tunnels
+        return tunnels is not None and tunnels.refuse_early(host, port)
+
     async def http_connect(self, flow: http.HTTPFlow) -> None:
         try:
             assert self.tunnels is not None, "not configured"

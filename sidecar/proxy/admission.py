@@ -18,6 +18,13 @@ one concern, hooks that return early):
   `--max-head-size` (431), and at most `--max-pending-clients` connections may wait for
   admission at once (the oldest is closed to make room for a new one).
 
+- a refusal at the first bytes: a CONNECT whose whole head arrived at once, whose
+  credentials (if any are required) are right, and whose target the sidecar refuses
+  without waiting for anything (`refuse_early`: a cached gone name under `--refusal
+  close`) is closed at the layer decision, before mitmproxy's HTTP layer, its flow and the
+  hooks that follow (tests/bench: the CPU per refused CONNECT). Any other head, and every
+  client with wrong or missing credentials, takes the HTTP layer as before (407 first).
+
 A hook of this addon that raises refuses: the connection is closed or answered 502, with
 one rate-limited ERROR line and `tombstone_admission_refused_total{reason="error"}`.
 """
@@ -31,7 +38,7 @@ import re
 import resource
 import time
 import weakref
-from collections.abc import MutableSet
+from collections.abc import Callable, MutableSet
 from dataclasses import dataclass
 
 from mitmproxy import connection, ctx, exceptions, http
@@ -55,6 +62,7 @@ from sidecar.config.options import (
 from sidecar.metrics import Metrics
 from sidecar.proxy import answers
 from sidecar.proxy.auth import ProxyAuth
+from sidecar.proxy.connect_head import read_connect_head
 from sidecar.proxy.empty_connect import CloseClient
 
 log = logging.getLogger("sidecar.admission")
@@ -125,6 +133,10 @@ class Limits:
     max_pending: int
 
 
+# (host, port) of a CONNECT -> True when it is refused at once (and counted as such).
+RefuseEarly = Callable[[str, int], bool]
+
+
 class Admission:
     """The addon; see the module docstring. `metrics` is the sidecar's one registry.
 
@@ -133,11 +145,19 @@ class Admission:
     the same under `tombstone-sidecar run` and `mitmdump -s addons/tombstone.py`.
     """
 
-    def __init__(self, metrics: Metrics, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        settings: Settings | None = None,
+        refuse_early: RefuseEarly | None = None,
+    ) -> None:
         """`settings`: given whole by `tombstone-sidecar run` (which refuses an open proxy
-        before it starts); None under mitmdump, where `configure` reads the options."""
+        before it starts); None under mitmdump, where `configure` reads the options.
+        `refuse_early(host, port)`: True when a CONNECT to that target is refused at once,
+        counted by the caller (TombstoneAddon.refuse_early); None: never early."""
         self.metrics = metrics
         self.given = settings
+        self.refuse_early = refuse_early
         self.auth: ProxyAuth | None = None
         self.open_proxy: str | None = None  # why the listener would be an open proxy
         self.limits: Limits | None = None
@@ -218,7 +238,8 @@ class Admission:
         """The first layer of a regular proxy connection: HTTP with a bounded head, or
         closed. Under `run` mitmproxy's NextLayer addon has chosen already; under
         `mitmdump -s` this script's hook runs before it, so the choice is made here, as
-        NextLayer makes it for an explicit HTTP proxy (TLS first, else HTTP)."""
+        NextLayer makes it for an explicit HTTP proxy (TLS first, else HTTP). A CONNECT
+        refused at once (`refuse_early`) is closed here, before any HTTP layer."""
         context = nextlayer.context
         if not (context.layers and isinstance(context.layers[0], HttpProxy)):
             return
@@ -228,6 +249,7 @@ class Admission:
         if depth != 1:
             return  # deeper: inside an admitted tunnel
         try:
+            limit = self._limits().max_head_size
             if chosen is None:
                 data = nextlayer.data_client()
                 if not data:
@@ -241,8 +263,10 @@ class Admission:
                 # sees a ClientHello, authenticated or not.
                 self._refuse(nextlayer, "tls_without_connect")
                 return
+            if self.refuse_early is not None and self._refused_early(nextlayer, limit):
+                return
             del context.layers[1:]  # mitmproxy's HttpLayer registered itself there
-            nextlayer.layer = HeadLimitedHttpLayer(context, self._limits().max_head_size, self)
+            nextlayer.layer = HeadLimitedHttpLayer(context, limit, self)
         except Exception as e:
             self._failed("next_layer", e)
             _close_instead(nextlayer)
@@ -276,6 +300,42 @@ class Admission:
         if self.limits is None:
             raise RuntimeError("admission is not configured")
         return self.limits
+
+    def _refused_early(self, nextlayer: layer.NextLayer, limit: int) -> bool:
+        """Close a CONNECT that `refuse_early` refuses, from its first bytes (see
+        `refuses_first_bytes`); False, and nothing done, otherwise."""
+        if not self._refuses(nextlayer.context.client, nextlayer.data_client(), limit):
+            return False
+        _close_instead(nextlayer)
+        return True
+
+    def refuses_first_bytes(self, client: connection.Client, data: bytes) -> bool:
+        """True when the client's first bytes are a CONNECT refused at once: the caller
+        closes the connection (FirstBytesProxy, before mitmproxy's first layer decision
+        and its hook). Fails closed: an error is counted, logged and refuses."""
+        if self.refuse_early is None or not _regular(client):
+            return False
+        try:
+            return self._refuses(client, data, self._limits().max_head_size)
+        except Exception as e:
+            self._failed("first_bytes", e)
+            return True
+
+    def _refuses(self, client: connection.Client, data: bytes, limit: int) -> bool:
+        """False (and nothing done) for any head that needs mitmproxy's HTTP layer:
+        incomplete, unusual, over the head limit, without the right credentials, or a
+        target not refused now; else the client is admitted (its refusal is counted by
+        `refuse_early`) and True."""
+        assert self.refuse_early is not None
+        head = read_connect_head(data, limit)
+        if head is None:
+            return False
+        if self.auth is not None and not self.auth.check(head.proxy_authorization):
+            return False  # the HTTP layer answers 407 and counts the failure
+        if not self.refuse_early(head.host, head.port):
+            return False
+        self._admit(client)  # authenticated; closed now, no timer needed
+        return True
 
     def _authenticate(self, flow: http.HTTPFlow) -> bool:
         """With --proxy-auth-file, answer 407 unless Proxy-Authorization is right; a request

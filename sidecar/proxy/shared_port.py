@@ -7,20 +7,36 @@ new connections across them, each keeps its own tunnels, and `--store redis` sha
 verdicts so a name is judged once for all. Beside one Synapse process (the sidecar
 case) one sidecar process is enough: Synapse's own process is single-core too.
 
-mitmproxy picks a server class per proxy mode; this module registers a mode that is
+mitmproxy picks a server class per proxy mode; this module registers two modes that are
 `regular` in every respect (mitmproxy's own layers check `isinstance(mode, RegularMode)`)
-except that its listening socket is opened with SO_REUSEPORT.
+but their top layer: `sidecar` (what `run` listens with), and `sharedport`, whose
+listening socket is opened with SO_REUSEPORT. Their top layer, FirstBytesProxy, lets
+Admission refuse a CONNECT to a cached gone name from the client's first bytes, before
+mitmproxy's first layer decision and its hook: 212 against 292 µs of CPU per refusal
+decided in the `next_layer` hook, measured side by side on a busy machine
+(docs/performance.md). `mitmdump -s addons/tombstone.py` keeps mitmproxy's own modes
+and refuses in the hook.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from mitmproxy.proxy import layers
+from mitmproxy import ctx
+from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.context import Context
-from mitmproxy.proxy.layer import Layer
+from mitmproxy.proxy.layer import CommandGenerator, Layer, NextLayer
+from mitmproxy.proxy.layers.modes import HttpProxy
 from mitmproxy.proxy.mode_servers import AsyncioServerInstance
 from mitmproxy.proxy.mode_specs import RegularMode
+
+from sidecar.proxy.admission import Admission
+
+
+class SidecarMode(RegularMode):
+    """mitmproxy's regular HTTP(S) proxy with the sidecar's first layer (spec `sidecar@PORT`)."""
+
+    description = "HTTP(S) proxy"
 
 
 class SharedportMode(RegularMode):
@@ -29,9 +45,52 @@ class SharedportMode(RegularMode):
     description = "HTTP(S) proxy (port shared with SO_REUSEPORT)"
 
 
+class FirstBytesProxy(HttpProxy):
+    """mitmproxy's HTTP proxy layer that first shows the client's first bytes to Admission.
+
+    A CONNECT that Admission refuses from them (a cached gone name under `--refusal close`)
+    is closed here, before mitmproxy's first layer decision and its `next_layer` hook (one
+    hook task and a dispatch to every addon); every other connection continues exactly as
+    in mitmproxy's own regular mode, which this layer then steps out of.
+    """
+
+    def __init__(self, context: Context, admission: Admission | None) -> None:
+        super().__init__(context)
+        self.admission = admission
+        self.child = NextLayer(context)
+
+    def _handle_event(self, event: events.Event) -> CommandGenerator[None]:
+        if isinstance(event, events.Start):
+            yield from self.child.handle_event(event)
+            return
+        if isinstance(event, events.DataReceived) and event.connection is self.context.client:
+            admission = self.admission
+            if admission is not None and admission.refuses_first_bytes(
+                self.context.client, event.data
+            ):
+                self._handle_event = self._closed  # type: ignore[method-assign]
+                yield commands.CloseConnection(self.context.client)
+                return
+        self._handle_event = self.child.handle_event  # type: ignore[method-assign]
+        yield from self.child.handle_event(event)
+
+    def _closed(self, event: events.Event) -> CommandGenerator[None]:
+        yield from ()
+
+
+def _admission() -> Admission | None:
+    found = ctx.master.addons.get("admission")
+    return found if isinstance(found, Admission) else None
+
+
+class SidecarInstance(AsyncioServerInstance[SidecarMode]):
+    def make_top_layer(self, context: Context) -> Layer:
+        return FirstBytesProxy(context, _admission())
+
+
 class SharedPortInstance(AsyncioServerInstance[SharedportMode]):
     def make_top_layer(self, context: Context) -> Layer:
-        return layers.modes.HttpProxy(context)
+        return FirstBytesProxy(context, _admission())
 
     async def listen(self, host: str, port: int) -> list[asyncio.Server]:  # type: ignore[override]
         return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
@@ -39,4 +98,5 @@ class SharedPortInstance(AsyncioServerInstance[SharedportMode]):
 
 def mode_spec(port: int, reuse_port: bool) -> str:
     """The mitmproxy `--mode` spec for the proxy listener."""
-    return f"{SharedportMode.type_name if reuse_port else 'regular'}@{port}"
+    mode = SharedportMode if reuse_port else SidecarMode
+    return f"{mode.type_name}@{port}"

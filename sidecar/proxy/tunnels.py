@@ -104,6 +104,36 @@ class TunnelGate:
                     break
         nextlayer.layer = TCPLayer(context, ignore=True)
 
+    def refuse_early(self, host: str, port: int) -> bool:
+        """From a CONNECT's first bytes (admission.py): True, counted as a refusal at
+        `connect`, when it would be refused by closing without waiting for anything: a
+        cached gone name, pass-through, enforcing, `--refusal close`. Anything else (a
+        name not cached, a live one, another refusal or mode) goes through `connect`.
+
+        The same verdict, the same counters and the same close as `connect` gives it,
+        minus mitmproxy's HTTP layer, flow and hooks: the refusal costs a fraction of the
+        CPU (tests/bench, scenario 1). `port` is not judged: a gone name is gone on any.
+        """
+        sidecar = self.sidecar
+        settings = sidecar.settings
+        if (
+            settings.refusal != "close"
+            or settings.mode != "passthrough"
+            or not settings.enforce
+            or not sidecar.loaded.is_set()
+        ):
+            return False
+        started = time.perf_counter()
+        try:
+            name = normalize_host(host)
+        except InvalidName:
+            return False  # connect answers 400 and counts it
+        entry = sidecar.policy.cached(name)
+        if entry is None or not sidecar.suppress(entry, "connect"):
+            return False
+        sidecar.metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
+        return True
+
     async def connect(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return  # already answered (by another addon: 407 from admission, ...)

@@ -13,6 +13,8 @@ Layout:
 - `inproc.py`: in-process measurements in a fresh process (`python -m tests.bench.inproc`):
   cached decision time, the addon's `http_connect` path, cold decisions, RSS per verdict.
 - `connect_502.py`: the baseline's only addon (`mitmdump -s`): every CONNECT gets a 502.
+- `squid.py`: the connect scenario's anchor, squid with a `dstdomain` deny list
+  (`apt-get install squid`; left out, with a note, where it is not installed).
 - `report.py`: machine info and the Markdown table.
 
 `--py-spy DIR` adds one uncounted, profiled run per proxy (py-spy raw stacks in DIR) and

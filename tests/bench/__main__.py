@@ -13,7 +13,8 @@ from tests.support import ProcessStartError
 DESCRIPTION = """\
 Benchmark tombstone-sidecar against bare mitmdump and against no proxy, side by side in one
 run: alternating rounds, medians and ratios, printed as a Markdown table with the machine,
-versions, date and this command. Scenarios: connect (suppressed CONNECTs/s), decision
+versions, date and this command. Scenarios: connect (suppressed CONNECTs/s, with squid
+as the anchor where it is installed: apt-get install squid), decision
 (cached decision time, in-process), passthrough (new TLS tunnels and pooled tunnels),
 cold (new names against a DNS server with latency), memory (RSS per cached verdict),
 intercept (intercept mode vs intercepting mitmdump, pooled keep-alive tunnels), mission
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the sidecar addon in stock mitmdump (-s addons/tombstone.py)",
     )
+    parser.add_argument(
+        "--compare-rev",
+        metavar="REV",
+        help="connect scenario: also run the sidecar of this git revision (its sidecar/ "
+        "exported into the run's temp dir), side by side: before and after a change",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     parser.add_argument("--output", type=Path, help="also write the Markdown table here")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         pin=not args.no_pin,
         py_spy=args.py_spy,
         addon_variant=not args.no_addon_variant,
+        compare_rev=args.compare_rev,
         scenarios=tuple(args.only) if args.only else SCENARIOS,
         command=shlex.join(["python", "-m", "tests.bench", *raw]),
         verbose=not args.quiet,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import io
 import json
 import os
 import re
@@ -20,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from collections import Counter
@@ -37,6 +39,9 @@ from tests.bench.report import (
     median,
     ratio,
 )
+from tests.bench.squid import DENIED_STATUS as SQUID_DENIED_STATUS
+from tests.bench.squid import DENIED_TEXT as SQUID_DENIED_TEXT
+from tests.bench.squid import INSTALL_HINT, squid_argv, squid_binary, squid_version
 from tests.support import DnsServer, ManagedProcess, TestCA, Upstream, Zone, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -88,6 +93,7 @@ class Config:
     max_foreign: float = 0.5  # "disturbed": other processes used more than this CPU share
     py_spy: Path | None = None  # record one extra run per proxy with py-spy into this dir
     addon_variant: bool = True  # also run the addon in stock mitmdump (-s addons/tombstone.py)
+    compare_rev: str | None = None  # also run the sidecar of this git revision (before/after)
     pin: bool = True
     scenarios: tuple[str, ...] = SCENARIOS
     command: str = ""
@@ -104,6 +110,7 @@ class Proxy:
     ops_port: int | None = None
     ca_file: Path | None = None  # an intercepting proxy's CA: what its clients trust
     siblings: list[ManagedProcess] = field(default_factory=list)  # more processes, same port
+    python: bool = True  # py-spy can profile it (squid: no)
 
     def cpu_ticks(self) -> int:
         return sum(_cpu_ticks(p.pid) for p in [self.proc, *self.siblings])
@@ -307,10 +314,19 @@ class Bench:
             self.dns_buffer = f"{size // 1024} KiB"
 
     def _spawn(
-        self, label: str, argv: Sequence[str], cpus: set[int] | None = None
+        self,
+        label: str,
+        argv: Sequence[str],
+        cpus: set[int] | None = None,
+        tree: Path | None = None,
     ) -> ManagedProcess:
+        """Start a process on `cpus` (default: the proxy core). `tree`: a directory whose
+        `sidecar` package is imported instead of this checkout's (see `export_rev`)."""
+        env = _child_env()
+        if tree is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(tree), env["PYTHONPATH"]])
         proc = ManagedProcess(
-            argv, env=_child_env(), cwd=REPO, log_path=self.logdir / f"{label}.log"
+            argv, env=env, cwd=tree or REPO, log_path=self.logdir / f"{label}.log"
         )
         with self._on(cpus or self.proxy_cpus):
             proc.start()
@@ -364,10 +380,13 @@ class Bench:
         extra: Sequence[str] = (),
         port: int | None = None,
         cpus: set[int] | None = None,
+        tree: Path | None = None,
     ) -> Proxy:
-        """`tombstone-sidecar run` with this run's options, then `extra` arguments."""
+        """`tombstone-sidecar run` with this run's options, then `extra` arguments; with
+        `tree`, the sidecar package exported there (`export_rev`) instead of this one."""
         port, ops = port or free_port(), free_port()
-        argv = [*sidecar_command(), "run", "--listen", f"127.0.0.1:{port}"]
+        command = [sys.executable, "-m", "sidecar.cli"] if tree else sidecar_command()
+        argv = [*command, "run", "--listen", f"127.0.0.1:{port}"]
         options = self._sidecar_options(ops, refusal)
         for name, value in options.items():
             flag = "--" + name.replace("_", "-")
@@ -375,13 +394,30 @@ class Bench:
                 argv += [flag, item]
         argv += [*extra, "--log-level", "warning"]
         name = f"{label.replace(' ', '-')}-{ops}"
-        proxy = Proxy(label, self._spawn(name, argv, cpus), port, ops)
+        proxy = Proxy(label, self._spawn(name, argv, cpus, tree), port, ops)
         state = options.get("state_dir")
         if isinstance(state, str) and "intercept" in extra:
             proxy.ca_file = Path(state) / "ca" / "mitmproxy-ca-cert.pem"
         self._wait_ready(proxy)
         self.log(f"{label} ready on {proxy.address} (ops {ops}): {' '.join(argv)}")
         return proxy
+
+    def export_rev(self, rev: str) -> Path:
+        """The `sidecar` package of git revision `rev`, exported into this run's temp dir:
+        the same machine, venv and run measure the code before and after a change."""
+        done = subprocess.run(
+            ["git", "-C", str(REPO), "archive", "--format=tar", rev, "sidecar"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise BenchError(f"git archive {rev}: {done.stderr.decode()[-500:]}")
+        tree = self.logdir / f"rev-{re.sub(r'[^A-Za-z0-9._-]', '_', rev)}"
+        tree.mkdir()
+        with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
+            archive.extractall(tree, filter="data")
+        return tree
 
     def mitmdump(self, label: str, extra: Sequence[str], ops_port: int | None = None) -> Proxy:
         port = free_port()
@@ -512,7 +548,7 @@ class Bench:
                     f"steal {result['steal_share']:.0%}"
                 )
         for target in targets:
-            if cfg.py_spy is not None and target.proxy is not None:
+            if cfg.py_spy is not None and target.proxy is not None and target.proxy.python:
                 self.profile(target)  # may turn profiling off (no py-spy)
 
     def _quiet_run(
@@ -656,7 +692,9 @@ class Bench:
         )
         return value
 
-    def cpu_row(self, scenario: str, metric: str, ours: Target, base: Target) -> float:
+    def cpu_row(
+        self, scenario: str, metric: str, ours: Target, base: Target, goal: float | None = None
+    ) -> float:
         """Proxy CPU time per request: the proxy's cost even when it is not the bottleneck.
 
         The ratio is baseline ÷ sidecar, the throughput ratio the two would reach if the
@@ -671,7 +709,15 @@ class Bench:
         ]
         spread = f" ({min(pairs):.2f}-{max(pairs):.2f})" if len(pairs) > 1 else ""
         self.report.add(
-            Row(scenario, metric, f"{a:,.0f} µs", f"{b:,.0f} µs", f"{value:.2f} (b÷s){spread}")
+            Row(
+                scenario,
+                metric,
+                f"{a:,.0f} µs",
+                f"{b:,.0f} µs",
+                f"{value:.2f} (b÷s){spread}",
+                f">= {goal:.2f}" if goal is not None else "",
+                (value >= goal) if goal is not None else None,
+            )
         )
         return value
 
@@ -731,6 +777,20 @@ class Bench:
                 )
             )
 
+        before: Target | None = None
+        if cfg.compare_rev is not None and closing:
+            rev = cfg.compare_rev
+            old = self.start_sidecar(
+                f"sidecar @{rev}, --refusal close", "close", tree=self.export_rev(rev)
+            )
+            before = Target(
+                old.label, old, ["connect", "--proxy", old.address, *common, "--expect", "0"]
+            )
+            targets.append(before)
+        anchor = self.squid_target(common)
+        if anchor is not None:
+            targets.append(anchor)
+
         def check(target: Target, result: dict[str, Any]) -> None:
             if result["count"] == 0:
                 raise BenchError(f"{target.label}: no CONNECT answered: {result['first_error']}")
@@ -759,6 +819,13 @@ class Bench:
             variant = by_label["mitmdump + sidecar addon"]
             self.throughput_row(scen, "… sidecar addon in stock mitmdump", variant, base, None)
             self.cpu_row(scen, "… proxy CPU per CONNECT", variant, base)
+        if before is not None:
+            after = by_label["sidecar, default --refusal close"]
+            what = f"… --refusal close: this checkout vs @{cfg.compare_rev} (after/before)"
+            self.throughput_row(scen, what, after, before, None)
+            self.cpu_row(scen, "… proxy CPU per CONNECT", after, before)
+        if anchor is not None:
+            self._squid_rows(scen, ours, by_label.get("sidecar, default --refusal close"), anchor)
         self.report.add(
             Row(
                 "1. (check)",
@@ -772,6 +839,48 @@ class Bench:
             )
         )
         self.describe_runs("1. suppressed CONNECTs/s", targets)
+
+    def squid_target(self, common: Sequence[str]) -> Target | None:
+        """Squid with a `dstdomain` deny list of the gone name, on the proxy core (one
+        process): the anchor of scenario 1. None, with a note, when squid is missing."""
+        binary = squid_binary()
+        if binary is None:
+            self.report.note(f"1. squid anchor not measured: no squid here ({INSTALL_HINT})")
+            return None
+        port = free_port()
+        argv = squid_argv(binary, port, [GONE], self.logdir / f"squid-{port}")
+        label = f"squid {squid_version(binary)} (dstdomain deny)".replace("  ", " ")
+        proxy = Proxy(label, self._spawn(f"squid-{port}", argv), port, python=False)
+        self._wait_ready(proxy)
+        self.log(f"{label} ready on {proxy.address}: {' '.join(argv)}")
+        return Target(
+            label,
+            proxy,
+            [
+                "connect",
+                "--proxy",
+                proxy.address,
+                *common,
+                "--expect",
+                str(SQUID_DENIED_STATUS),
+                "--expect-text",
+                SQUID_DENIED_TEXT,
+            ],
+        )
+
+    def _squid_rows(self, scen: str, status: Target, closing: Target | None, squid: Target) -> None:
+        """The sidecar's refusals against squid's, per second and per CPU second.
+
+        Squid may be held back by the load generator (its CPU per CONNECT then says
+        what one core of it could do); the goal is half of squid's rate per core.
+        """
+        for target, how in ((closing, "--refusal close"), (status, "--refusal status")):
+            if target is None:
+                continue
+            self.throughput_row(scen, f"… {how} vs squid (anchor)", target, squid, None)
+            self.cpu_row(
+                scen, f"… {how} vs squid: proxy CPU per CONNECT (per core)", target, squid, 0.5
+            )
 
     def _generator_ceiling(self) -> dict[str, Any]:
         """The same CONNECT load against a trivial server: the generator's headroom."""
@@ -1474,36 +1583,47 @@ class Bench:
     # -- scenario 8: more than one core -------------------------------------------------
 
     def scenario_scale(self) -> None:
-        """Two sidecar processes on one port (--reuse-port, verdicts in Redis) vs one.
+        """Two sidecar processes on one port (--reuse-port, verdicts in Redis) vs one, for
+        each refusal (`status`: 502 + JSON; `close`: the default, refused at the first bytes).
 
         The second process runs on the load generator's core (this machine has two), so
         the pair cannot reach 2x; the proxy CPU per CONNECT shows what the second
         process costs (the kernel's spreading and Redis included).
         """
-        cfg = self.config
         self.log("scenario 8: two processes on one port vs one")
         from tests.support.redis_server import RedisServer
 
         redis = RedisServer().start()
         self.stack.callback(redis.stop)
-        store = ["--store", redis.url]
-        one = self.start_sidecar("one process", "status", store)
-        first = self.start_sidecar("two processes", "status", [*store, "--reuse-port"])
+        for refusal in ("status", "close"):
+            self._scale(refusal, ["--store", redis.url])
+        self.report.note(
+            "8. the second process shares CPU 1 with the load generator (this machine has two "
+            "cores), so the pair's rate is bounded by what the generator leaves it"
+        )
+
+    def _scale(self, refusal: str, store: list[str]) -> None:
+        cfg = self.config
+        one = self.start_sidecar(f"one process, {refusal}", refusal, store)
+        first = self.start_sidecar(f"two processes, {refusal}", refusal, [*store, "--reuse-port"])
         second = self.start_sidecar(
-            "two processes (2nd)", "status", [*store, "--reuse-port"], first.port, self.load_cpus
+            f"two processes, {refusal} (2nd)",
+            refusal,
+            [*store, "--reuse-port"],
+            first.port,
+            self.load_cpus,
         )
         first.siblings.append(second.proc)
-        common = [
-            "--target",
-            f"{GONE}:443",
-            "--concurrency",
-            str(cfg.concurrency),
-            "--expect-text",
-            "X-Tombstone-Signal: operator",
-        ]
-        single = Target("one process", one, ["connect", "--proxy", one.address, *common])
+        common = ["--target", f"{GONE}:443", "--concurrency", str(cfg.concurrency)]
+        if refusal == "close":
+            common += ["--expect", "0"]
+        else:
+            common += ["--expect-text", "X-Tombstone-Signal: operator"]
+        single = Target(one.label, one, ["connect", "--proxy", one.address, *common])
         pair = Target(
-            "two processes, --reuse-port", first, ["connect", "--proxy", first.address, *common]
+            f"two processes, --reuse-port, {refusal}",
+            first,
+            ["connect", "--proxy", first.address, *common],
         )
 
         def check(target: Target, result: dict[str, Any]) -> None:
@@ -1515,9 +1635,15 @@ class Bench:
         for proxy in (first, second):
             assert proxy.ops_port is not None
             shares.append(_metric_sum(proxy.ops_port, "tombstone_suppressed_total"))
+        for proxy in (one, first, second):
+            proxy.proc.stop()
         scen = "8. More than one core"
         self.throughput_row(
-            scen, f"suppressed CONNECTs/s (c={cfg.concurrency})", pair, single, None
+            scen,
+            f"suppressed CONNECTs/s (c={cfg.concurrency}), --refusal {refusal}",
+            pair,
+            single,
+            None,
         )
         self.cpu_row(scen, "… proxy CPU per CONNECT (both processes)", pair, single)
         total = sum(shares) or 1.0
@@ -1531,11 +1657,7 @@ class Bench:
                 "info: the kernel's SO_REUSEPORT hash",
             )
         )
-        self.report.note(
-            "8. the second process shares CPU 1 with the load generator (this machine has two "
-            "cores), so the pair's rate is bounded by what the generator leaves it"
-        )
-        self.describe_runs("8. two processes on one port", [pair, single])
+        self.describe_runs(f"8. two processes on one port, --refusal {refusal}", [pair, single])
 
     def scenario_mission(self) -> None:
         """Real Synapse in the e2e world (tests/e2e/test_m1_mission.py): what reaches dead

@@ -38,11 +38,14 @@ class Faulty:
     confdir: Path
 
     def hook_errors(self, hook: str) -> float:
+        return self.metric("tombstone_hook_errors_total", {"hook": hook})
+
+    def metric(self, name: str, labels: dict[str, str]) -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ops}/metrics", timeout=5) as r:
             text = r.read().decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == "tombstone_hook_errors_total" and sample.labels == {"hook": hook}:
+                if sample.name == name and sample.labels == labels:
                     return sample.value
         return 0.0
 
@@ -131,6 +134,30 @@ def test_a_failing_passthrough_hook_refuses_and_dials_nothing(
     assert proxy.hook_errors(hook) >= ATTEMPTS
     errors = proxy.error_lines()
     assert len(errors) == 1 and f"{hook} failed (InjectedFault" in errors[0], errors
+
+
+def test_a_failing_early_refusal_closes_and_dials_nothing(
+    faulty: Callable[[str, str], Faulty],
+    zone: Zone,
+    live_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """The refusal from a CONNECT's first bytes (admission.py) is asked of every plain
+    CONNECT head: when it raises, Admission closes the connection, whatever the target."""
+    proxy = faulty("TunnelGate.refuse_early", "passthrough")
+    name = unique("faultyearly")
+    zone.add(name, "A", LIVE_IP)
+    before = live_upstream.connections
+    for _ in range(ATTEMPTS):
+        status, sock = connect(proxy.port, f"{name}:{live_upstream.port}")
+        sock.close()
+        assert status == 0  # closed without a byte
+    assert live_upstream.connections == before
+    refused = proxy.metric("tombstone_admission_refused_total", {"reason": "error"})
+    assert refused == ATTEMPTS
+    lines = proxy.process.log_text().splitlines()
+    errors = [line for line in lines if "admission next_layer hook failed" in line]
+    assert len(errors) == 1 and "InjectedFault" in errors[0], errors
 
 
 def test_a_failing_request_decision_refuses_plain_http(

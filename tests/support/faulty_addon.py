@@ -1,9 +1,9 @@
 """mitmdump script for the fail-closed tests: the real addon with one decision raising.
 
 `SIDECAR_TEST_FAULT` names the decision a hook hands its work to (`TunnelGate.connect`,
-`TunnelGate.clienthello`, `TunnelGate.next_layer`, `RequestGate.request`,
-`DialGate.server_connect`); it raises as any bug there would, and the hook around it must
-refuse. Nothing else of the addon is changed.
+`TunnelGate.clienthello`, `TunnelGate.next_layer`, `TunnelGate.refuse_early`,
+`RequestGate.request`, `DialGate.server_connect`); it raises as any bug there would, and
+the hook around it must refuse. Nothing else of the addon is changed.
 """
 
 from __future__ import annotations
@@ -43,4 +43,5 @@ gate = GATES[gate_name]
 original = getattr(gate, method)
 setattr(gate, method, _raise_async if inspect.iscoroutinefunction(original) else _raise)
 addon = TombstoneAddon()
-addons = [Admission(addon.metrics), addon]  # as addons/tombstone.py loads them
+# as addons/tombstone.py loads them
+addons = [Admission(addon.metrics, refuse_early=addon.refuse_early), addon]
