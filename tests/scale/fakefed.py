@@ -7,8 +7,9 @@ the population's seed (tests/scale/population.py), so the test process knows the
 
     127.0.1.1:8448  every live server's federation API; the hub hosts the room
     127.0.1.1:443   the live servers' well-known: 404 (they serve on 8448 directly)
-    127.0.3.3:443   the gone-over-HTTP servers: 410 on the well-known (`wk410`), 404 (`mx410`)
-    127.0.3.3:8448  the same servers: 410 on every /_matrix/ path
+    127.24-25.x.y:443   each gone-over-HTTP server at its own address: 410 on the
+                        well-known (`wk410`), 404 (`mx410`)
+    127.24-25.x.y:8448  the same servers: 410 on every /_matrix/ path
     127.0.0.1:PORT  the control API (plain HTTP): /stats, /received, /reset
 
 What the live servers answer: /version, key/v2/server, key/v2/query (every server is a
@@ -19,7 +20,9 @@ query/directory, make_join/send_join (v1, v2; `omit_members` honoured with
 user/keys/query and user/keys/claim. Anything else is a 404 `M_UNRECOGNIZED`, counted by
 path so a run shows what Synapse asked that the fake does not serve.
 
-The process measures itself: CPU seconds and RSS are part of /stats.
+The process measures itself: CPU seconds and RSS are part of /stats. Every request that
+reached a dead server is kept with its time (`/gone`), attributed to the server whose
+address it reached.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 
 from tests.scale.population import (
     API_PORT,
-    GONE_HTTP_IP,
+    GONE_HTTP_KINDS,
     HUB,
     LIVE_IP,
     ROOM_ALIAS,
@@ -132,6 +135,8 @@ class Stats:
     requests: Counter[str] = field(default_factory=Counter)  # by endpoint (live servers)
     gone_requests: Counter[str] = field(default_factory=Counter)  # by server name
     gone_kinds: Counter[str] = field(default_factory=Counter)  # by kind, port and agent
+    # every request a dead server received: (epoch seconds, server, port, agent, path)
+    gone_log: list[tuple[float, str, str, str, str]] = field(default_factory=list)
     agents: Counter[str] = field(default_factory=Counter)  # live requests by agent, endpoint
     unknown: Counter[str] = field(default_factory=Counter)  # paths the fake does not serve
     # event ID -> server -> first arrival (epoch seconds), for every PDU a live server got
@@ -207,12 +212,13 @@ class Federation:
 
     # -- dispatch -------------------------------------------------------------------------
 
-    def handle(self, listener: str, request: Request) -> Reply:
+    def handle(self, listener: str, request: Request, local_ip: str = "") -> Reply:
         host = request.headers.get("host", "").rsplit(":", 1)[0].lower()
         name = x_matrix_destination(request.headers) or host
         server = self.population.by_name.get(name)
         if listener.startswith("gone"):
-            return self._gone(listener, name, request)
+            owner = self.population.by_address.get(local_ip)
+            return self._gone(listener, owner.name if owner else name, request)
         if server is None or not server.live:
             return _error(404, "M_UNKNOWN", f"no server {name!r} here")
         if listener == "live-wk":  # the name's port 443: no delegation, no API here
@@ -232,8 +238,10 @@ class Federation:
         server = self.population.by_name.get(name)
         kind = server.kind if server is not None else "unknown"
         port = listener.removeprefix("gone-")
+        who = agent(request.headers)
         self.stats.gone_requests[name] += 1
-        self.stats.gone_kinds[f"{kind} {port} {agent(request.headers)}"] += 1
+        self.stats.gone_kinds[f"{kind} {port} {who}"] += 1
+        self.stats.gone_log.append((time.time(), name, port, who, request.path))
         if request.path == "/.well-known/matrix/server" and kind != "wk410":
             return _error(404, "M_NOT_FOUND", "no delegation")
         return _error(410, "M_UNKNOWN", "this server is gone")
@@ -451,11 +459,16 @@ class Server:
         self.servers: list[asyncio.Server] = []
 
     async def start(self) -> None:
-        listeners = (
+        gone = [
+            s.address
+            for s in self.federation.population.dead
+            if s.kind in GONE_HTTP_KINDS and s.address is not None
+        ]
+        listeners: tuple[tuple[str, str | list[str], int], ...] = (
             ("live-api", LIVE_IP, API_PORT),
             ("live-wk", LIVE_IP, WELL_KNOWN_PORT),
-            ("gone-8448", GONE_HTTP_IP, API_PORT),
-            ("gone-443", GONE_HTTP_IP, WELL_KNOWN_PORT),
+            ("gone-8448", gone, API_PORT),  # one socket per gone server's address
+            ("gone-443", gone, WELL_KNOWN_PORT),
         )
         for label, host, port in listeners:
             server = await asyncio.start_server(
@@ -475,6 +488,8 @@ class Server:
     ) -> None:
         stats = self.federation.stats
         stats.connections[label] += 1
+        sockname = writer.get_extra_info("sockname")
+        local_ip = str(sockname[0]) if sockname else ""
         stats.open_connections += 1
         stats.peak_open_connections = max(stats.peak_open_connections, stats.open_connections)
         try:
@@ -482,7 +497,7 @@ class Server:
                 request = await read_request(reader)
                 if request is None:
                     break
-                reply = self.federation.handle(label, request)
+                reply = self.federation.handle(label, request, local_ip)
                 close = request.headers.get("connection", "").lower() == "close"
                 writer.write(render(reply, close))
                 await writer.drain()
@@ -497,7 +512,7 @@ class Server:
                 await writer.wait_closed()
 
     async def control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """GET /stats, GET /received?event_id=..., GET /edus?type=..., POST /reset."""
+        """GET /stats, /received?event_id=..., /edus?type=..., /gone; POST /reset."""
         try:
             while (request := await read_request(reader)) is not None:
                 writer.write(render(self._control(request), close=False))
@@ -517,6 +532,8 @@ class Server:
         if request.path == "/received":
             eid = request.query.get("event_id", [""])[0]
             return _json(200, stats.pdus.get(eid, {}))
+        if request.path == "/gone":
+            return _json(200, stats.gone_log)
         if request.path == "/edus":
             edu_type = request.query.get("type", [""])[0]
             return _json(200, stats.edus.get(edu_type, {}))

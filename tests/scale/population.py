@@ -8,12 +8,16 @@ agree on every name and key without talking to each other.
 Every remote name is one label under `fed.test`, so one wildcard certificate from the test
 CA covers them all. Addresses (the world's loopback, inside its private namespace):
 
-    127.0.1.1   every live server (443 answers the well-known with 404, 8448 the API)
-    127.0.3.1   blackholed: an nftables/iptables rule drops every SYN
-    127.0.3.2   refusing: nothing listens, the kernel answers RST
-    127.0.3.3   gone over HTTP: 410 on the well-known (`wk410`) or on /_matrix/ (`mx410`)
-    127.0.3.4   where the TXT-tombstoned names still point (refusing)
-    127.0.3.5   where the SRV "." names still point (blackholed)
+    127.0.1.1       every live server (443 answers the well-known with 404, 8448 the API)
+    127.K.x.y       every dead server has an address of its own, so every SYN and every
+                    request is attributed to one name; K says how it is dead:
+        127.20/16   blackholed: an iptables rule drops every SYN to the /16
+        127.21/16   refusing: nothing listens, the kernel answers RST
+        127.22/16   where the TXT-tombstoned names still point (refusing)
+        127.23/16   where the SRV "." names still point (blackholed)
+        127.24/16   410 on the well-known and everything else (`wk410`)
+        127.25/16   404 on the well-known, 410 on /_matrix/ (`mx410`)
+    (NXDOMAIN names have no address.)
 """
 
 from __future__ import annotations
@@ -34,23 +38,46 @@ ROOM_ALIAS = f"#{ROOM_LOCALPART}:{HUB}"
 MEMBER_LOCALPART = "m"  # every remote server has one joined user, @m:<name>
 
 LIVE_IP = "127.0.1.1"
-GONE_HTTP_IP = "127.0.3.3"
-BLACKHOLE_IPS = ("127.0.3.1", "127.0.3.5")  # the addresses whose SYNs the world drops
 API_PORT = 8448
 WELL_KNOWN_PORT = 443
 # Long enough that no record expires within a run: every re-ask is then the asker's choice.
 RECORD_TTL = 3600
 
-# Each way a server can be dead: (name prefix, A record or None for NXDOMAIN).
-DEAD_KINDS: dict[str, str | None] = {
-    "blackhole": "127.0.3.1",
-    "refuse": "127.0.3.2",
+# Each way a server can be dead: (kind, second octet of its /16, None for NXDOMAIN). A /16
+# per kind keeps one iptables rule per blackholed kind and tells the kind from an address.
+DEAD_KINDS: dict[str, int | None] = {
+    "blackhole": 20,
+    "refuse": 21,
     "nxdomain": None,
-    "txt_gone": "127.0.3.4",
-    "srv_dot": "127.0.3.5",
-    "wk410": GONE_HTTP_IP,
-    "mx410": GONE_HTTP_IP,
+    "txt_gone": 22,
+    "srv_dot": 23,
+    "wk410": 24,
+    "mx410": 25,
 }
+BLACKHOLE_KINDS = ("blackhole", "srv_dot")  # SYNs to their addresses are dropped
+GONE_HTTP_KINDS = ("wk410", "mx410")  # the fake federation answers these with 410
+DNS_SIGNAL_KINDS = ("nxdomain", "txt_gone", "srv_dot")  # DNS alone says they are gone
+HOSTS_PER_NET = 254 * 256  # x.1 .. x.254 in each /24 of a kind's /16
+
+
+def kind_network(kind: str) -> str:
+    """The /16 holding every address of one dead kind."""
+    octet = DEAD_KINDS[kind]
+    if octet is None:
+        raise ValueError(f"{kind} servers have no address")
+    return f"127.{octet}.0.0/16"
+
+
+def dead_address(kind: str, ordinal: int) -> str | None:
+    """The address of the `ordinal`-th (from 0) server of a dead kind."""
+    octet = DEAD_KINDS[kind]
+    if octet is None:
+        return None
+    if not 0 <= ordinal < HOSTS_PER_NET:
+        raise ValueError(f"at most {HOSTS_PER_NET} servers of one kind")
+    return f"127.{octet}.{ordinal // 254}.{ordinal % 254 + 1}"
+
+
 _PREFIX = {
     "live": "l",
     "blackhole": "bh",
@@ -68,6 +95,7 @@ DEFAULT_DEAD_SHARE = 0.2  # a fifth of the room's servers dead, spread over ever
 class Server:
     name: str
     kind: str  # "live", "hub" or one of DEAD_KINDS
+    ordinal: int = 0  # its place among the servers of its kind (dead ones: its address)
 
     @property
     def live(self) -> bool:
@@ -80,7 +108,7 @@ class Server:
     @property
     def address(self) -> str | None:
         """The A record's address, None for a name that does not exist."""
-        return LIVE_IP if self.live else DEAD_KINDS[self.kind]
+        return LIVE_IP if self.live else dead_address(self.kind, self.ordinal)
 
 
 @dataclass(frozen=True)
@@ -103,7 +131,8 @@ class Population:
         kinds = list(DEAD_KINDS)
         for i in range(dead):  # round-robin: every kind gets its share, none is empty
             kind = kinds[i % len(kinds)]
-            servers.append(Server(f"{_PREFIX[kind]}{i:0{width}d}.{ZONE}", kind))
+            name = f"{_PREFIX[kind]}{i:0{width}d}.{ZONE}"
+            servers.append(Server(name, kind, i // len(kinds)))
         object.__setattr__(self, "servers", tuple(servers))
 
     @cached_property
@@ -120,6 +149,11 @@ class Population:
 
     def of_kind(self, kind: str) -> list[Server]:
         return [s for s in self.servers if s.kind == kind]
+
+    @cached_property
+    def by_address(self) -> dict[str, Server]:
+        """Each dead server by its own address (the live ones share one)."""
+        return {s.address: s for s in self.dead if s.address is not None}
 
     def key_seed(self, name: str) -> bytes:
         """The 32-byte ed25519 seed of `name`'s signing key (same in every process)."""

@@ -9,14 +9,21 @@ holder of tests/support/netns.py), so the DNS server may bind :53 and the fakes 
     127.0.0.1:8008   Synapse `hs.test` (SQLite), direct or behind the sidecar
     127.0.0.1:*      the sidecar, when the mode has one
     127.0.0.1:8099   the fake federation's control API
-    127.0.1.1, 127.0.3.x  the fake federation (tests/scale/fakefed.py, one process);
-                     where each kind of server lives: tests/scale/population.py
+    127.0.0.2:53     the same zone for the plain mitmdump (its own /etc/resolv.conf)
+    127.0.1.1, 127.2x.x.y  the fake federation (tests/scale/fakefed.py, one process);
+                     every dead server at an address of its own: tests/scale/population.py
 
-Blackholed addresses get an iptables rule in the namespace dropping every SYN in INPUT; the
-SYN counter (an AF_PACKET socket on `lo`) sees each attempt before the rule drops it.
+The blackholed kinds' /16s get an iptables rule in the namespace dropping every SYN in
+INPUT; the SYN counter (an AF_PACKET socket on `lo`) sees each attempt before the rule
+drops it, and tests/scale/accounting.py attributes each to its name by address.
 
 Modes: `direct` (Synapse alone; it dials the fakes itself, 127.0.0.0/8 allowed),
-`sidecar` (pass-through), `intercept` (the sidecar intercepting; Synapse trusts its CA).
+`mitmdump` (a bare mitmdump, no addon, passing every tunnel through untouched:
+`--ignore-hosts .*`, as tests/bench runs its pass-through baseline), `sidecar`
+(pass-through), `intercept` (the sidecar intercepting; Synapse trusts its CA).
+
+With `pin=True` Synapse runs on CPU 0 and everything else (the proxy, the fake federation,
+the DNS servers, this process) on CPU 1, so the proxy does not compete with Synapse.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ from typing import Any
 import httpx
 
 from tests.scale import fakefed
-from tests.scale.population import BLACKHOLE_IPS, DEAD_KINDS, HUB, Population, build_zone
+from tests.scale.accounting import DeadAccount, Verdicts
+from tests.scale.population import BLACKHOLE_KINDS, HUB, Population, build_zone, kind_network
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.netns import Namespace
 from tests.support.packets import SynCounter
-from tests.support.procs import ManagedProcess
-from tests.support.sidecar_process import Sidecar
+from tests.support.procs import ManagedProcess, free_port
+from tests.support.sidecar_process import Sidecar, mitmdump_path
 from tests.support.signing import KEY_ID
 from tests.support.synapse_server import Account, Synapse, count_critical, find_venv
 from tests.support.tls_upstream import TestCA
@@ -50,8 +58,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SYNAPSE_NAME = "hs.test"
 SYNAPSE_PORT = 8008
 SIDECAR_DNS_PORT = 5353
+MITMDUMP_DNS_HOST = "127.0.0.2"  # mitmdump asks the system resolver: port 53 only
 CONTROL_PORT = 8099
-MODES = ("direct", "sidecar", "intercept")
+MODES = ("direct", "mitmdump", "sidecar", "intercept")
+PROXY_START_TIMEOUT = 30.0
+SYNAPSE_CPU = 0  # with pin=True: Synapse here, everything else on OTHERS_CPU
+OTHERS_CPU = 1
 HOSTS = """\
 127.0.0.1 localhost hs.test
 ::1 localhost ip6-localhost ip6-loopback
@@ -94,6 +106,13 @@ def process_usage(pid: int) -> dict[str, float]:
     return usage
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (threads it starts later inherit it)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 class ScaleWorld:
     """Start with `start()`, stop with `stop()` (never raises); the calling thread enters
     the world's network namespace and leaves it at `stop()`."""
@@ -108,6 +127,7 @@ class ScaleWorld:
         sidecar_args: Sequence[str] = (),
         synapse_venv: Path | None = None,
         synapse_config: dict[str, Any] | None = None,
+        pin_cpus: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
@@ -118,6 +138,8 @@ class ScaleWorld:
         self.sidecar_args = list(sidecar_args)
         self.synapse_venv = synapse_venv or find_venv(ROOT)
         self.synapse_config = dict(synapse_config or {})
+        self.pin_cpus = pin_cpus
+        self._affinity: set[int] | None = None
         self.namespace = Namespace(directory)
         self.zone = Zone()
         build_zone(self.zone, population, SYNAPSE_NAME)
@@ -128,6 +150,8 @@ class ScaleWorld:
         self.syns: SynCounter | None = None
         self.fakefed: ManagedProcess | None = None
         self.sidecar: Sidecar | None = None
+        self.mitmdump: ManagedProcess | None = None
+        self.mitmdump_dns: DnsServer | None = None
         self.synapse: Synapse | None = None
         self.account: Account | None = None
         self.timings: dict[str, float] = {}
@@ -142,6 +166,11 @@ class ScaleWorld:
 
     def start(self) -> ScaleWorld:
         self.fd_limit = raise_fd_limit()
+        if self.pin_cpus:
+            if len(os.sched_getaffinity(0)) < 2:
+                raise RuntimeError("pinning needs 2 CPUs: Synapse on one, the rest on the other")
+            self._affinity = os.sched_getaffinity(0)
+            pin(os.getpid(), {OTHERS_CPU})  # what this process starts inherits it
         self.namespace.start(HOSTS)
         self.namespace.enter_net()
         began = time.monotonic()
@@ -153,7 +182,11 @@ class ScaleWorld:
         self.timings["remotes"] = time.monotonic() - began
         proxy_url = ""
         ca_file = self.ca.ca_pem_path
-        if self.mode != "direct":
+        if self.mode == "mitmdump":
+            began = time.monotonic()
+            proxy_url = self._start_mitmdump()
+            self.timings["mitmdump"] = time.monotonic() - began
+        elif self.mode != "direct":
             began = time.monotonic()
             # The sidecar's defaults (probes on: they learn the 410s), trusting the world's
             # CA for its own requests and dialling loopback.
@@ -174,14 +207,48 @@ class ScaleWorld:
         self.account = self.synapse.register("alice", admin=True)
         return self
 
+    def _start_mitmdump(self) -> str:
+        """A bare mitmdump (no addon) that tunnels every CONNECT untouched, resolving names
+        through its own DNS server (counted apart from Synapse's): a mount namespace of its
+        own binds a resolv.conf naming it over /etc/resolv.conf."""
+        self.mitmdump_dns = self._started(
+            DnsServer(self.zone, host=MITMDUMP_DNS_HOST, port=53).start()
+        )
+        resolv = self.directory / "mitmdump-resolv.conf"
+        resolv.write_text(f"nameserver {MITMDUMP_DNS_HOST}\noptions timeout:2 attempts:2\n")
+        confdir = self.directory / "mitmdump"
+        confdir.mkdir(exist_ok=True)
+        port = free_port()
+        argv = [
+            mitmdump_path(),
+            "-q",
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--set",
+            f"confdir={confdir}",
+            "--set",
+            "connection_strategy=lazy",
+            "--ignore-hosts",
+            ".*",
+        ]
+        bind = 'mount --bind "$0" /etc/resolv.conf && exec "$@"'
+        command = ["unshare", "--mount", "--", "sh", "-c", bind, str(resolv), *argv]
+        process = ManagedProcess(command, log_path=self.directory / "mitmdump.log")
+        self.mitmdump = self._started(process)
+        process.start()
+        process.wait_for_port(port, timeout=PROXY_START_TIMEOUT)
+        return f"http://127.0.0.1:{port}"
+
     def _blackhole(self) -> None:
-        """Drop every SYN to the blackholed addresses (INPUT: the SYN counter saw it)."""
+        """Drop every SYN to the blackholed kinds' addresses (INPUT: the SYN counter saw it)."""
         path = f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin"
         tool = shutil.which("iptables", path=path)
         if tool is None:
             raise RuntimeError("the scale world needs iptables (apt-get install iptables)")
-        for ip in BLACKHOLE_IPS:
-            rule = ["-A", "INPUT", "-d", ip, "-p", "tcp", "--syn", "-j", "DROP"]
+        for kind in BLACKHOLE_KINDS:
+            rule = ["-A", "INPUT", "-d", kind_network(kind), "-p", "tcp", "--syn", "-j", "DROP"]
             subprocess.run(self.namespace.command([tool, *rule]), check=True, timeout=30)
         self._iptables = tool
 
@@ -249,7 +316,9 @@ class ScaleWorld:
             port=SYNAPSE_PORT,
             proxy_url=proxy_url,
             ca_file=ca_file,
-            command_prefix=self.namespace.command([]),
+            command_prefix=self.namespace.command(
+                ["taskset", "-c", str(SYNAPSE_CPU)] if self.pin_cpus else []
+            ),
             extra_config=config,
         )
 
@@ -262,6 +331,9 @@ class ScaleWorld:
             except Exception as e:  # keep stopping the rest
                 print(f"scale world: stopping {thing!r} failed: {e}", file=sys.stderr)
         self.namespace.stop()
+        if self._affinity is not None:
+            pin(os.getpid(), self._affinity)
+            self._affinity = None
 
     # -- observation -----------------------------------------------------------------------
 
@@ -273,19 +345,24 @@ class ScaleWorld:
             response.raise_for_status()
             return response.json()
 
-    def dead_reached(self) -> dict[str, int]:
-        """SYNs to each dead kind's address, and requests the gone-over-HTTP ones answered."""
+    def dead_account(self, since: float = 0.0) -> DeadAccount:
+        """Every connection attempt and request that reached a dead server (from `since`,
+        epoch seconds), by name, and the sidecar's verdicts from its log."""
         assert self.syns is not None
-        reached: dict[str, int] = {}
-        addresses = {ip for ip in DEAD_KINDS.values() if ip is not None}
-        for ip in sorted(addresses):
-            kinds = "+".join(k for k, a in DEAD_KINDS.items() if a == ip)
-            reached[f"SYNs {kinds} ({ip})"] = self.syns.count(ip)
-            reached[f"connection attempts {kinds} ({ip})"] = self.syns.attempts(ip)
+        account = DeadAccount(self.population, since=since)
+        account.add_attempts(self.syns.attempt_times())
+        account.add_requests(self.control("/gone"))
+        if self.sidecar is not None:
+            account.verdicts = Verdicts.parse(self.sidecar.log())
+        return account
+
+    def dead_reached(self, since: float = 0.0) -> dict[str, Any]:
+        """Per dead kind: SYNs and requests, and with a sidecar what came after its first
+        gone verdict on each name (tests/scale/accounting.py)."""
+        reached = self.dead_account(since).summary()
         stats = self.control("/stats")
-        for kind_port, count in sorted(stats["gone_kinds"].items()):
-            reached[f"requests {kind_port}"] = count
-        reached["SYNs dropped by the blackhole rules"] = self.dropped_syns()
+        reached["requests_by_kind_port_agent"] = dict(sorted(stats["gone_kinds"].items()))
+        reached["syns_dropped_by_blackhole_rules"] = self.dropped_syns()
         return reached
 
     def usage(self) -> dict[str, dict[str, float]]:
@@ -295,6 +372,8 @@ class ScaleWorld:
             found["synapse"] = process_usage(self.synapse.process.pid)
         if self.sidecar is not None and self.sidecar.process.alive:
             found["sidecar"] = process_usage(self.sidecar.process.pid)
+        if self.mitmdump is not None and self.mitmdump.alive:
+            found["mitmdump"] = process_usage(self.mitmdump.pid)
         stats = self.control("/stats")
         found["fakefed"] = {
             "cpu_seconds": stats["cpu_seconds"],
@@ -304,8 +383,12 @@ class ScaleWorld:
         return found
 
     def dns_queries(self) -> dict[str, int]:
+        """Queries each asker sent: Synapse, the sidecar, the plain mitmdump."""
         assert self.dns is not None and self.sidecar_dns is not None
-        return {"synapse": len(self.dns.query_log), "sidecar": len(self.sidecar_dns.query_log)}
+        found = {"synapse": len(self.dns.query_log), "sidecar": len(self.sidecar_dns.query_log)}
+        if self.mitmdump_dns is not None:
+            found["mitmdump"] = len(self.mitmdump_dns.query_log)
+        return found
 
     def synapse_log_counts(self) -> dict[str, int]:
         assert self.synapse is not None
@@ -319,6 +402,8 @@ class ScaleWorld:
             logs["synapse stdout"] = self.synapse.process.log_text()
         if self.sidecar is not None:
             logs["sidecar log"] = self.sidecar.log()
+        if self.mitmdump is not None:
+            logs["mitmdump log"] = self.mitmdump.log_text()
         if self.fakefed is not None:
             logs["fakefed log"] = self.fakefed.log_text()
             with contextlib.suppress(Exception):

@@ -13,11 +13,16 @@ import select
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
 PACKET_OUTGOING = 4
+# The kernel's receive time of each packet (not when this thread got round to reading it):
+# SO_TIMESTAMPNS, and its control message, a struct timespec.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+TIMESPEC = struct.Struct("@qq")
 TCP_SYN = 0x02
 TCP_ACK = 0x10
 
@@ -29,8 +34,9 @@ class SynCounter:
         self.interface = interface
         self._counts: Counter[tuple[str, int]] = Counter()
         # (destination IP, destination port, source port): one per connection attempt, so a
-        # SYN the kernel retransmits to a blackhole is counted once here
-        self._attempts: set[tuple[str, int, int]] = set()
+        # SYN the kernel retransmits to a blackhole is counted once here; the value is when
+        # its first SYN was seen (epoch seconds), so attempts can be split by time
+        self._attempts: dict[tuple[str, int, int], float] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
@@ -39,6 +45,7 @@ class SynCounter:
     def start(self) -> SynCounter:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         sock.bind((self.interface, 0))
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self._sock = sock
         self._thread = threading.Thread(target=self._loop, name="syn-counter", daemon=True)
         self._thread.start()
@@ -58,12 +65,12 @@ class SynCounter:
             if not ready:
                 continue
             with contextlib.suppress(OSError):
-                frame, address = self._sock.recvfrom(65535)
+                frame, ancillary, _, address = self._sock.recvmsg(65535, 64)
                 if address[2] == PACKET_OUTGOING:  # loopback shows each packet twice
                     continue
-                self._parse(frame)
+                self._parse(frame, _kernel_time(ancillary))
 
-    def _parse(self, frame: bytes) -> None:
+    def _parse(self, frame: bytes, seen: float | None = None) -> None:
         if len(frame) < 14 + 20 or struct.unpack_from("!H", frame, 12)[0] != ETH_P_IP:
             return
         ip = frame[14:]
@@ -77,7 +84,7 @@ class SynCounter:
             destination = (socket.inet_ntoa(ip[16:20]), port)
             with self._lock:
                 self._counts[destination] += 1
-                self._attempts.add((*destination, source_port))
+                self._attempts.setdefault((*destination, source_port), seen or time.time())
 
     def count(self, ip: str, port: int | None = None) -> int:
         """Connection attempts to `ip` (on `port`, or any port)."""
@@ -89,6 +96,19 @@ class SynCounter:
         with self._lock:
             return sum(1 for i, _, _ in self._attempts if i == ip)
 
+    def attempt_times(self) -> list[tuple[float, str, int]]:
+        """Every connection attempt as (first SYN's epoch seconds, destination IP, port)."""
+        with self._lock:
+            return sorted((t, ip, port) for (ip, port, _), t in self._attempts.items())
+
     def snapshot(self) -> dict[tuple[str, int], int]:
         with self._lock:
             return dict(self._counts)
+
+
+def _kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= TIMESPEC.size:
+            seconds, nanoseconds = TIMESPEC.unpack_from(data)
+            return float(seconds + nanoseconds / 1e9)
+    return None

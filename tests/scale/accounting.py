@@ -1,0 +1,272 @@
+"""Per-name accounting of what reached the dead servers, and when the sidecar judged them.
+
+Every dead server has an address of its own (tests/scale/population.py), so each connection
+attempt the SYN counter saw (kernel timestamps) belongs to one name; the fake federation
+keeps every request a dead server received with its time. The sidecar logs one line per
+verdict change (at `--log-level debug` also the first `alive` verdict of a name), and one
+line per failed dial of a tunnel (`connect to NAME:PORT ...`); the world runs it at debug.
+
+Issue 17's goal for the dead servers: no SYN and no request after the sidecar's first
+verdict that the name is gone (`gone`: a DNS signal or a 410; `unreachable`: its breaker
+opened on one of its ports). For the DNS-signal kinds that verdict comes before anything is
+dialled, so the goal there is no SYN and no request at all.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tests.scale.population import DEAD_KINDS, Population
+
+# The sidecar's log lines carry `asctime` (local time, milliseconds): an event within the
+# same millisecond as the verdict line cannot be ordered against it, so it counts as before.
+LOG_RESOLUTION = 0.001
+_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
+_VERDICT = re.compile(r"^([a-z0-9.-]+?)(?::(\d+))? (gone|alive|unreachable) \((?:(\w+): )?")
+_DIAL = re.compile(r"^connect to ([a-z0-9.-]+):(\d+)\b")
+TIMELINE_NAMES = 2  # names of each kind whose full timeline goes into the report
+
+
+def log_time(stamp: str) -> float:
+    """Epoch seconds of a `logging` asctime (`2026-12-05 01:40:12,345`, local time)."""
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+@dataclass
+class Verdicts:
+    """What the sidecar's log says about each name, in order."""
+
+    # name -> [(epoch seconds, state, signal or "", port or 0)]
+    changes: dict[str, list[tuple[float, str, str, int]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    # name -> [(epoch seconds, port)]: dials of Synapse's tunnels that failed
+    dial_failures: dict[str, list[tuple[float, int]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+
+    @classmethod
+    def parse(cls, log_text: str) -> Verdicts:
+        found = cls()
+        for line in log_text.splitlines():
+            m = _LINE.match(line)
+            if m is None:
+                continue
+            stamp, _level, logger, message = m.groups()
+            if logger in ("sidecar.policy", "sidecar.breaker"):
+                v = _VERDICT.match(message)
+                if v is not None:
+                    name, port, state, signal = v.groups()
+                    entry = (log_time(stamp), state, signal or "", int(port or 0))
+                    found.changes[name].append(entry)
+            elif logger == "sidecar.addon":
+                d = _DIAL.match(message)
+                if d is not None:
+                    found.dial_failures[d.group(1)].append((log_time(stamp), int(d.group(2))))
+        return found
+
+    def first(self, name: str) -> tuple[float, str, str, int] | None:
+        changes = self.changes.get(name)
+        return changes[0] if changes else None
+
+    def first_suppressing(self, name: str) -> tuple[float, str, str, int] | None:
+        """The first `gone` or `unreachable` verdict on `name` (any port)."""
+        for change in self.changes.get(name, ()):
+            if change[1] in ("gone", "unreachable"):
+                return change
+        return None
+
+
+@dataclass
+class KindCount:
+    """One dead kind's totals."""
+
+    names: int = 0
+    syns: int = 0
+    requests: int = 0
+    names_reached: int = 0  # names with at least one SYN or request
+    syns_by_port: Counter[int] = field(default_factory=Counter)
+    requests_by_agent: Counter[str] = field(default_factory=Counter)
+    # with a sidecar only
+    judged_gone: int = 0
+    never_judged_gone: int = 0
+    syns_after_verdict: int = 0
+    requests_after_verdict: int = 0
+    names_reached_after_verdict: int = 0
+    first_verdicts: Counter[str] = field(default_factory=Counter)  # "alive", "gone nxdomain"
+    gone_signals: Counter[str] = field(default_factory=Counter)
+    tunnel_dial_failures: int = 0  # dials for Synapse's tunnels the sidecar logged failing
+    seconds_to_gone: list[float] = field(default_factory=list)  # from first contact
+
+    def summary(self, judged: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "names": self.names,
+            "syns": self.syns,
+            "requests": self.requests,
+            "names_reached": self.names_reached,
+            "syns_by_port": {str(p): n for p, n in sorted(self.syns_by_port.items())},
+            "requests_by_agent": dict(sorted(self.requests_by_agent.items())),
+        }
+        if judged:
+            delays = sorted(self.seconds_to_gone)
+            out |= {
+                "judged_gone": self.judged_gone,
+                "never_judged_gone": self.never_judged_gone,
+                "syns_after_verdict": self.syns_after_verdict,
+                "requests_after_verdict": self.requests_after_verdict,
+                "names_reached_after_verdict": self.names_reached_after_verdict,
+                "first_verdicts": dict(sorted(self.first_verdicts.items())),
+                "gone_signals": dict(sorted(self.gone_signals.items())),
+                "tunnel_dial_failures": self.tunnel_dial_failures,
+                "seconds_first_contact_to_gone_median": (
+                    round(delays[len(delays) // 2], 3) if delays else None
+                ),
+                "seconds_first_contact_to_gone_max": round(delays[-1], 3) if delays else None,
+            }
+        return out
+
+
+Attempt = tuple[float, str, int]  # (epoch seconds, destination IP, port)
+GoneRequest = Sequence[Any]  # (epoch seconds, server, port, agent, path) from fakefed /gone
+
+
+@dataclass
+class DeadAccount:
+    """Per name: each connection attempt and request, and the sidecar's verdicts."""
+
+    population: Population
+    since: float = 0.0  # count only what happened from here on (epoch seconds); 0: all
+    syns: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
+    requests: dict[str, list[tuple[float, str, str, str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    verdicts: Verdicts | None = None  # None: no sidecar in this mode
+
+    def add_attempts(self, attempts: Iterable[Attempt]) -> None:
+        by_address = self.population.by_address
+        for at, ip, port in attempts:
+            server = by_address.get(ip)
+            if server is not None and at >= self.since:
+                self.syns[server.name].append((at, port))
+
+    def add_requests(self, requests: Iterable[GoneRequest]) -> None:
+        for at, name, port, agent, path in requests:
+            if name in self.population.by_name and at >= self.since:
+                self.requests[name].append((at, str(port), str(agent), str(path)))
+
+    def by_kind(self) -> dict[str, KindCount]:
+        kinds = {kind: KindCount() for kind in DEAD_KINDS}
+        verdicts = self.verdicts
+        for server in self.population.dead:
+            count = kinds[server.kind]
+            count.names += 1
+            syns = self.syns.get(server.name, [])
+            requests = self.requests.get(server.name, [])
+            count.syns += len(syns)
+            count.requests += len(requests)
+            count.names_reached += bool(syns or requests)
+            count.syns_by_port.update(port for _, port in syns)
+            count.requests_by_agent.update(agent for _, _, agent, _ in requests)
+            if verdicts is None:
+                continue
+            first = verdicts.first(server.name)
+            count.first_verdicts[_label(first) if first else "none"] += 1
+            count.tunnel_dial_failures += len(verdicts.dial_failures.get(server.name, []))
+            gone = verdicts.first_suppressing(server.name)
+            if gone is None:
+                count.never_judged_gone += 1
+                continue
+            count.judged_gone += 1
+            count.gone_signals[_label(gone)] += 1
+            at = gone[0] + LOG_RESOLUTION
+            late_syns = sum(1 for t, _ in syns if t > at)
+            late_requests = sum(1 for r in requests if r[0] > at)
+            count.syns_after_verdict += late_syns
+            count.requests_after_verdict += late_requests
+            count.names_reached_after_verdict += bool(late_syns or late_requests)
+            contact = [t for t, _ in syns] + [r[0] for r in requests]
+            if contact:
+                count.seconds_to_gone.append(max(0.0, gone[0] - min(contact)))
+        return kinds
+
+    def summary(self) -> dict[str, Any]:
+        judged = self.verdicts is not None
+        kinds = self.by_kind()
+        out: dict[str, Any] = {k: c.summary(judged) for k, c in kinds.items()}
+        total = {
+            "syns": sum(c.syns for c in kinds.values()),
+            "requests": sum(c.requests for c in kinds.values()),
+        }
+        if judged:
+            total |= {
+                "syns_after_verdict": sum(c.syns_after_verdict for c in kinds.values()),
+                "requests_after_verdict": sum(c.requests_after_verdict for c in kinds.values()),
+                "never_judged_gone": sum(c.never_judged_gone for c in kinds.values()),
+            }
+        out["total"] = total
+        return out
+
+    def late_names(self) -> list[str]:
+        """The names something reached after the sidecar's first gone verdict on them."""
+        if self.verdicts is None:
+            return []
+        late = []
+        for server in self.population.dead:
+            gone = self.verdicts.first_suppressing(server.name)
+            if gone is None:
+                continue
+            at = gone[0] + LOG_RESOLUTION
+            times = [t for t, _ in self.syns.get(server.name, [])]
+            times += [r[0] for r in self.requests.get(server.name, [])]
+            if any(t > at for t in times):
+                late.append(server.name)
+        return late
+
+    def timelines(
+        self, names_per_kind: int = TIMELINE_NAMES, names: Sequence[str] | None = None
+    ) -> dict[str, list[str]]:
+        """A few names of each reached kind (or `names`), every event in order (seconds from
+        the name's first event): what made each attempt and when the verdicts came."""
+        if names is None:
+            chosen: list[str] = []
+            for kind in DEAD_KINDS:
+                reached = [
+                    s.name
+                    for s in self.population.of_kind(kind)
+                    if self.syns.get(s.name) or self.requests.get(s.name)
+                ]
+                chosen += reached[:names_per_kind]
+            names = chosen
+        out: dict[str, list[str]] = {}
+        for name in names:
+            events: list[tuple[float, str]] = []
+            events += [(t, f"SYN :{port}") for t, port in self.syns.get(name, [])]
+            events += [
+                (t, f"request :{port} {agent} {path}")
+                for t, port, agent, path in self.requests.get(name, [])
+            ]
+            if self.verdicts is not None:
+                events += [
+                    (t, f"verdict {_label((t, s, g, p))}" + (f" :{p}" if p else ""))
+                    for t, s, g, p in self.verdicts.changes.get(name, [])
+                ]
+                events += [
+                    (t, f"tunnel dial failed :{port}")
+                    for t, port in self.verdicts.dial_failures.get(name, [])
+                ]
+            events.sort()
+            if not events:
+                continue
+            start = events[0][0]
+            out[name] = [f"{t - start:8.3f} {what}" for t, what in events]
+        return out
+
+
+def _label(change: tuple[float, str, str, int]) -> str:
+    _, state, signal, _ = change
+    return f"{state} {signal}" if signal and state != "unreachable" else state
