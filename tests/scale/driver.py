@@ -137,6 +137,7 @@ def report(world: ScaleWorld, run: JoinRun) -> dict[str, Any]:
         "dead_reached": world.dead_reached(),
         "usage": world.usage(),
         "dns_queries": world.dns_queries(),
+        "sidecar_counters": world.sidecar_counters(),
         "synapse_log": world.synapse_log_counts(),
         "fakefed": {
             "requests": stats["requests"],

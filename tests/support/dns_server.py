@@ -383,8 +383,13 @@ class DnsServer:
         host: str = "127.0.0.1",
         port: int = 0,
         recursion_available: bool = True,
+        udp_buffer_bytes: int = 0,
     ) -> None:
         self.zone = zone if zone is not None else Zone()
+        # SO_RCVBUF of the UDP socket (0: the kernel's default, about 200 KB, which holds a
+        # few hundred queries: a burst of thousands, as a scale world's join sends, overflows
+        # it and the dropped queries time out at the asker)
+        self.udp_buffer_bytes = udp_buffer_bytes
         self.host = host
         self._requested_port = port
         self.recursion_available = recursion_available
@@ -410,6 +415,8 @@ class DnsServer:
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
+                if self.udp_buffer_bytes:
+                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_buffer_bytes)
                 udp.bind((self.host, self._requested_port))
                 port = udp.getsockname()[1]
                 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -9,6 +9,7 @@ a raw AF_PACKET socket sees every connection attempt to every fake remote, exact
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import select
 import socket
 import struct
@@ -25,6 +26,26 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 TIMESPEC = struct.Struct("@qq")
 TCP_SYN = 0x02
 TCP_ACK = 0x10
+SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+# A classic BPF program that passes only IPv4 TCP SYNs without ACK (what tcpdump compiles
+# from `tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn` on an Ethernet link, and the loopback
+# is one): without it every packet of every connection on `lo` wakes this thread, which at
+# a scale world's thousands of packets a second starves the test process's other threads
+# (its DNS servers among them). (code, jump if true, jump if false, k)
+SYN_FILTER = (
+    (0x28, 0, 0, 12),  # ldh [12]: the ethertype
+    (0x15, 0, 9, ETH_P_IP),  # IPv4, else drop
+    (0x30, 0, 0, 23),  # ldb [23]: the IP protocol
+    (0x15, 0, 7, 6),  # TCP, else drop
+    (0x28, 0, 0, 20),  # ldh [20]: flags and fragment offset
+    (0x45, 5, 0, 0x1FFF),  # a later fragment: drop
+    (0xB1, 0, 0, 14),  # ldxb 4*([14]&0xf): the IP header length
+    (0x50, 0, 0, 27),  # ldb [x+27]: the TCP flags (14 + 13)
+    (0x54, 0, 0, TCP_SYN | TCP_ACK),  # and #(SYN|ACK)
+    (0x15, 0, 1, TCP_SYN),  # SYN alone, else drop
+    (0x06, 0, 0, 65535),  # ret: the whole packet
+    (0x06, 0, 0, 0),  # drop
+)
 
 
 class SynCounter:
@@ -46,6 +67,7 @@ class SynCounter:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         sock.bind((self.interface, 0))
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        _attach_filter(sock, SYN_FILTER)
         self._sock = sock
         self._thread = threading.Thread(target=self._loop, name="syn-counter", daemon=True)
         self._thread.start()
@@ -112,3 +134,23 @@ def _kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float | None:
             seconds, nanoseconds = TIMESPEC.unpack_from(data)
             return float(seconds + nanoseconds / 1e9)
     return None
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+
+
+def _attach_filter(sock: socket.socket, program: tuple[tuple[int, int, int, int], ...]) -> None:
+    """SO_ATTACH_FILTER: the kernel copies the program, so the buffers may go after."""
+    instructions = (_SockFilter * len(program))(*(_SockFilter(*i) for i in program))
+    fprog = _SockFprog(len(program), instructions)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, bytes(fprog))
