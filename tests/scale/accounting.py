@@ -29,6 +29,8 @@ LOG_RESOLUTION = 0.001
 _LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) ([\w.]+): (.*)$")
 _VERDICT = re.compile(r"^([a-z0-9.-]+?)(?::(\d+))? (gone|alive|unreachable) \((?:(\w+): )?")
 _DIAL = re.compile(r"^connect to ([a-z0-9.-]+):(\d+)\b")
+_PROBE = re.compile(r"^probe of ([a-z0-9.-]+): ")
+_KEYS = re.compile(r"^could not record the signing keys of ([a-z0-9.-]+): ")
 TIMELINE_NAMES = 2  # names of each kind whose full timeline goes into the report
 
 
@@ -47,6 +49,11 @@ class Verdicts:
     )
     # name -> [(epoch seconds, port)]: dials of Synapse's tunnels that failed
     dial_failures: dict[str, list[tuple[float, int]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    # name -> [(epoch seconds, what)]: the sidecar's own requests that failed (its probes,
+    # its fetch of the name's signing keys)
+    own_failures: dict[str, list[tuple[float, str]]] = field(
         default_factory=lambda: defaultdict(list)
     )
 
@@ -68,6 +75,10 @@ class Verdicts:
                 d = _DIAL.match(message)
                 if d is not None:
                     found.dial_failures[d.group(1)].append((log_time(stamp), int(d.group(2))))
+                elif (probe := _PROBE.match(message)) is not None:
+                    found.own_failures[probe.group(1)].append((log_time(stamp), "probe"))
+            elif logger == "sidecar.lifting" and (keys := _KEYS.match(message)) is not None:
+                found.own_failures[keys.group(1)].append((log_time(stamp), "key fetch"))
         return found
 
     def first(self, name: str) -> tuple[float, str, str, int] | None:
@@ -101,6 +112,7 @@ class KindCount:
     first_verdicts: Counter[str] = field(default_factory=Counter)  # "alive", "gone nxdomain"
     gone_signals: Counter[str] = field(default_factory=Counter)
     tunnel_dial_failures: int = 0  # dials for Synapse's tunnels the sidecar logged failing
+    own_failures: Counter[str] = field(default_factory=Counter)  # the sidecar's probes, keys
     seconds_to_gone: list[float] = field(default_factory=list)  # from first contact
 
     def summary(self, judged: bool) -> dict[str, Any]:
@@ -123,6 +135,7 @@ class KindCount:
                 "first_verdicts": dict(sorted(self.first_verdicts.items())),
                 "gone_signals": dict(sorted(self.gone_signals.items())),
                 "tunnel_dial_failures": self.tunnel_dial_failures,
+                "sidecar_own_failures": dict(sorted(self.own_failures.items())),
                 "seconds_first_contact_to_gone_median": (
                     round(delays[len(delays) // 2], 3) if delays else None
                 ),
@@ -177,6 +190,7 @@ class DeadAccount:
             first = verdicts.first(server.name)
             count.first_verdicts[_label(first) if first else "none"] += 1
             count.tunnel_dial_failures += len(verdicts.dial_failures.get(server.name, []))
+            count.own_failures.update(w for _, w in verdicts.own_failures.get(server.name, []))
             gone = verdicts.first_suppressing(server.name)
             if gone is None:
                 count.never_judged_gone += 1
@@ -258,6 +272,10 @@ class DeadAccount:
                 events += [
                     (t, f"tunnel dial failed :{port}")
                     for t, port in self.verdicts.dial_failures.get(name, [])
+                ]
+                events += [
+                    (t, f"sidecar's {what} failed")
+                    for t, what in self.verdicts.own_failures.get(name, [])
                 ]
             events.sort()
             if not events:

@@ -243,3 +243,81 @@ def fan_out(world: ScaleWorld, messages: int, timeout: float = 120.0) -> FanOut:
         client.post("/_matrix/client/v3/login", json=login).raise_for_status()
         result.device = wait_for_edu(world, "m.device_list_update", at, timeout)
     return result
+
+
+# Scenario 3, "ten minutes later": Synapse's own retry schedule, compressed by its own
+# settings (homeserver.yaml `federation:`), never by patching it. Synapse 1.163's defaults:
+# a failing destination is left alone 10 min, then 2x longer each time up to 7 days; a
+# request is retried after up to 60 s (long, /send) or 2 s (short). `client_timeout`
+# (60 s per request) is left alone: shortening it would time out live servers under load.
+RETRY_DEFAULTS_MS = {
+    "destination_min_retry_interval": 10 * 60 * 1000,
+    "destination_max_retry_interval": 7 * 24 * 3600 * 1000,
+    "max_long_retry_delay": 60 * 1000,
+    "max_short_retry_delay": 2 * 1000,
+}
+LATER_MESSAGE_INTERVAL = 10.0  # one message every 10 s: a reason for Synapse to retry
+
+
+def compressed_retries(factor: float) -> dict[str, Any]:
+    """Synapse's `federation:` section with its retry schedule `factor` times faster."""
+    section: dict[str, Any] = {k: max(1, round(v / factor)) for k, v in RETRY_DEFAULTS_MS.items()}
+    section["destination_retry_multiplier"] = 2  # the default: the schedule's shape kept
+    return {"federation": section}
+
+
+@dataclass
+class Later:
+    """What reached the dead servers in the window, and how the messages sent in it fared."""
+
+    began: float  # epoch seconds
+    seconds: float
+    synapse_seconds: float  # how much of Synapse's retry schedule the window covers
+    messages: list[Delivery] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        latencies = sorted(x for d in self.messages for x in d.latencies)
+        out: dict[str, Any] = {
+            "seconds": round(self.seconds, 1),
+            "synapse_schedule_seconds": round(self.synapse_seconds),
+            "messages": len(self.messages),
+            "deliveries": len(latencies),
+            "expected": sum(d.expected for d in self.messages),
+        }
+        if latencies:
+            out["p50_ms"] = statistics.median(latencies) * 1000
+            out["p99_ms"] = (
+                latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))] * 1000
+            )
+        return out
+
+
+def ten_minutes_later(
+    world: ScaleWorld,
+    seconds: float,
+    factor: float,
+    interval: float = LATER_MESSAGE_INTERVAL,
+    timeout: float = 120.0,
+) -> Later:
+    """Scenario 3 of issue 17: `seconds` of wall time (Synapse's schedule runs `factor`
+    times faster, see `compressed_retries`) with a message every `interval` seconds, so
+    Synapse has something to retry towards every destination that failed."""
+    assert world.synapse is not None and world.account is not None
+    later = Later(began=time.time(), seconds=seconds, synapse_seconds=seconds * factor)
+    sent: list[tuple[str, float]] = []
+    with world.synapse.client(world.account, timeout=JOIN_TIMEOUT) as client:
+        room = quote(ROOM_ID)
+        i = 0
+        while time.time() - later.began < seconds:
+            at = time.time()
+            response = client.put(
+                f"/_matrix/client/v3/rooms/{room}/send/m.room.message/later-{i}",
+                json={"msgtype": "m.text", "body": f"later {i}"},
+            )
+            response.raise_for_status()
+            sent.append((response.json()["event_id"], at))
+            i += 1
+            time.sleep(max(0.0, min(interval, seconds - (time.time() - later.began))))
+    for event_id, at in sent:
+        later.messages.append(wait_for_delivery(world, event_id, at, timeout))
+    return later
