@@ -1,7 +1,7 @@
 """The `scale_world` fixture: a real Synapse among N fake remote servers (tests/scale/world.py).
 
 Sized for CI by default; `SIDECAR_TEST_SCALE_COUNT` (remote servers), `SIDECAR_TEST_SCALE_MODE`
-(direct, sidecar, intercept), `SIDECAR_TEST_SCALE_PARTIAL=1` (the hub answers Synapse's
+(direct, mitmdump, sidecar, intercept), `SIDECAR_TEST_SCALE_PARTIAL=1` (the hub answers Synapse's
 partial-state joins) and `SIDECAR_TEST_SCALE_DEAD_SHARE` change it; `python -m
 tests.scale.run` runs the same scenario at any size outside pytest. Needs root (a private
 network namespace) and the Synapse virtualenv, like tests/e2e.

@@ -1,9 +1,10 @@
 """Scenarios 1 and 2 of issue 17 at CI size: Synapse joins a room of N servers through the
-hub and sends a message, then more messages, a typing notification and a new device. The
-tests assert counts only (the join completes, every member is listed, every live server
-receives each); what reached the dead servers, timings and CPU go to the measurements
-summary (`SIDECAR_TEST_SCALE_REPORT=path` writes them to a file). The two tests share one
-world, in this order."""
+hub and sends a message, then more messages, a typing notification and a new device; then
+issue 17's dead-server goal, per name. The tests assert counts only (the join completes,
+every member is listed, every live server receives each; what reached each dead name, and
+when against the sidecar's verdicts); timings and CPU go to the measurements summary
+(`SIDECAR_TEST_SCALE_REPORT=path` writes them to a file). The tests share one world, in
+this order."""
 
 from __future__ import annotations
 
