@@ -9,7 +9,9 @@ line per failed dial of a tunnel (`connect to NAME:PORT ...`); the world runs it
 Issue 17's goal for the dead servers: no SYN and no request after the sidecar's first
 verdict that the name is gone (`gone`: a DNS signal or a 410; `unreachable`: its breaker
 opened on one of its ports). For the DNS-signal kinds that verdict comes before anything is
-dialled, so the goal there is no SYN and no request at all.
+dialled, so the goal there is no SYN and no request at all. A breaker's trial connection
+(one, `--breaker-min` after it opened: 10 min by default, longer than any run here) would
+count as "after" too, though it is by design.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ the sidecar, for on/off comparisons. `--keep DIR` keeps the world's files in DIR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -33,7 +34,8 @@ from typing import Any
 
 from tests.scale.driver import compressed_retries, fan_out, join_and_send, report, ten_minutes_later
 from tests.scale.population import DEAD_KINDS, DEFAULT_DEAD_SHARE, Population
-from tests.scale.world import MODES, ScaleWorld
+from tests.scale.world import MODES, ROOT, ScaleWorld
+from tests.support.synapse_server import find_venv
 
 DEFAULT_TIME_FACTOR = 10.0  # 10 minutes of Synapse's retry schedule in 60 s
 
@@ -131,11 +133,10 @@ def run_once(args: argparse.Namespace, mode: str, directory: Path) -> tuple[bool
 def environment(argv: Sequence[str]) -> dict[str, str]:
     """What a figure needs next to it: machine, versions, date, the command."""
     synapse = "?"
-    venv = os.environ.get("SIDECAR_TEST_SYNAPSE_VENV", "")
-    with_python = Path(venv) / "bin" / "python" if venv else None
-    if with_python is not None and with_python.exists():
+    with contextlib.suppress(FileNotFoundError):
+        python = find_venv(ROOT) / "bin" / "python"
         done = subprocess.run(
-            [str(with_python), "-c", "import synapse; print(synapse.__version__)"],
+            [str(python), "-c", "import synapse; print(synapse.__version__)"],
             capture_output=True,
             text=True,
             timeout=60,
