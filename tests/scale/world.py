@@ -62,17 +62,16 @@ MITMDUMP_DNS_HOST = "127.0.0.2"  # mitmdump asks the system resolver: port 53 on
 CONTROL_PORT = 8099
 MODES = ("direct", "mitmdump", "sidecar", "intercept")
 PROXY_START_TIMEOUT = 30.0
-# Each DNS server's UDP receive buffer: a join makes Synapse and the proxy ask about every
-# name at once (5 questions a name for the sidecar); at the kernel's default of ~200 KB
-# the burst of a 200-server join overflowed it and the sidecar failed open on DNS-dead
-# names whose queries were dropped (seen in intercept mode, 2 s resolver timeout).
 # The world's DNS servers are threads of the test process: on a loaded machine (2 cores,
 # Synapse, the proxy and the fake federation busy with a join) an answer took over the
 # tests' usual 2 s and the sidecar failed open on DNS-dead names (26 undecided connections
 # at N = 200 in intercept mode). A real resolver answers in milliseconds; this keeps the
 # harness's slowness out of the verdicts (`sidecar_counters.undecided` shows what is left).
 SIDECAR_DNS_TIMEOUT = "10s"
-DNS_UDP_BUFFER = 4 * 1024 * 1024  # the common net.core.rmem_max caps it anyway
+# Each DNS server's UDP receive buffer: a join makes Synapse and the proxy ask about every
+# name at once (5 questions a name for the sidecar), more than the kernel's default of
+# ~200 KB holds while the server's threads wait for the CPU; net.core.rmem_max caps it.
+DNS_UDP_BUFFER = 4 * 1024 * 1024
 SYNAPSE_CPU = 0  # with pin=True: Synapse here, everything else on OTHERS_CPU
 OTHERS_CPU = 1
 HOSTS = """\
