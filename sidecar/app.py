@@ -32,7 +32,7 @@ from sidecar.dns.address_book import AddressBook
 from sidecar.dns.client import DnsClient
 from sidecar.dns.questions import DnsQuestions
 from sidecar.judge.breaker import Breaker, Gate
-from sidecar.judge.policy import Policy
+from sidecar.judge.policy import Gone, Policy
 from sidecar.judge.ports import FoundAddresses
 from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict
@@ -57,9 +57,12 @@ LIST_POLL_SECONDS = 2.0  # how soon an edited --deny-file/--allow-file takes eff
 class Sidecar:
     """The running sidecar: its collaborators, its lifecycle and its decisions."""
 
-    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, on_gone: Gone | None = None
+    ) -> None:
         """Build everything from `settings` (ConfigError names a bad setting). Nothing is
-        started: `start` loads the store and opens the ops listener."""
+        started: `start` loads the store and opens the ops listener. `on_gone` hears each
+        name that starts to suppress (the proxy ends the tunnels open to it)."""
         self.metrics = metrics = metrics if metrics is not None else Metrics()
         self.settings = settings
         self.dns = _dns_client(settings, metrics)
@@ -80,6 +83,7 @@ class Sidecar:
             hold_reborn=settings.hold_reborn,
             poll_interval=settings.synapse_admin_poll,
         )
+        self._on_gone = on_gone
         self.policy = self._make_policy(settings)
         metrics.watch_verdicts(self._verdict_counts)
         self.loaded = asyncio.Event()  # stored verdicts are in the cache: decisions may start
@@ -105,7 +109,14 @@ class Sidecar:
             prober=self.prober,
             lift_guard=self.lifter.guard,
             on_lifted=self.lifter.lifted,
+            on_gone=self._gone,
         )
+
+    def _gone(self, verdict: Verdict) -> None:
+        """A name starts to suppress: what the proxy holds open to it ends (not in shadow
+        mode, which suppresses nothing)."""
+        if self._on_gone is not None and self.settings.enforce:
+            self._on_gone(verdict)
 
     def _make_prober(self, settings: Settings) -> Prober | None:
         if not settings.probe:

@@ -125,6 +125,11 @@ class Metrics:
             "Connections refused because every address of the target is in a blocked range.",
             registry=r,
         )
+        self.tunnels_ended = Counter(
+            "tombstone_tunnels_ended_total",
+            "Open pass-through tunnels closed because their server was judged gone.",
+            registry=r,
+        )
         self.verdict_changes = Counter(
             "tombstone_verdict_changes_total",
             "Verdict transitions per destination (from 'none' for a new name).",

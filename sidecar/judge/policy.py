@@ -42,6 +42,8 @@ DELIST_RECHECKS_PER_SECOND = 50.0
 LiftGuard = Callable[[str, Verdict, Verdict], Awaitable[str | None]]
 # After a suppressing verdict was replaced by an alive one: (old, new).
 Lifted = Callable[[Verdict, Verdict], None]
+# After a name that did not suppress was judged gone (any signal, any source): the verdict.
+Gone = Callable[[Verdict], None]
 
 
 class Policy:
@@ -61,18 +63,21 @@ class Policy:
         prober: Rechecker | None = None,
         lift_guard: LiftGuard | None = None,
         on_lifted: Lifted | None = None,
+        on_gone: Gone | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`questions` asks DNS about a name; `addresses` keeps where live names are dialled
         (their own A/AAAA TTL, never the verdict's); `prober` re-checks a 410 before it is
         lifted (None: probes off); `lift_guard` is the resurrection check and `on_lifted`
-        Synapse's reset (synapse/lifting.py)."""
+        Synapse's reset (synapse/lifting.py); `on_gone` hears each name that starts to
+        suppress (the proxy ends its open tunnels)."""
         self.questions = questions
         self.addresses = addresses
         self.store = store
         self.prober = prober
         self.lift_guard = lift_guard
         self.on_lifted = on_lifted
+        self.on_gone = on_gone
         self.ttl = ttl
         self.cache = VerdictCache(cache_size, clock)
         self._clock = clock
@@ -145,6 +150,8 @@ class Policy:
                 )
                 current[name] = Entry(verdict)
                 log.debug("%s gone (operator: on the deny list)", name)
+                if self.on_gone is not None:
+                    self.on_gone(verdict)
             self._metrics.verdict_changes.labels("none", State.GONE).inc(
                 len(added[start : start + DENY_SLICE])
             )
@@ -477,6 +484,8 @@ class Policy:
         self._metrics.verdict_changes.labels(old_state or "none", new.state).inc()
         if old is not None and old.suppresses and new.state is State.ALIVE and self.on_lifted:
             self.on_lifted(old, new)
+        if new.suppresses and not (old is not None and old.suppresses) and self.on_gone:
+            self.on_gone(new)
         if new.state is State.ALIVE and old_state is None:
             log.debug("%s", new.describe())
         elif new.state is State.ALIVE:

@@ -37,9 +37,10 @@ from sidecar.config.options import (
     RawOptions,
     Settings,
 )
+from sidecar.judge.verdicts import Verdict
 from sidecar.metrics import Metrics
 from sidecar.proxy import answers
-from sidecar.proxy.connections import LOCAL_ANSWER, Connections
+from sidecar.proxy.connections import LOCAL_ANSWER, Connections, end_connection
 from sidecar.proxy.dials import DialGate
 from sidecar.proxy.empty_connect import refuse_connection
 from sidecar.proxy.requests import RequestGate
@@ -104,7 +105,7 @@ class TombstoneAddon:
         """Build the sidecar, or reconfigure the one running (the verdict cache survives)."""
         try:
             if self.sidecar is None:
-                self.sidecar = Sidecar(settings, self.metrics)
+                self.sidecar = Sidecar(settings, self.metrics, on_gone=self._gone)
                 self.tunnels = TunnelGate(self.sidecar, self.connections)
                 self.requests = RequestGate(self.sidecar, self.connections)
                 self.dials = DialGate(self.sidecar, self.connections)
@@ -169,9 +170,22 @@ class TombstoneAddon:
         self.idle.clear()
 
     def client_disconnected(self, client: connection.Client) -> None:
+        self.connections.disconnected(client)
         self.active_clients -= 1
         if self.active_clients <= 0:
             self.idle.set()
+
+    def _gone(self, verdict: Verdict) -> None:
+        """End the pass-through tunnels open to a name just judged gone: Synapse pools idle
+        federation connections for 2 minutes, and its next request in one would reach the
+        gone server after the verdict (tests/scale at 300 servers: 16 requests to 410
+        servers 60-65 s after their verdict). One DEBUG line per verdict, not per tunnel."""
+        clients = self.connections.take_forwarded(verdict.destination)
+        for client in clients:
+            end_connection(client, f"{verdict.destination} is gone")
+        if clients:
+            self.metrics.tunnels_ended.inc(len(clients))
+            log.debug("%s: ended %d open tunnels", verdict.destination, len(clients))
 
     # -- decision points: fail closed --------------------------------------------------
 

@@ -63,6 +63,7 @@ from sidecar.metrics import Metrics
 from sidecar.proxy import answers
 from sidecar.proxy.auth import ProxyAuth
 from sidecar.proxy.connect_head import read_connect_head
+from sidecar.proxy.connections import end_connection
 from sidecar.proxy.empty_connect import CloseClient
 
 log = logging.getLogger("sidecar.admission")
@@ -373,26 +374,10 @@ class Admission:
             )
         self._close(client, "evicted")
 
-    def _close(self, client: connection.Client, reason: str, count: bool = True) -> None:
-        """Close a client connection from outside its layers (a timer, an eviction).
-
-        A connection that has sent nothing has no layer of ours yet to answer a wakeup, so
-        this takes mitmproxy's own path for an inactive connection (ConnectionHandler.
-        on_timeout): cancel the task that reads from the client; mitmproxy then closes the
-        socket and runs client_disconnected. The handler is found by client id in the
-        proxyserver addon's registry of live connections (mitmproxy 11 and 12).
-        """
-        if count:
-            self.metrics.admission_refused.labels(reason).inc()
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = getattr(proxyserver, "connections", {}).get(client.id)
-        if handler is None:
-            return  # gone already
-        io = handler.transports.get(client)
-        if io is not None and io.handler is not None:
-            io.handler.cancel(f"not admitted: {reason}")
-        else:  # its client_connected hooks are still running: not reading yet
-            asyncio.get_running_loop().call_later(0.1, self._close, client, reason, False)
+    def _close(self, client: connection.Client, reason: str) -> None:
+        """Close a client not admitted in time or evicted; counted by `reason`."""
+        self.metrics.admission_refused.labels(reason).inc()
+        end_connection(client, f"not admitted: {reason}")
 
     def _refuse(self, nextlayer: layer.NextLayer, reason: str) -> None:
         self.metrics.admission_refused.labels(reason).inc()

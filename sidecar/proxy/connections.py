@@ -8,11 +8,31 @@ import weakref
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
-from mitmproxy import connection
+from mitmproxy import connection, ctx
 
 from sidecar.judge.verdicts import Verdict
 
 LOCAL_ANSWER = "tombstone_local_answer"  # flow.metadata key: answered here, learn nothing
+RETRY_CLOSE_SECONDS = 0.1  # a client whose hooks still run is not read yet: close it then
+
+
+def end_connection(client: connection.Client, why: str) -> None:
+    """Close a client connection from outside its layers (a timer, an eviction, a verdict).
+
+    This takes mitmproxy's own path for an inactive connection (ConnectionHandler.
+    on_timeout): cancel the task that reads from the client; mitmproxy then closes the
+    socket and its server connections and runs client_disconnected. The handler is found by
+    client id in the proxyserver addon's registry of live connections (mitmproxy 11 and 12).
+    """
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(client.id)
+    if handler is None:
+        return  # gone already
+    io = handler.transports.get(client)
+    if io is not None and io.handler is not None:
+        io.handler.cancel(why)
+    else:  # its client_connected hooks are still running: not reading yet
+        asyncio.get_running_loop().call_later(RETRY_CLOSE_SECONDS, end_connection, client, why)
 
 
 @dataclass(slots=True)
@@ -63,3 +83,25 @@ class Connections:
     handshaking: MutableMapping[connection.Server, str] = field(
         default_factory=weakref.WeakKeyDictionary
     )
+    # Pass-through tunnels forwarded, by each name they stand for (the CONNECT host and the
+    # SNI): a gone verdict ends them. Emptied as the clients disconnect.
+    forwarded: dict[str, weakref.WeakSet[connection.Client]] = field(default_factory=dict)
+    forwarded_names: MutableMapping[connection.Client, list[str]] = field(
+        default_factory=weakref.WeakKeyDictionary
+    )
+
+    def forwarding(self, name: str, client: connection.Client) -> None:
+        self.forwarded.setdefault(name, weakref.WeakSet()).add(client)
+        self.forwarded_names.setdefault(client, []).append(name)
+
+    def take_forwarded(self, name: str) -> list[connection.Client]:
+        """The open tunnels forwarded to `name`, forgotten here (they are about to end)."""
+        return list(self.forwarded.pop(name, ()))
+
+    def disconnected(self, client: connection.Client) -> None:
+        for name in self.forwarded_names.pop(client, ()):
+            clients = self.forwarded.get(name)
+            if clients is not None:
+                clients.discard(client)
+                if not clients:
+                    del self.forwarded[name]

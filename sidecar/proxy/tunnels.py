@@ -173,6 +173,8 @@ class TunnelGate:
                 self._refuse(flow, broken)
                 return
             sidecar.forward(entry, "connect")
+            if sidecar.settings.mode == "passthrough":
+                self.connections.forwarding(host, flow.client_conn)
             sidecar.probe(host, (host, tunnel.port), entry.verdict)
         finally:
             metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
@@ -217,6 +219,7 @@ class TunnelGate:
             tunnel.doomed = entry.verdict  # not even intercepted: server_connect refuses
         else:
             sidecar.forward(entry, "tls")
+            self.connections.forwarding(name, client)
             target = (tunnel.host, tunnel.port) if tunnel is not None else (name, SNI_DEFAULT_PORT)
             sidecar.probe(name, target, entry.verdict)
         sidecar.metrics.decision_by_stage["tls"].observe(time.perf_counter() - started)
