@@ -5,24 +5,30 @@ The rule, for every mode and path: a request is answered here when the host it w
 sent to is gone, or the server it is for (X-Matrix destination, else Host) is gone; the
 answer names whichever is gone (the server it is for first). A live request is pinned to
 a checked address of its host. Real responses teach: a `410 Gone` from `/_matrix/` or
-`/.well-known/matrix/` is a tombstone (judge/gone_http.py), and a live server's key
-document is recorded for the resurrection check (synapse/lifting.py).
+`/.well-known/matrix/` is a tombstone (judge/gone_http.py), a live server's key
+document is recorded for the resurrection check (synapse/lifting.py), and a `send_join`
+answer names the servers of the room, judged in the background (judge/room_servers.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+import urllib.parse
 
 from mitmproxy import http
 
 from sidecar.app import Sidecar
 from sidecar.judge import gone_http, request_classes
 from sidecar.judge.names import InvalidName, is_ip_literal, normalize_host, parse_authority
+from sidecar.judge.room_servers import MAX_ROOM_BODY_BYTES, decoded, room_of
 from sidecar.judge.verdicts import Entry
 from sidecar.proxy import answers, xmatrix
 from sidecar.proxy.connections import LOCAL_ANSWER, Connections, Tunnel
 from sidecar.proxy.xmatrix import XMatrixError
 from sidecar.remote.identity import KEY_PATH
+
+MAX_ROOM_ID_SHOWN = 255  # the spec's limit for a room ID: a longer one is cut in the log
 
 
 class RequestGate:
@@ -107,6 +113,11 @@ class RequestGate:
         if response.status_code == 200 and flow.request.path.startswith(KEY_PATH):
             self._observe_keys(flow, response)
             return
+        if response.status_code == 200 and flow.request.method == "PUT":
+            room = room_of(flow.request.path)
+            if room is not None:
+                self._prejudge(flow, response, room)
+                return
         if not gone_http.is_tombstone(response.status_code, flow.request.path):
             return
         try:
@@ -118,6 +129,27 @@ class RequestGate:
         where = f"https://{flow.request.host_header or flow.request.host}"
         path = flow.request.path.split("?", 1)[0]
         sidecar.policy.learn_gone(name, seconds, gone_http.evidence(410, path, where, seconds))
+
+    def _prejudge(self, flow: http.HTTPFlow, response: http.Response, room: str) -> None:
+        """A send_join answer passed (it is on its way to Synapse, unchanged): hand its
+        body to the background judge. Only references are taken here; decoding and
+        parsing happen later, off this hook."""
+        raw = response.raw_content
+        if not self.sidecar.settings.prejudge_room or not raw:
+            return
+        if len(raw) > MAX_ROOM_BODY_BYTES:
+            self.sidecar.metrics.prejudge_rooms.labels("unreadable").inc()
+            return
+        encoding = response.headers.get("content-encoding", "")
+        skip = set()
+        with contextlib.suppress(XMatrixError, InvalidName):
+            origin = xmatrix.parse(flow.request.headers.get("Authorization", "")).get("origin")
+            if origin:
+                skip.add(parse_authority(origin).host)  # the joining server: ourselves
+        with contextlib.suppress(XMatrixError, InvalidName):
+            skip.add(destination(flow))  # the server that answered: judged already
+        room_id = urllib.parse.unquote(room)[:MAX_ROOM_ID_SHOWN]
+        self.sidecar.prejudge_room(room_id, lambda: decoded(raw, encoding), frozenset(skip))
 
     def _observe_keys(self, flow: http.HTTPFlow, response: http.Response) -> None:
         """Intercept mode: record the signing keys an alive server published to Synapse."""
