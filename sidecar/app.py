@@ -312,11 +312,14 @@ class Sidecar:
         )
         pending = iter(servers.names)
 
+        def known(name: str) -> bool:  # without starting a re-check of an expired verdict
+            return self.policy.is_listed(name) or self.policy.cache.get(name) is not None
+
         async def worker() -> None:
             for name in pending:
-                if self.policy.cache.get(name) is None:
+                if not known(name):
                     async with self._prejudging:
-                        if self.policy.cache.get(name) is None:
+                        if not known(name):
                             await self.decide(name)
                             names.labels("judged").inc()
                             continue
