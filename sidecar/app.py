@@ -289,6 +289,13 @@ class Sidecar:
     async def _prejudge_room(
         self, room: str, read: Callable[[], str], skip: frozenset[str]
     ) -> None:
+        """Fails open: whatever goes wrong here, no request waited for it."""
+        try:
+            await self._prejudge(room, read, skip)
+        except Exception:  # a bug must not go unnoticed; it affected no request
+            log.exception("judging the servers of room %s in the background failed", room)
+
+    async def _prejudge(self, room: str, read: Callable[[], str], skip: frozenset[str]) -> None:
         """Parse in slices (the event loop runs between them), then judge the names not
         cached, PREJUDGE_CONCURRENCY at a time across all rooms, DNS only: the same cold
         decision a first request makes, shared with it when both ask at once."""

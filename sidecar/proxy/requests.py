@@ -21,7 +21,7 @@ from mitmproxy import http
 from sidecar.app import Sidecar
 from sidecar.judge import gone_http, request_classes
 from sidecar.judge.names import InvalidName, is_ip_literal, normalize_host, parse_authority
-from sidecar.judge.room_servers import MAX_ROOM_BODY_BYTES, decoded, room_of
+from sidecar.judge.room_servers import decoded, room_of
 from sidecar.judge.verdicts import Entry
 from sidecar.proxy import answers, xmatrix
 from sidecar.proxy.connections import LOCAL_ANSWER, Connections, Tunnel
@@ -137,9 +137,6 @@ class RequestGate:
         raw = response.raw_content
         if not self.sidecar.settings.prejudge_room or not raw:
             return
-        if len(raw) > MAX_ROOM_BODY_BYTES:
-            self.sidecar.metrics.prejudge_rooms.labels("unreadable").inc()
-            return
         encoding = response.headers.get("content-encoding", "")
         skip = set()
         with contextlib.suppress(XMatrixError, InvalidName):
@@ -148,7 +145,9 @@ class RequestGate:
                 skip.add(parse_authority(origin).host)  # the joining server: ourselves
         with contextlib.suppress(XMatrixError, InvalidName):
             skip.add(destination(flow))  # the server that answered: judged already
-        room_id = urllib.parse.unquote(room)[:MAX_ROOM_ID_SHOWN]
+        room_id = "".join(  # for the log line: one line, whatever the path held
+            c if c.isprintable() else "?" for c in urllib.parse.unquote(room)[:MAX_ROOM_ID_SHOWN]
+        )
         self.sidecar.prejudge_room(room_id, lambda: decoded(raw, encoding), frozenset(skip))
 
     def _observe_keys(self, flow: http.HTTPFlow, response: http.Response) -> None:

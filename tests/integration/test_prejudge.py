@@ -34,10 +34,14 @@ class Room:
     def __init__(self) -> None:
         self.servers: list[str] = []
         self.answers: list[bytes] = []
+        self.garbage: bytes | None = None  # answer this instead of a send_join body
 
     def handler(self, request: Request) -> Response:
         if "/send_join/" not in request.path:
             return Response(404, b'{"errcode":"M_NOT_FOUND"}')
+        if self.garbage is not None:
+            self.answers.append(self.garbage)
+            return Response(200, self.garbage, {"Content-Type": "application/json"})
         members = [
             {
                 "type": "m.room.member",
@@ -246,3 +250,23 @@ def test_no_prejudge_room_judges_nothing_in_the_background(
     time.sleep(1.0)  # time enough for a background judge to have asked (it asks in ms)
     assert sum(dns_server.query_count(n) for n in room.servers) == 0
     assert sidecar.metric("tombstone_prejudge_names_total", result="taken") == 0
+
+
+def test_an_answer_that_is_not_a_send_join_body_passes_and_is_counted(
+    sidecar_factory: Callable[..., Sidecar],
+    ca: TestCA,
+    zone: Zone,
+    hub: Upstream,
+    room: Room,
+    unique: Callable[[str], str],
+) -> None:
+    sidecar, trust = intercept(sidecar_factory, ca)
+    hub_name = unique("hub")
+    zone.add(hub_name, "A", HUB_IP)
+    room.garbage = b'{"servers_in_room": ["a.test", ' + b"\x00\n" * 1000
+    assert send_join(sidecar, trust, hub_name, hub.port) == room.garbage  # as it was sent
+    assert wait_until(
+        lambda: sidecar.metric("tombstone_prejudge_rooms_total", result="unreadable") == 1
+    )
+    assert "not judging the servers of room !room:hub.test: " in sidecar.log()
+    assert "Traceback" not in sidecar.log()
