@@ -270,3 +270,40 @@ def test_an_answer_that_is_not_a_send_join_body_passes_and_is_counted(
     )
     assert "not judging the servers of room !room:hub.test: " in sidecar.log()
     assert "Traceback" not in sidecar.log()
+
+
+def test_a_live_decision_does_not_queue_behind_a_rooms_names(
+    sidecar_factory: Callable[..., Sidecar],
+    ca: TestCA,
+    zone: Zone,
+    hub: Upstream,
+    room: Room,
+    unique: Callable[[str], str],
+) -> None:
+    """64 names whose DNS never answers (2 s each, --dns-timeout 2s): the background needs
+    8 s for them, 16 at a time; a request for another new name meanwhile is decided in one
+    cold decision of its own."""
+    sidecar, trust = intercept(sidecar_factory, ca)
+    hub_name = unique("hub")
+    zone.add(hub_name, "A", HUB_IP)
+    room.servers = [unique("silent") for _ in range(64)]
+    for name in room.servers:
+        zone.blackhole(name)
+    fresh = unique("txtgone")
+    zone.add(fresh, "TXT", "v=matrix;gone")
+    tunnel = Tunnel(sidecar, f"{hub_name}:{hub.port}", hub_name, trust)
+    try:
+        assert tunnel.request(SEND_JOIN, hub_name, "PUT", b"{}")[0] == 200
+        assert wait_until(lambda: "judging 64 servers of room" in sidecar.log(), timeout=5)
+        began = time.monotonic()
+        status, headers, _ = tunnel.request("/_matrix/federation/v1/query/profile", fresh)
+        took = time.monotonic() - began
+    finally:
+        tunnel.close()
+    assert status == 410 and headers["x-tombstone-signal"] == "dns_txt_gone"
+    assert took < 1.0, took  # not behind the 8 s of background work
+    assert sidecar.metric("tombstone_prejudge_names_total", result="judged") < len(room.servers)
+    began = time.monotonic()
+    assert sidecar.stop() == 0  # SIGTERM with the background work under way: a clean exit
+    assert time.monotonic() - began < 4.0
+    assert "Traceback" not in sidecar.log()
