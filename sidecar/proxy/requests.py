@@ -21,7 +21,7 @@ from mitmproxy import http
 from sidecar.app import Sidecar
 from sidecar.judge import gone_http, request_classes
 from sidecar.judge.names import InvalidName, is_ip_literal, normalize_host, parse_authority
-from sidecar.judge.room_servers import decoded, room_of
+from sidecar.judge.room_servers import MAX_ROOM_BODY_BYTES, Unreadable, decoded, room_of
 from sidecar.judge.verdicts import Entry
 from sidecar.proxy import answers, xmatrix
 from sidecar.proxy.connections import LOCAL_ANSWER, Connections, Tunnel
@@ -29,6 +29,35 @@ from sidecar.proxy.xmatrix import XMatrixError
 from sidecar.remote.identity import KEY_PATH
 
 MAX_ROOM_ID_SHOWN = 255  # the spec's limit for a room ID: a longer one is cut in the log
+ROOM_BODY = "tombstone_room_body"  # flow.metadata: the copy of a send_join answer's body
+
+
+class BodyCopy:
+    """A send_join answer streams through unchanged (mitmproxy's `stream` callable), and
+    this keeps a copy of it, up to `limit` bytes, for the background judge.
+
+    Streamed, because `run` streams intercepted bodies over 1 MB (never buffered), and a
+    full-state answer for a large room is several MB: without the copy it would pass
+    unseen. Every chunk is passed on as it arrives, so nothing waits for the copy."""
+
+    def __init__(self, limit: int = MAX_ROOM_BODY_BYTES) -> None:
+        self.limit = limit
+        self.size = 0
+        self.chunks: list[bytes] = []
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.size += len(chunk)
+        if self.size <= self.limit:
+            self.chunks.append(chunk)
+        elif self.chunks:
+            self.chunks = []  # too large to read: keep nothing
+        return chunk
+
+    def body(self) -> bytes:
+        """The whole body (joined off the event loop: `read` runs in a thread)."""
+        if self.size > self.limit:
+            raise Unreadable(f"body is larger than {self.limit} bytes")
+        return b"".join(self.chunks)
 
 
 class RequestGate:
@@ -105,6 +134,20 @@ class RequestGate:
         names[(address, flow.request.port)] = host
         flow.request.data.host = address
 
+    def response_headers(self, flow: http.HTTPFlow) -> None:
+        """A send_join answer is about to pass: stream it through a copy (BodyCopy)."""
+        response = flow.response
+        if (
+            response is not None
+            and response.status_code == 200
+            and flow.request.method == "PUT"
+            and self.sidecar.settings.prejudge_room
+            and room_of(flow.request.path) is not None
+        ):
+            copy = BodyCopy()
+            response.stream = copy
+            flow.metadata[ROOM_BODY] = copy
+
     def response(self, flow: http.HTTPFlow) -> None:
         """Passive 410 learning from real responses, keyed by the request's destination."""
         response = flow.response
@@ -134,8 +177,15 @@ class RequestGate:
         """A send_join answer passed (it is on its way to Synapse, unchanged): hand its
         body to the background judge. Only references are taken here; decoding and
         parsing happen later, off this hook."""
+        if not self.sidecar.settings.prejudge_room:
+            return
+        copy = flow.metadata.get(ROOM_BODY)
         raw = response.raw_content
-        if not self.sidecar.settings.prejudge_room or not raw:
+        if isinstance(copy, BodyCopy):
+            read_raw = copy.body  # streamed through it (response_headers)
+        elif raw:
+            read_raw = lambda: raw  # noqa: E731 - buffered: the option was turned on meanwhile
+        else:
             return
         encoding = response.headers.get("content-encoding", "")
         skip = set()
@@ -148,7 +198,7 @@ class RequestGate:
         room_id = "".join(  # for the log line: one line, whatever the path held
             c if c.isprintable() else "?" for c in urllib.parse.unquote(room)[:MAX_ROOM_ID_SHOWN]
         )
-        self.sidecar.prejudge_room(room_id, lambda: decoded(raw, encoding), frozenset(skip))
+        self.sidecar.prejudge_room(room_id, lambda: decoded(read_raw(), encoding), frozenset(skip))
 
     def _observe_keys(self, flow: http.HTTPFlow, response: http.Response) -> None:
         """Intercept mode: record the signing keys an alive server published to Synapse."""

@@ -35,6 +35,7 @@ class Room:
         self.servers: list[str] = []
         self.answers: list[bytes] = []
         self.garbage: bytes | None = None  # answer this instead of a send_join body
+        self.padding = 0  # bytes of padding in the answer's event (a large answer)
 
     def handler(self, request: Request) -> Response:
         if "/send_join/" not in request.path:
@@ -58,7 +59,11 @@ class Room:
                 "servers_in_room": self.servers,
                 "state": members,
                 "auth_chain": [],
-                "event": {"type": "m.room.member", "sender": f"@me:{ORIGIN}"},
+                "event": {
+                    "type": "m.room.member",
+                    "sender": f"@me:{ORIGIN}",
+                    "unsigned": {"padding": "x" * self.padding},
+                },
             }
         ).encode()
         self.answers.append(body)
@@ -153,6 +158,29 @@ def test_the_servers_of_a_joined_room_get_verdicts_without_a_request(
         len(lines) == 1
         and "judging 40 servers of room !room:hub.test in the background" in (lines[0])
     )
+
+
+def test_an_answer_larger_than_what_run_buffers_is_read_as_it_streams_through(
+    sidecar_factory: Callable[..., Sidecar],
+    ca: TestCA,
+    zone: Zone,
+    hub: Upstream,
+    room: Room,
+    unique: Callable[[str], str],
+) -> None:
+    """`run` streams intercepted bodies over 1 MB; a full-state answer for a large room is
+    larger. It passes unchanged, and its servers are still judged."""
+    sidecar, trust = intercept(sidecar_factory, ca)
+    hub_name = unique("hub")
+    zone.add(hub_name, "A", HUB_IP)
+    room.servers = [unique("alive") for _ in range(20)]
+    for name in room.servers:
+        zone.add(name, "A", "127.0.0.2")
+    room.padding = 3 * 1024 * 1024
+    assert send_join(sidecar, trust, hub_name, hub.port) == room.answers[0]
+    assert len(room.answers[0]) > 3 * 1024 * 1024
+    assert wait_until(lambda: all(verdict(sidecar, n) == "alive" for n in room.servers))
+    assert sidecar.metric("tombstone_prejudge_names_total", result="judged") == 20
 
 
 def test_a_live_request_and_the_background_judge_one_name_once(
