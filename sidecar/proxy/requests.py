@@ -61,7 +61,7 @@ class BodyCopy:
 
 
 class RequestGate:
-    """`requestheaders` and `response` for one sidecar."""
+    """`requestheaders`, `responseheaders` and `response` for one sidecar."""
 
     def __init__(self, sidecar: Sidecar, connections: Connections) -> None:
         self.sidecar = sidecar
@@ -177,10 +177,10 @@ class RequestGate:
         """A send_join answer passed (it is on its way to Synapse, unchanged): hand its
         body to the background judge. Only references are taken here; decoding and
         parsing happen later, off this hook."""
+        copy = flow.metadata.pop(ROOM_BODY, None)  # the judge holds it only while it reads
+        raw = response.raw_content
         if not self.sidecar.settings.prejudge_room:
             return
-        copy = flow.metadata.get(ROOM_BODY)
-        raw = response.raw_content
         if isinstance(copy, BodyCopy):
             read_raw = copy.body  # streamed through it (response_headers)
         elif raw:
