@@ -34,6 +34,7 @@ from sidecar.dns.questions import DnsQuestions
 from sidecar.judge.breaker import Breaker, Gate
 from sidecar.judge.policy import Gone, Policy
 from sidecar.judge.ports import FoundAddresses
+from sidecar.judge.room_servers import RoomServers, Unreadable
 from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import Entry, State, Verdict
 from sidecar.metrics import Metrics
@@ -52,6 +53,10 @@ from sidecar.synapse.lifting import Lifter, is_hold
 log = logging.getLogger("sidecar.addon")
 
 LIST_POLL_SECONDS = 2.0  # how soon an edited --deny-file/--allow-file takes effect
+# Names of a room judged in the background at once (--prejudge-room). Each cold decision
+# asks 5 DNS questions, so 16 hold at most 80 of the DNS client's 256 query slots: live
+# decisions keep the rest and never queue behind a room's thousands of names.
+PREJUDGE_CONCURRENCY = 16
 
 
 class Sidecar:
@@ -93,6 +98,7 @@ class Sidecar:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._list_stamp: tuple[float, ...] = ()
         self._lists_asked = asyncio.Event()  # SIGHUP: reload now, not at the next poll
+        self._prejudging = asyncio.Semaphore(PREJUDGE_CONCURRENCY)  # shared by every room
         if not settings.enforce:
             log.warning("shadow mode (--no-enforce): verdicts are counted, nothing is suppressed")
 
@@ -283,6 +289,63 @@ class Sidecar:
         entry = self.policy.cached(name)
         if entry is not None and entry.verdict.state is State.ALIVE:
             self.lifter.observe_keys(name, body, target)
+
+    def prejudge_room(self, room: str, read: Callable[[], str], skip: frozenset[str]) -> None:
+        """Intercept mode: a send_join answer passed. Judge the servers of the room in the
+        background, so the fan-out after the join meets cached verdicts. `read` decodes the
+        body (blocking: it runs in a thread); `skip` names servers not to judge."""
+        if self.settings.prejudge_room:
+            self._spawn(self._prejudge_room(room, read, skip))
+
+    async def _prejudge_room(
+        self, room: str, read: Callable[[], str], skip: frozenset[str]
+    ) -> None:
+        """Fails open: whatever goes wrong here, no request waited for it."""
+        try:
+            await self._prejudge(room, read, skip)
+        except Exception:  # a bug must not go unnoticed; it affected no request
+            log.exception("judging the servers of room %s in the background failed", room)
+
+    async def _prejudge(self, room: str, read: Callable[[], str], skip: frozenset[str]) -> None:
+        """Parse in slices (the event loop runs between them), then judge the names not
+        cached, PREJUDGE_CONCURRENCY at a time across all rooms, DNS only: the same cold
+        decision a first request makes, shared with it when both ask at once."""
+        rooms, names = self.metrics.prejudge_rooms, self.metrics.prejudge_names
+        try:
+            servers = RoomServers(await asyncio.to_thread(read), skip)
+            for _ in servers.slices():
+                await asyncio.sleep(0)
+        except Unreadable as e:
+            rooms.labels("unreadable").inc()
+            log.info("not judging the servers of room %s: %s", room, e)
+            return
+        rooms.labels("capped" if servers.capped else "read").inc()
+        names.labels("invalid").inc(servers.invalid)
+        names.labels("taken").inc(len(servers.names))
+        log.info(
+            "judging %d servers of room %s in the background%s",
+            len(servers.names),
+            room,
+            " (the first ones: the room names more)" if servers.capped else "",
+        )
+        pending = iter(servers.names)
+
+        def known(name: str) -> bool:  # without starting a re-check of an expired verdict
+            return self.policy.is_listed(name) or self.policy.cache.get(name) is not None
+
+        async def worker() -> None:
+            for name in pending:
+                if not known(name):
+                    async with self._prejudging:
+                        if not known(name):
+                            await self.decide(name)
+                            names.labels("judged").inc()
+                            continue
+                names.labels("cached").inc()
+
+        await asyncio.gather(
+            *(worker() for _ in range(min(PREJUDGE_CONCURRENCY, len(servers.names))))
+        )
 
     def _verdict_counts(self) -> list[tuple[tuple[str, str], int]]:
         counts = self.policy.counts()

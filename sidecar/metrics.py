@@ -212,6 +212,26 @@ class Metrics:
             ["op", "result"],
             registry=r,
         )
+        # Intercept mode: the servers a send_join answer names, judged before the fan-out.
+        self.prejudge_rooms = Counter(
+            "tombstone_prejudge_rooms_total",
+            "send_join answers read for the servers of the room (--prejudge-room), by result: "
+            "read, capped (more servers than the cap; the first ones taken), unreadable.",
+            ["result"],
+            registry=r,
+        )
+        self.prejudge_names = Counter(
+            "tombstone_prejudge_names_total",
+            "Server names taken from send_join answers, by result: taken (valid, handed to "
+            "the judge), cached (a verdict was known), judged (decided in the background), "
+            "invalid (not a server name).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("read", "capped", "unreadable"):
+            self.prejudge_rooms.labels(result)
+        for result in ("taken", "cached", "judged", "invalid"):
+            self.prejudge_names.labels(result)
         self._synapse_admin_up: Gauge | None = None
         self.build_info = Gauge(
             "tombstone_build_info",

@@ -426,6 +426,16 @@ OPTIONS: tuple[Option, ...] = (
         uses=RUN,
     ),
     Option(
+        "prejudge_room",
+        True,
+        "Intercept mode: when a send_join answer passes, judge the servers it names in the "
+        "background (DNS only, a few at a time), so the fan-out after a join meets cached "
+        "verdicts. The answer is forwarded unchanged and at once.",
+        parse=parse_bool,
+        uses=RUN,
+        flag=True,
+    ),
+    Option(
         "gone_ttl",
         "24h",
         "How long a 410 verdict holds when the response has no Cache-Control/Expires.",
@@ -712,6 +722,7 @@ class Settings:
     head_timeout: float = 10.0
     max_head_size: int = 64 * 1024
     max_pending_clients: int = 0  # 0: auto, from the open-file limit
+    prejudge_room: bool = True
 
     # -- sections: what one component takes, as it takes it ------------------------------
 
@@ -838,6 +849,7 @@ class Settings:
             head_timeout=v["head_timeout"],
             max_head_size=v["max_head_size"],
             max_pending_clients=v["max_pending_clients"],
+            prejudge_room=v["prejudge_room"],
         )
 
 

@@ -239,6 +239,15 @@ class TombstoneAddon:
             self.connections.dials.pop(data.server, None)
             data.server.error = "refused: internal error in tombstone-sidecar (see its log)"
 
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """A send_join answer streams through a copy (intercept mode); fails open."""
+        if self.requests is None:
+            return
+        try:
+            self.requests.response_headers(flow)
+        except Exception as e:
+            self._hook_failed("responseheaders", e)
+
     def response(self, flow: http.HTTPFlow) -> None:
         """Passive 410 learning; it fails open: nothing was let through here."""
         if self.requests is None:

@@ -5,28 +5,63 @@ The rule, for every mode and path: a request is answered here when the host it w
 sent to is gone, or the server it is for (X-Matrix destination, else Host) is gone; the
 answer names whichever is gone (the server it is for first). A live request is pinned to
 a checked address of its host. Real responses teach: a `410 Gone` from `/_matrix/` or
-`/.well-known/matrix/` is a tombstone (judge/gone_http.py), and a live server's key
-document is recorded for the resurrection check (synapse/lifting.py).
+`/.well-known/matrix/` is a tombstone (judge/gone_http.py), a live server's key
+document is recorded for the resurrection check (synapse/lifting.py), and a `send_join`
+answer names the servers of the room, judged in the background (judge/room_servers.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+import urllib.parse
 
 from mitmproxy import http
 
 from sidecar.app import Sidecar
 from sidecar.judge import gone_http, request_classes
 from sidecar.judge.names import InvalidName, is_ip_literal, normalize_host, parse_authority
+from sidecar.judge.room_servers import MAX_ROOM_BODY_BYTES, Unreadable, decoded, room_of
 from sidecar.judge.verdicts import Entry
 from sidecar.proxy import answers, xmatrix
 from sidecar.proxy.connections import LOCAL_ANSWER, Connections, Tunnel
 from sidecar.proxy.xmatrix import XMatrixError
 from sidecar.remote.identity import KEY_PATH
 
+MAX_ROOM_ID_SHOWN = 255  # the spec's limit for a room ID: a longer one is cut in the log
+ROOM_BODY = "tombstone_room_body"  # flow.metadata: the copy of a send_join answer's body
+
+
+class BodyCopy:
+    """A send_join answer streams through unchanged (mitmproxy's `stream` callable), and
+    this keeps a copy of it, up to `limit` bytes, for the background judge.
+
+    Streamed, because `run` streams intercepted bodies over 1 MB (never buffered), and a
+    full-state answer for a large room is several MB: without the copy it would pass
+    unseen. Every chunk is passed on as it arrives, so nothing waits for the copy."""
+
+    def __init__(self, limit: int = MAX_ROOM_BODY_BYTES) -> None:
+        self.limit = limit
+        self.size = 0
+        self.chunks: list[bytes] = []
+
+    def __call__(self, chunk: bytes) -> bytes:
+        self.size += len(chunk)
+        if self.size <= self.limit:
+            self.chunks.append(chunk)
+        elif self.chunks:
+            self.chunks = []  # too large to read: keep nothing
+        return chunk
+
+    def body(self) -> bytes:
+        """The whole body (joined off the event loop: `read` runs in a thread)."""
+        if self.size > self.limit:
+            raise Unreadable(f"body is larger than {self.limit} bytes")
+        return b"".join(self.chunks)
+
 
 class RequestGate:
-    """`requestheaders` and `response` for one sidecar."""
+    """`requestheaders`, `responseheaders` and `response` for one sidecar."""
 
     def __init__(self, sidecar: Sidecar, connections: Connections) -> None:
         self.sidecar = sidecar
@@ -99,6 +134,20 @@ class RequestGate:
         names[(address, flow.request.port)] = host
         flow.request.data.host = address
 
+    def response_headers(self, flow: http.HTTPFlow) -> None:
+        """A send_join answer is about to pass: stream it through a copy (BodyCopy)."""
+        response = flow.response
+        if (
+            response is not None
+            and response.status_code == 200
+            and flow.request.method == "PUT"
+            and self.sidecar.settings.prejudge_room
+            and room_of(flow.request.path) is not None
+        ):
+            copy = BodyCopy()
+            response.stream = copy
+            flow.metadata[ROOM_BODY] = copy
+
     def response(self, flow: http.HTTPFlow) -> None:
         """Passive 410 learning from real responses, keyed by the request's destination."""
         response = flow.response
@@ -107,6 +156,11 @@ class RequestGate:
         if response.status_code == 200 and flow.request.path.startswith(KEY_PATH):
             self._observe_keys(flow, response)
             return
+        if response.status_code == 200 and flow.request.method == "PUT":
+            room = room_of(flow.request.path)
+            if room is not None:
+                self._prejudge(flow, response, room)
+                return
         if not gone_http.is_tombstone(response.status_code, flow.request.path):
             return
         try:
@@ -118,6 +172,33 @@ class RequestGate:
         where = f"https://{flow.request.host_header or flow.request.host}"
         path = flow.request.path.split("?", 1)[0]
         sidecar.policy.learn_gone(name, seconds, gone_http.evidence(410, path, where, seconds))
+
+    def _prejudge(self, flow: http.HTTPFlow, response: http.Response, room: str) -> None:
+        """A send_join answer passed (it is on its way to Synapse, unchanged): hand its
+        body to the background judge. Only references are taken here; decoding and
+        parsing happen later, off this hook."""
+        copy = flow.metadata.pop(ROOM_BODY, None)  # the judge holds it only while it reads
+        raw = response.raw_content
+        if not self.sidecar.settings.prejudge_room:
+            return
+        if isinstance(copy, BodyCopy):
+            read_raw = copy.body  # streamed through it (response_headers)
+        elif raw:
+            read_raw = lambda: raw  # noqa: E731 - buffered: the option was turned on meanwhile
+        else:
+            return
+        encoding = response.headers.get("content-encoding", "")
+        skip = set()
+        with contextlib.suppress(XMatrixError, InvalidName):
+            origin = xmatrix.parse(flow.request.headers.get("Authorization", "")).get("origin")
+            if origin:
+                skip.add(parse_authority(origin).host)  # the joining server: ourselves
+        with contextlib.suppress(XMatrixError, InvalidName):
+            skip.add(destination(flow))  # the server that answered: judged already
+        room_id = "".join(  # for the log line: one line, whatever the path held
+            c if c.isprintable() else "?" for c in urllib.parse.unquote(room)[:MAX_ROOM_ID_SHOWN]
+        )
+        self.sidecar.prejudge_room(room_id, lambda: decoded(read_raw(), encoding), frozenset(skip))
 
     def _observe_keys(self, flow: http.HTTPFlow, response: http.Response) -> None:
         """Intercept mode: record the signing keys an alive server published to Synapse."""
