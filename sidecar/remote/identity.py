@@ -2,11 +2,12 @@
 
 A domain that comes back after its tombstone may have a new owner. While a server is
 alive, the sidecar records the ed25519 keys it publishes at `/_matrix/key/v2/server`
-(seen through the sidecar in intercept mode, or fetched next to a pass-through probe);
-only self-signed documents for the name they were fetched for count. When a gone verdict
-is about to be lifted, the keys are fetched again: a server that kept at least one of the
-recorded keys (in `verify_keys`, or in `old_verify_keys` after a proper rotation) is the
-same server; one that publishes none of them is a **resurrection with a new identity**.
+(seen through the sidecar in intercept mode, or fetched where a pass-through probe found
+its federation API); only self-signed documents for the name they were fetched for
+count. When a gone verdict is about to be lifted, the keys are fetched again: a server
+that kept at least one of the recorded keys (in `verify_keys`, or in `old_verify_keys`
+after a proper rotation) is the same server; one that publishes none of them is a
+**resurrection with a new identity**.
 
 This is an alert, not a shield: the sidecar sees only the homeserver's outbound traffic,
 so it cannot stop a reborn server's inbound events, and a server that never talked
@@ -355,16 +356,22 @@ class KeyFetcher:
         timeout: float,
         resolve: Resolve,
         choose: Callable[[tuple[str, ...]], str | None],
+        sni_for: Callable[[str, tuple[str, int]], str] | None = None,
     ) -> None:
+        """`sni_for(name, target)`: the host to name in SNI and Host there (a delegated
+        host, as discovery found it); the server name itself when not given."""
         self._context = context
         self._timeout = timeout
         self._resolve = resolve
         self._choose = choose
+        self._sni_for = sni_for
 
     async def fetch(self, name: str, target: tuple[str, int], now: float) -> KeyRecord:
-        """`name`'s keys from `target` (TLS SNI and Host: the server name, as Synapse sends
-        them). KeyDocumentError (or OSError, ssl.SSLError, TimeoutError) says why not."""
+        """`name`'s keys from `target` (TLS SNI and Host: the server name, or the host its
+        well-known delegates to, as Synapse sends them); the document must be `name`'s.
+        KeyDocumentError (or OSError, ssl.SSLError, TimeoutError) says why not."""
         host, port = target
+        sni = self._sni_for(name, target) if self._sni_for is not None else name
         address = self._choose(await self._resolve(host))
         if address is None:
             raise KeyDocumentError(f"{host}: no address the policy allows")
@@ -373,10 +380,10 @@ class KeyFetcher:
             port,
             "GET",
             KEY_PATH,
-            host_header=name if port == 443 else f"{name}:{port}",
+            host_header=sni if port == 443 else f"{sni}:{port}",
             headers={"User-Agent": "tombstone-sidecar-keys"},
             tls=self._context,
-            server_hostname=name,
+            server_hostname=sni,
             seconds=self._timeout,
             limit=MAX_KEY_DOCUMENT_BYTES,
         )
