@@ -111,8 +111,18 @@ class Sidecar:
         if not settings.probe:
             return None
         return Prober(
-            settings.probing, self.metrics, self.addresses, self.addresses_of, dns=self.dns
+            settings.probing,
+            self.metrics,
+            self.addresses,
+            self.addresses_of,
+            dns=self.dns,
+            gone=self._judged_gone,
         )
+
+    def _judged_gone(self, host: str) -> bool:
+        """A cached verdict that suppresses `host` (enforcing or not: a probe is ours)."""
+        entry = self.policy.cached(host)
+        return entry is not None and entry.verdict.suppresses
 
     def _make_fetcher(self, settings: Settings) -> KeyFetcher:
         context = ssl.create_default_context()

@@ -58,6 +58,7 @@ MAX_REMEMBERED = 100_000  # names whose last probe time (and route) is kept
 _OUTCOMES = {Finding.GONE: "gone", Finding.CLEAR: "answered", Finding.UNKNOWN: "failed"}
 
 Resolve = Callable[[str], Awaitable[tuple[str, ...]]]
+Gone = Callable[[str], bool]  # a host judged gone now: never dialled, not even by a probe
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,18 @@ class Prober:
         metrics: Metrics,
         addresses: AddressPolicy,
         resolve: Resolve,
+        *,
         dns: DnsClient | None = None,
+        gone: Gone | None = None,
     ) -> None:
-        """`dns` asks the SRV questions of discovery (`probe`); `fetch` alone needs none."""
+        """`dns` asks the SRV questions of discovery (`probe`); `fetch` alone needs none.
+        `gone`: hosts a route may lead to that must not be asked (judged gone)."""
         self.settings = settings
         self.addresses = addresses
         self._metrics = metrics
         self._resolve = resolve
         self._dns = dns
+        self._gone = gone
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._last: TTLCache[str, float] = TTLCache(MAX_REMEMBERED, settings.interval)
         # name -> where its federation API is; a delegated host / SRV target -> its server
@@ -146,21 +151,25 @@ class Prober:
             owner = self._endpoints.get(name)
             if skip_endpoints and owner is not None:
                 return ProbeResult("failed", f"{name} is where {owner} serves federation")
+            fetcher = _ForServer(self, name)
             if seen is not None and seen != (name, WELL_KNOWN_PORT):
                 route = Route(name, seen)
                 self._learn(name, route)
-                report = await at_endpoint(self, route, well_known=not is_ip_literal(name))
+                report = await at_endpoint(fetcher, route, well_known=not is_ip_literal(name))
             elif self._dns is None:
                 return ProbeResult("failed", f"{name}: no resolver for discovery")
             else:
                 report = await discover(
-                    self,
+                    fetcher,
                     self._dns,
                     name,
                     stop_at_gone=True,
                     on_route=lambda route: self._learn(name, route),
                 )
         return self._result(report)
+
+    def judged_gone(self, host: str) -> bool:
+        return self._gone is not None and self._gone(host)
 
     def _learn(self, name: str, route: Route) -> None:
         self._routes[name] = route
@@ -224,3 +233,21 @@ class Prober:
     async def _address(self, host: str) -> str | None:
         address, _ = self.addresses.choose(await self._resolve(host))
         return address
+
+
+class _ForServer:
+    """The prober's fetch for one server's probe: a host its route leads to (a delegated
+    host, an SRV target) that is judged gone is not asked, as the proxy would not dial it;
+    the server itself is (its 410 verdict may be up for lifting)."""
+
+    def __init__(self, prober: Prober, server: str) -> None:
+        self._prober = prober
+        self._server = server
+
+    async def fetch(
+        self, name: str, target: tuple[str, int], path: str, body: bool = False
+    ) -> ProbeResult:
+        for host in {name, target[0]} - {self._server}:
+            if self._prober.judged_gone(host):
+                return ProbeResult("failed", f"{host} is judged gone: not asked {path}")
+        return await self._prober.fetch(name, target, path, body)

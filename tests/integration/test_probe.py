@@ -344,6 +344,28 @@ def test_a_name_first_seen_on_its_federation_port_is_probed_there(
     ]
 
 
+def test_a_route_into_a_gone_host_is_not_asked(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    federation: Federation,
+    unique: Callable[[str], str],
+) -> None:
+    """A live name delegating to a host judged gone (here: on the deny list): the proxy
+    would never dial that host, and neither does the probe."""
+    name, api_host = unique("to-gone"), unique("gone-api")
+    sidecar = probing(sidecar_factory, ca, "--deny", api_host)
+    federation.delegations[name] = f"{api_host}:{federation.api.port}"
+    zone.add(name, "A", WELL_KNOWN_IP)
+    zone.add(api_host, "A", API_IP)
+    assert sidecar.tunnel_opens(f"{name}:443")
+    assert wait_until(lambda: sidecar.metric("tombstone_probes_total", result="failed") >= 1)
+    assert sidecar.metric("tombstone_probes_total", result="answered") == 1  # the well-known
+    assert federation.seen() == [(name, 443, "/.well-known/matrix/server")]
+    assert federation.api.connections == 0
+    assert verdict(sidecar, name)["state"] == "alive"  # not asked is no evidence
+
+
 def test_discovery_never_dials_what_the_address_policy_refuses(
     dns_server: DnsServer,
     zone: Zone,
