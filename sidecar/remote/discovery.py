@@ -210,8 +210,9 @@ def _m_server(body: bytes) -> str | None:
 
 
 async def _srv(dns: DnsClient, host: str) -> tuple[tuple[str, int] | None, HttpStep]:
-    fed = await dns.query(f"{SRV_PREFIXES[0]}.{host}", "SRV")
-    legacy = await dns.query(f"{SRV_PREFIXES[1]}.{host}", "SRV")
+    # recent: the policy asked these for a name it just judged (one question set per name)
+    fed = await dns.query(f"{SRV_PREFIXES[0]}.{host}", "SRV", recent=True)
+    legacy = await dns.query(f"{SRV_PREFIXES[1]}.{host}", "SRV", recent=True)
     answer = choose_srv(fed, legacy)
     where = f"SRV {answer.name}"
     if answer.outcome != "ok":

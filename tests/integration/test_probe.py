@@ -295,6 +295,7 @@ def test_a_delegated_server_is_probed_where_its_well_known_points(
 def test_a_server_without_delegation_is_probed_on_8448_or_its_srv_target(
     how: str,
     sidecar_factory: Callable[..., Sidecar],
+    dns_server: DnsServer,
     zone: Zone,
     ca: TestCA,
     federation: Federation,
@@ -319,6 +320,9 @@ def test_a_server_without_delegation_is_probed_on_8448_or_its_srv_target(
         (name, port, VERSION),  # SNI: the server name, as Synapse sends it to an SRV target
         (name, port, "/_matrix/key/v2/server"),
     ]
+    # The SRV pair the judgment asked a moment before is not asked again by the probe.
+    for prefix in ("_matrix-fed._tcp", "_matrix._tcp"):
+        assert dns_server.query_count(f"{prefix}.{name}", "SRV") == 1
 
 
 def test_a_name_first_seen_on_its_federation_port_is_probed_there(
