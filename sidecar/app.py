@@ -138,9 +138,15 @@ class Sidecar:
 
     def _route_sni(self, name: str, target: tuple[str, int]) -> str:
         """The SNI for `name`'s keys at `target`: the delegated host its last probe found
-        there (well-known delegation), else the name itself."""
+        there (well-known delegation), else the one its recorded keys were fetched with
+        (a lift long after the probe), else the name itself."""
         route = self.prober.route_of(name) if self.prober is not None else None
-        return route.sni if route is not None and route.target == target else name
+        if route is not None and route.target == target:
+            return route.sni
+        record = self.lifter.book.records.get(name)
+        if record is not None and record.target == target and record.sni:
+            return record.sni
+        return name
 
     def reconfigure(self, settings: Settings) -> None:
         """New settings while running (mitmproxy `--set`): the verdict cache survives unless

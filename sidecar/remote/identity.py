@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -70,6 +71,7 @@ class KeyRecord:
     old_keys: tuple[tuple[str, str], ...]  # old_verify_keys: retired but still its own
     seen_at: float
     target: tuple[str, int] | None = None  # host, port the document came from
+    sni: str | None = None  # the host named in TLS there when not the server (delegation)
 
     def same_identity(self, now: KeyRecord) -> bool:
         """True when `now` still vouches for a recorded key (current or rotated out)."""
@@ -82,6 +84,7 @@ class KeyRecord:
             "old_keys": dict(self.old_keys),
             "seen_at": self.seen_at,
             "target": list(self.target) if self.target else None,
+            "sni": self.sni,
         }
 
     @classmethod
@@ -108,6 +111,7 @@ class KeyRecord:
             _stored_keys(data.get("old_keys"), "old_keys"),
             seen,
             _stored_target(data.get("target")),
+            None if data.get("sni") is None else destination_name(data.get("sni")),
         )
 
 
@@ -271,13 +275,8 @@ class KeyBook:
             found.keys,
             found.old_keys,
         ):
-            found = KeyRecord(
-                found.server_name,
-                found.keys,
-                found.old_keys,
-                found.seen_at,
-                found.target or previous.target,
-            )
+            if found.target is None:  # no place given: keep where the keys were fetched
+                found = dataclasses.replace(found, target=previous.target, sni=previous.sni)
         elif previous is not None:
             log.info(
                 "%s publishes new signing keys while alive: %s",
@@ -389,4 +388,5 @@ class KeyFetcher:
         )
         if reply.status != 200:
             raise KeyDocumentError(f"https://{host}:{port}{KEY_PATH} answered {reply.status}")
-        return parse_key_document(reply.body, frozenset({name}), target, now)
+        found = parse_key_document(reply.body, frozenset({name}), target, now)
+        return found if sni == name else dataclasses.replace(found, sni=sni)

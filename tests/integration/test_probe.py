@@ -280,6 +280,7 @@ def test_a_delegated_server_is_probed_where_its_well_known_points(
     assert sidecar.tunnel_opens(f"{name}:443")
     assert wait_until(lambda: name in recorded_keys(sidecar), timeout=15), federation.seen()
     assert recorded_keys(sidecar)[name]["target"] == [api_host, port]
+    assert recorded_keys(sidecar)[name]["sni"] == api_host  # for the re-fetch at a lift
     # Synapse then connects to the delegated host: a route already known, not probed again.
     assert sidecar.tunnel_opens(f"{api_host}:{port}")
     time.sleep(PROBE_SETTLE_SECONDS)  # a probe it started would have asked by now
