@@ -127,13 +127,43 @@ class Sidecar:
     def _make_prober(self, settings: Settings) -> Prober | None:
         if not settings.probe:
             return None
-        return Prober(settings.probing, self.metrics, self.addresses, self.addresses_of)
+        return Prober(
+            settings.probing,
+            self.metrics,
+            self.addresses,
+            self.addresses_of,
+            dns=self.dns,
+            gone=self._judged_gone,
+        )
+
+    def _judged_gone(self, host: str) -> bool:
+        """A cached verdict that suppresses `host` (enforcing or not: a probe is ours)."""
+        entry = self.policy.cached(host)
+        return entry is not None and entry.verdict.suppresses
 
     def _make_fetcher(self, settings: Settings) -> KeyFetcher:
         context = ssl.create_default_context()
         if settings.upstream_ca:
             context.load_verify_locations(settings.upstream_ca)
-        return KeyFetcher(context, settings.probe_timeout, self.addresses_of, self.allowed_address)
+        return KeyFetcher(
+            context,
+            settings.probe_timeout,
+            self.addresses_of,
+            self.allowed_address,
+            sni_for=self._route_sni,
+        )
+
+    def _route_sni(self, name: str, target: tuple[str, int]) -> str:
+        """The SNI for `name`'s keys at `target`: the delegated host its last probe found
+        there (well-known delegation), else the one its recorded keys were fetched with
+        (a lift long after the probe), else the name itself."""
+        route = self.prober.route_of(name) if self.prober is not None else None
+        if route is not None and route.target == target:
+            return route.sni
+        record = self.lifter.book.records.get(name)
+        if record is not None and record.target == target and record.sni:
+            return record.sni
+        return name
 
     def reconfigure(self, settings: Settings) -> None:
         """New settings while running (mitmproxy `--set`): the verdict cache survives unless
@@ -270,19 +300,20 @@ class Sidecar:
             self.metrics.blocked_address.inc()
         return address, refused, found
 
-    def probe(self, name: str, target: tuple[str, int], verdict: Verdict) -> None:
-        """First sight of a live name: learn in the background whether it answers 410."""
+    def probe(self, name: str, seen: tuple[str, int], verdict: Verdict) -> None:
+        """First sight of a live name, on connection target `seen`: learn in the background
+        whether it answers 410, asking where Synapse would (remote/probe.py)."""
         prober = self.prober
         if prober is not None and verdict.state is State.ALIVE and prober.due(name):
-            prober.schedule(name, target, lambda n, r: self._probed(n, r, target))
+            prober.schedule(name, seen, self._probed)
 
-    def _probed(self, name: str, result: ProbeResult, target: tuple[str, int]) -> None:
+    def _probed(self, name: str, result: ProbeResult) -> None:
         if result.outcome == "gone":
             self.policy.learn_gone(name, result.lifetime, result.detail)
             return
         log.debug("probe of %s: %s", name, result.detail)
-        if result.outcome == "answered":
-            self.lifter.record_keys(name, target)  # alive: what identity it has now
+        if result.route is not None:  # its federation API answered: what identity it has now
+            self.lifter.record_keys(name, result.route.target)
 
     def observe_keys(self, name: str, body: bytes, target: tuple[str, int]) -> None:
         """Intercept mode: the signing keys a live server published to Synapse."""

@@ -341,9 +341,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "refusal",
         "close",
-        "How a CONNECT to a gone server is refused: `close` (shut the connection without an "
-        "answer: Synapse backs off the same and logs no CRITICAL traceback) or `status` "
-        "(answer --suppress-status with a JSON body and X-Tombstone-Signal, for curl & co).",
+        "How a CONNECT to a gone server is refused, and one that cannot be completed (every "
+        "address blocked, none, the dial failed): `close` (shut the connection without a "
+        "status line, as a failed connection looks without a proxy: Synapse backs off the "
+        "same and logs no CRITICAL traceback) or `status` (answer --suppress-status, or 403 / "
+        "502 when not gone, with a JSON body and X-Tombstone-Signal, for curl & co).",
         "close|status",
         parse=parse_refusal,
         uses=RUN,

@@ -210,7 +210,10 @@ class TombstoneAddon:
             await self.tunnels.connect(flow)
         except Exception as e:
             self._hook_failed("http_connect", e)
-            flow.response = answers.internal_error("CONNECT")
+            if self.sidecar is not None and self.sidecar.settings.refusal == "close":
+                flow.kill()  # refused all the same, without a status Synapse logs as CRITICAL
+            else:
+                flow.response = answers.internal_error("CONNECT")
 
     async def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         try:

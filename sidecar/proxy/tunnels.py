@@ -165,8 +165,9 @@ class TunnelGate:
             if sidecar.suppress(entry, "connect"):
                 self._refuse(flow, entry.verdict)
                 return
-            flow.response = await self._pin_address(tunnel)
-            if flow.response is not None:
+            failed = await self._pin_address(tunnel)
+            if failed is not None:
+                self._fail(flow, failed)
                 return
             broken = sidecar.breaker_verdict(tunnel.key)
             if broken is not None and sidecar.suppress(Entry(broken), "connect"):
@@ -176,6 +177,8 @@ class TunnelGate:
             if sidecar.settings.mode == "passthrough":
                 self.connections.forwarding(host, flow.client_conn)
             sidecar.probe(host, (host, tunnel.port), entry.verdict)
+            if sidecar.settings.mode == "passthrough" and sidecar.settings.refusal == "close":
+                flow.response = established(flow)
         finally:
             metrics.decision_by_stage["connect"].observe(time.perf_counter() - started)
 
@@ -242,6 +245,17 @@ class TunnelGate:
         else:
             flow.response = answers.suppressed(verdict, settings.suppress_status)
 
+    def _fail(self, flow: http.HTTPFlow, answer: http.Response) -> None:
+        """A CONNECT the sidecar cannot complete although nothing is gone (every address
+        blocked, no address at all): `--refusal close` closes it, as a failed connect looks
+        to a client without a proxy; `status` answers with `answer` (a 403 or 502 and JSON).
+        The guard holds either way: nothing is dialled (tombstone_blocked_address_total and
+        tombstone_upstream_errors_total{kind="resolve"} count them)."""
+        if self.sidecar.settings.refusal == "close":
+            flow.kill()
+        else:
+            flow.response = answer
+
     async def _pin_address(self, tunnel: Tunnel) -> http.Response | None:
         """Choose the address to dial for this tunnel, or the answer that refuses it."""
         sidecar = self.sidecar
@@ -255,3 +269,26 @@ class TunnelGate:
         if found.known:  # DNS says: no address. Not our failure.
             sidecar.breaker.failure(tunnel.key, "no A or AAAA records")
         return answers.unresolvable(tunnel.host, answers.no_address_reason(tunnel.host, found))
+
+
+def established(flow: http.HTTPFlow) -> http.Response:
+    """mitmproxy's own `200 Connection established`, given before it would dial.
+
+    With `connection_strategy=eager` (mitmdump's default) mitmproxy dials the CONNECT
+    target before answering and turns a failed dial (refused, reset, timed out, refused by
+    dials.py) into `502 Bad Gateway`, which Synapse logs as a CRITICAL `ProxyConnectError`
+    traceback where, alone, it would have logged a failed connection. Answered here, the
+    dial waits for the tunnel's first bytes (as with `lazy`, what `run` sets) and its
+    failure closes the tunnel; the same bytes as mitmproxy's answer (no headers).
+    """
+    now = time.time()
+    return http.Response(
+        flow.request.data.http_version,
+        200,
+        b"Connection established",
+        http.Headers(),
+        b"",
+        None,
+        now,
+        now,
+    )

@@ -2,11 +2,12 @@
 
 A domain that comes back after its tombstone may have a new owner. While a server is
 alive, the sidecar records the ed25519 keys it publishes at `/_matrix/key/v2/server`
-(seen through the sidecar in intercept mode, or fetched next to a pass-through probe);
-only self-signed documents for the name they were fetched for count. When a gone verdict
-is about to be lifted, the keys are fetched again: a server that kept at least one of the
-recorded keys (in `verify_keys`, or in `old_verify_keys` after a proper rotation) is the
-same server; one that publishes none of them is a **resurrection with a new identity**.
+(seen through the sidecar in intercept mode, or fetched where a pass-through probe found
+its federation API); only self-signed documents for the name they were fetched for
+count. When a gone verdict is about to be lifted, the keys are fetched again: a server
+that kept at least one of the recorded keys (in `verify_keys`, or in `old_verify_keys`
+after a proper rotation) is the same server; one that publishes none of them is a
+**resurrection with a new identity**.
 
 This is an alert, not a shield: the sidecar sees only the homeserver's outbound traffic,
 so it cannot stop a reborn server's inbound events, and a server that never talked
@@ -22,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -69,6 +71,7 @@ class KeyRecord:
     old_keys: tuple[tuple[str, str], ...]  # old_verify_keys: retired but still its own
     seen_at: float
     target: tuple[str, int] | None = None  # host, port the document came from
+    sni: str | None = None  # the host named in TLS there when not the server (delegation)
 
     def same_identity(self, now: KeyRecord) -> bool:
         """True when `now` still vouches for a recorded key (current or rotated out)."""
@@ -81,6 +84,7 @@ class KeyRecord:
             "old_keys": dict(self.old_keys),
             "seen_at": self.seen_at,
             "target": list(self.target) if self.target else None,
+            "sni": self.sni,
         }
 
     @classmethod
@@ -107,6 +111,7 @@ class KeyRecord:
             _stored_keys(data.get("old_keys"), "old_keys"),
             seen,
             _stored_target(data.get("target")),
+            None if data.get("sni") is None else destination_name(data.get("sni")),
         )
 
 
@@ -270,13 +275,8 @@ class KeyBook:
             found.keys,
             found.old_keys,
         ):
-            found = KeyRecord(
-                found.server_name,
-                found.keys,
-                found.old_keys,
-                found.seen_at,
-                found.target or previous.target,
-            )
+            if found.target is None:  # no place given: keep where the keys were fetched
+                found = dataclasses.replace(found, target=previous.target, sni=previous.sni)
         elif previous is not None:
             log.info(
                 "%s publishes new signing keys while alive: %s",
@@ -355,16 +355,22 @@ class KeyFetcher:
         timeout: float,
         resolve: Resolve,
         choose: Callable[[tuple[str, ...]], str | None],
+        sni_for: Callable[[str, tuple[str, int]], str] | None = None,
     ) -> None:
+        """`sni_for(name, target)`: the host to name in SNI and Host there (a delegated
+        host, as discovery found it); the server name itself when not given."""
         self._context = context
         self._timeout = timeout
         self._resolve = resolve
         self._choose = choose
+        self._sni_for = sni_for
 
     async def fetch(self, name: str, target: tuple[str, int], now: float) -> KeyRecord:
-        """`name`'s keys from `target` (TLS SNI and Host: the server name, as Synapse sends
-        them). KeyDocumentError (or OSError, ssl.SSLError, TimeoutError) says why not."""
+        """`name`'s keys from `target` (TLS SNI and Host: the server name, or the host its
+        well-known delegates to, as Synapse sends them); the document must be `name`'s.
+        KeyDocumentError (or OSError, ssl.SSLError, TimeoutError) says why not."""
         host, port = target
+        sni = self._sni_for(name, target) if self._sni_for is not None else name
         address = self._choose(await self._resolve(host))
         if address is None:
             raise KeyDocumentError(f"{host}: no address the policy allows")
@@ -373,13 +379,14 @@ class KeyFetcher:
             port,
             "GET",
             KEY_PATH,
-            host_header=name if port == 443 else f"{name}:{port}",
+            host_header=sni if port == 443 else f"{sni}:{port}",
             headers={"User-Agent": "tombstone-sidecar-keys"},
             tls=self._context,
-            server_hostname=name,
+            server_hostname=sni,
             seconds=self._timeout,
             limit=MAX_KEY_DOCUMENT_BYTES,
         )
         if reply.status != 200:
             raise KeyDocumentError(f"https://{host}:{port}{KEY_PATH} answered {reply.status}")
-        return parse_key_document(reply.body, frozenset({name}), target, now)
+        found = parse_key_document(reply.body, frozenset({name}), target, now)
+        return found if sni == name else dataclasses.replace(found, sni=sni)

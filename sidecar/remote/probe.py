@@ -1,11 +1,22 @@
 """Active HTTP probes: how pass-through mode learns `410 Gone` without seeing responses.
 
 The first time a server name is seen (and when its http_410 verdict expires) the sidecar
-fetches, in the background, `https://<name>/.well-known/matrix/server` and
-`GET /_matrix/federation/v1/version` on the connection target, the way a remote homeserver
-would: certificates verified (system store plus `--upstream-ca`), only addresses the
-address policy allows, a deadline on everything. The live request is never delayed by a
-probe, and a probe that fails (timeout, TLS error, refused) is never a verdict.
+asks the server itself, in the background, where Synapse would ask it:
+
+- a name first seen on port 443 (Synapse's well-known lookup goes there first), or one up
+  for lifting: the whole of discovery (discovery.py): the well-known (a 410 there is the
+  answer, nothing more is asked), then `m.server`, SRV, 8448, and
+  `GET /_matrix/federation/v1/version` where that leads;
+- a name first seen elsewhere (Synapse resolved it already: an explicit port, an SRV
+  target, a delegation): its well-known (a 410 there is the answer), then the version
+  request on that connection target, with the name as SNI: where Synapse is sending its
+  own traffic.
+
+The hosts a discovery leads to (a delegated host, an SRV target) are not server names:
+they are not probed on their own while their server's route is remembered. Certificates
+are verified (system store plus `--upstream-ca`), only addresses the address policy allows
+are dialled, everything has a deadline. The live request is never delayed by a probe, and
+a probe that fails (timeout, TLS error, refused) is never a verdict.
 """
 
 from __future__ import annotations
@@ -19,21 +30,35 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
+from sidecar.dns.client import DnsClient
 from sidecar.judge import gone_http
+from sidecar.judge.names import is_ip_literal
+from sidecar.judge.signals import Finding
 from sidecar.judge.ttl import TtlBounds
 from sidecar.metrics import Metrics
 from sidecar.remote import http1
 from sidecar.remote.addresses import AddressPolicy
+from sidecar.remote.discovery import (
+    VERSION_PATH,
+    WELL_KNOWN_PATH,
+    WELL_KNOWN_PORT,
+    HttpReport,
+    Route,
+    at_endpoint,
+    discover,
+)
 
 log = logging.getLogger("sidecar.probe")
 
-WELL_KNOWN_PATH = "/.well-known/matrix/server"
-VERSION_PATH = "/_matrix/federation/v1/version"
+__all__ = ["VERSION_PATH", "WELL_KNOWN_PATH", "ProbeResult", "ProbeSettings", "Prober"]
+
 MAX_BODY_BYTES = 64 * 1024  # a well-known document (`check --probe` reads its m.server)
 USER_AGENT = "tombstone-sidecar-probe"
-MAX_REMEMBERED = 100_000  # names whose last probe time is kept for the rate limit
+MAX_REMEMBERED = 100_000  # names whose last probe time (and route) is kept
+_OUTCOMES = {Finding.GONE: "gone", Finding.CLEAR: "answered", Finding.UNKNOWN: "failed"}
 
 Resolve = Callable[[str], Awaitable[tuple[str, ...]]]
+Gone = Callable[[str], bool]  # a host judged gone now: never dialled, not even by a probe
 
 
 @dataclass(frozen=True)
@@ -45,6 +70,7 @@ class ProbeResult:
     lifetime: float = 0.0
     status: int = 0  # the HTTP status when there was an answer
     body: bytes = b""  # only when asked for (`fetch(..., body=True)`)
+    route: Route | None = None  # where the federation API answered (its keys are there)
 
 
 @dataclass(frozen=True)
@@ -60,55 +86,110 @@ class Prober:
     """Runs probes: bounded concurrency, per-name rate limit, never raises."""
 
     def __init__(
-        self, settings: ProbeSettings, metrics: Metrics, addresses: AddressPolicy, resolve: Resolve
+        self,
+        settings: ProbeSettings,
+        metrics: Metrics,
+        addresses: AddressPolicy,
+        resolve: Resolve,
+        *,
+        dns: DnsClient | None = None,
+        gone: Gone | None = None,
     ) -> None:
+        """`dns` asks the SRV questions of discovery (`probe`); `fetch` alone needs none.
+        `gone`: hosts a route may lead to that must not be asked (judged gone)."""
         self.settings = settings
         self.addresses = addresses
         self._metrics = metrics
         self._resolve = resolve
+        self._dns = dns
+        self._gone = gone
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._last: TTLCache[str, float] = TTLCache(MAX_REMEMBERED, settings.interval)
+        # name -> where its federation API is; a delegated host / SRV target -> its server
+        self._routes: TTLCache[str, Route] = TTLCache(MAX_REMEMBERED, settings.interval)
+        self._endpoints: TTLCache[str, str] = TTLCache(MAX_REMEMBERED, settings.interval)
         self._tasks: set[asyncio.Task[None]] = set()
         self._context = ssl.create_default_context()
         if settings.ca_file:
             self._context.load_verify_locations(settings.ca_file)
 
     def due(self, name: str) -> bool:
-        return name not in self._last
+        """Not probed within the interval, and not a host another server's route leads to."""
+        return name not in self._last and name not in self._endpoints
+
+    def route_of(self, name: str) -> Route | None:
+        """Where `name`'s federation API was found by its last probe (within the interval)."""
+        return self._routes.get(name)
 
     def schedule(
         self,
         name: str,
-        target: tuple[str, int] | None,
+        seen: tuple[str, int] | None,
         on_result: Callable[[str, ProbeResult], None],
     ) -> None:
-        """Probe `name` in the background unless it was probed within the interval."""
-        if name in self._last:
+        """Probe `name` in the background unless it was probed within the interval;
+        `seen` is the connection target it was seen on (see the module docstring)."""
+        if not self.due(name):
             return
         self._last[name] = time.monotonic()
 
         async def run() -> None:
-            on_result(name, await self.probe(name, target))
+            on_result(name, await self.probe(name, seen, skip_endpoints=True))
 
         task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def probe(self, name: str, target: tuple[str, int] | None) -> ProbeResult:
-        """Both probes; the first tombstone wins, any real answer means not gone."""
+    async def probe(
+        self, name: str, seen: tuple[str, int] | None = None, skip_endpoints: bool = False
+    ) -> ProbeResult:
+        """Ask `name` where Synapse would (the module docstring); the first tombstone wins,
+        any real answer means not gone. `skip_endpoints`: nothing is asked of a host that
+        turned out, while this probe waited for a slot, to be another server's route."""
         self._last[name] = time.monotonic()
-        target = target or (name, 8448)
         async with self._slots:
-            results = [await self.fetch(name, (name, 443), WELL_KNOWN_PATH)]
-            if results[0].outcome != "gone":
-                results.append(await self.fetch(name, target, VERSION_PATH))
-        for result in results:
-            self._metrics.probes.labels(result.outcome).inc()
-        gone = next((r for r in results if r.outcome == "gone"), None)
+            owner = self._endpoints.get(name)
+            if skip_endpoints and owner is not None:
+                return ProbeResult("failed", f"{name} is where {owner} serves federation")
+            fetcher = _ForServer(self, name)
+            if seen is not None and seen != (name, WELL_KNOWN_PORT):
+                route = Route(name, seen)
+                self._learn(name, route)
+                report = await at_endpoint(fetcher, route, well_known=not is_ip_literal(name))
+            elif self._dns is None:
+                return ProbeResult("failed", f"{name}: no resolver for discovery")
+            else:
+                report = await discover(
+                    fetcher,
+                    self._dns,
+                    name,
+                    stop_at_gone=True,
+                    on_route=lambda route: self._learn(name, route),
+                )
+        return self._result(report)
+
+    def judged_gone(self, host: str) -> bool:
+        return self._gone is not None and self._gone(host)
+
+    def _learn(self, name: str, route: Route) -> None:
+        self._routes[name] = route
+        for host in route.hosts - {name}:
+            self._endpoints[host] = name
+
+    def _result(self, report: HttpReport) -> ProbeResult:
+        fetched = [s for s in report.steps if s.step != "srv"]
+        for step in fetched:
+            self._metrics.probes.labels(_OUTCOMES[step.finding]).inc()
+        gone = report.gone
         if gone is not None:
-            return gone
-        answered = next((r for r in results if r.outcome == "answered"), None)
-        return answered or results[-1]
+            return ProbeResult("gone", gone.detail, gone.lifetime or 0.0, gone.status or 0)
+        route = report.route if report.api_answered else None
+        answered = next((s for s in fetched if s.finding is Finding.CLEAR), None)
+        if answered is not None:
+            detail = f"{answered.where}: {answered.detail}"
+            return ProbeResult("answered", detail, 0.0, answered.status or 0, route=route)
+        detail = "; ".join(s.detail for s in fetched) or "no request made"
+        return ProbeResult("failed", detail)
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -152,3 +233,21 @@ class Prober:
     async def _address(self, host: str) -> str | None:
         address, _ = self.addresses.choose(await self._resolve(host))
         return address
+
+
+class _ForServer:
+    """The prober's fetch for one server's probe: a host its route leads to (a delegated
+    host, an SRV target) that is judged gone is not asked, as the proxy would not dial it;
+    the server itself is (its 410 verdict may be up for lifting)."""
+
+    def __init__(self, prober: Prober, server: str) -> None:
+        self._prober = prober
+        self._server = server
+
+    async def fetch(
+        self, name: str, target: tuple[str, int], path: str, body: bool = False
+    ) -> ProbeResult:
+        for host in {name, target[0]} - {self._server}:
+            if self._prober.judged_gone(host):
+                return ProbeResult("failed", f"{host} is judged gone: not asked {path}")
+        return await self._prober.fetch(name, target, path, body)

@@ -7,17 +7,26 @@ calls alive, without delaying that CONNECT, and never from an error or a 404.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from sidecar.dns.client import DnsClient, Nameserver
+from sidecar.judge.ttl import TtlBounds
+from sidecar.metrics import Metrics
+from sidecar.remote.addresses import AddressPolicy, parse_network
+from sidecar.remote.probe import Prober, ProbeResult, ProbeSettings
 from tests.integration.conftest import DEAD_IP, LIVE_IP
-from tests.support.dns_server import Zone
+from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import wait_until
 from tests.support.sidecar_process import Sidecar
+from tests.support.signing import SigningKey
 from tests.support.tls_upstream import Request, Response, TestCA, Upstream
 
 PROBE_IP = "127.0.0.6"
@@ -181,3 +190,219 @@ def test_404_and_errors_are_not_tombstones(
     )
     for name in (live, refusing):
         assert verdict(sidecar, name)["state"] == "alive"
+
+
+# -- where the probe asks: where Synapse would (issue 17, finding 1) ------------------------
+
+WELL_KNOWN_IP = "127.0.0.11"  # every server name's :443 (its well-known only)
+API_IP = "127.0.0.12"  # the federation APIs, on their own ports
+KEYS_FILE = "signing-keys.json"
+PROBE_SETTLE_SECONDS = 1.0  # a loopback probe takes milliseconds
+VERSION = "/_matrix/federation/v1/version"
+
+
+@dataclass
+class Federation:
+    """A well-known server on :443 and an API server elsewhere, with their requests."""
+
+    well_known: Upstream
+    api: Upstream
+    on_8448: Upstream
+    delegations: dict[str, str]  # server name -> its m.server
+    keys: dict[str, SigningKey]  # server name -> its signing key (whoever serves it)
+
+    def seen(self) -> list[tuple[str, int, str]]:
+        """(SNI, port, path) of every request any of them answered, in order per server."""
+        return [
+            (r.sni or "", server.port, r.path)
+            for server in (self.well_known, self.api, self.on_8448)
+            for r in server.requests
+        ]
+
+
+@pytest.fixture
+def federation(ca: TestCA) -> Iterator[Federation]:
+    delegations: dict[str, str] = {}
+    keys: dict[str, SigningKey] = {}
+
+    def well_known(request: Request) -> Response:
+        name = request.headers.get("host", "").rsplit(":", 1)[0]
+        if request.path == "/.well-known/matrix/server" and name in delegations:
+            body = json.dumps({"m.server": delegations[name]}).encode()
+            return Response(200, body, {"Content-Type": "application/json"})
+        return Response(404, b'{"errcode": "M_NOT_FOUND"}', {"Content-Type": "application/json"})
+
+    def api(request: Request) -> Response:
+        if request.path == "/_matrix/key/v2/server":
+            # The key document names the server, wherever it is served (delegation).
+            owner = next((n for n, d in delegations.items() if d.startswith(request.sni or "")), "")
+            key = keys.get(owner) or keys.get(request.sni or "")
+            if key is not None:
+                body = json.dumps(key.key_document()).encode()
+                return Response(200, body, {"Content-Type": "application/json"})
+        return Response(200, b'{"server": {"name": "fake"}}', {"Content-Type": "application/json"})
+
+    servers = (
+        Upstream(ca, ["*.hs.test"], host=WELL_KNOWN_IP, port=443, handler=well_known).start(),
+        Upstream(ca, ["*.hs.test"], host=API_IP, handler=api).start(),
+        Upstream(ca, ["*.hs.test"], host=WELL_KNOWN_IP, port=8448, handler=api).start(),
+    )
+    yield Federation(*servers, delegations, keys)
+    for server in servers:
+        server.stop()
+
+
+def recorded_keys(sidecar: Sidecar) -> dict[str, dict[str, object]]:
+    path = sidecar.state_dir / KEYS_FILE
+    if not path.exists():
+        return {}
+    records = json.loads(path.read_text())["records"]
+    return {r["server_name"]: r for r in records}
+
+
+def test_a_delegated_server_is_probed_where_its_well_known_points(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    federation: Federation,
+    unique: Callable[[str], str],
+) -> None:
+    """Synapse's first CONNECT for a name is its well-known (name:443); the probe follows
+    the delegation like Synapse: version and keys at the delegated host:port, with that
+    host as SNI, and nothing but the well-known on :443."""
+    sidecar = probing(sidecar_factory, ca)
+    name, api_host = unique("delegates"), unique("api")
+    port = federation.api.port
+    federation.delegations[name] = f"{api_host}:{port}"
+    federation.keys[name] = SigningKey(name)
+    zone.add(name, "A", WELL_KNOWN_IP)
+    zone.add(api_host, "A", API_IP)
+    assert sidecar.tunnel_opens(f"{name}:443")
+    assert wait_until(lambda: name in recorded_keys(sidecar), timeout=15), federation.seen()
+    assert recorded_keys(sidecar)[name]["target"] == [api_host, port]
+    assert recorded_keys(sidecar)[name]["sni"] == api_host  # for the re-fetch at a lift
+    # Synapse then connects to the delegated host: a route already known, not probed again.
+    assert sidecar.tunnel_opens(f"{api_host}:{port}")
+    time.sleep(PROBE_SETTLE_SECONDS)  # a probe it started would have asked by now
+    assert federation.seen() == [
+        (name, 443, "/.well-known/matrix/server"),
+        (api_host, port, VERSION),
+        (api_host, port, "/_matrix/key/v2/server"),
+    ]
+    assert verdict(sidecar, name)["state"] == "alive"
+
+
+@pytest.mark.parametrize("how", ["8448", "srv"])
+def test_a_server_without_delegation_is_probed_on_8448_or_its_srv_target(
+    how: str,
+    sidecar_factory: Callable[..., Sidecar],
+    dns_server: DnsServer,
+    zone: Zone,
+    ca: TestCA,
+    federation: Federation,
+    unique: Callable[[str], str],
+) -> None:
+    """No m.server (a 404 well-known): SRV `_matrix-fed._tcp`, else port 8448 of the name."""
+    sidecar = probing(sidecar_factory, ca)
+    name = unique(f"plain-{how}")
+    federation.keys[name] = SigningKey(name)
+    zone.add(name, "A", WELL_KNOWN_IP)
+    if how == "srv":
+        target_host, port = unique("srv-target"), federation.api.port
+        zone.add(target_host, "A", API_IP)
+        zone.add(f"_matrix-fed._tcp.{name}", "SRV", f"10 0 {port} {target_host}")
+    else:
+        target_host, port = name, 8448
+    assert sidecar.tunnel_opens(f"{name}:443")
+    assert wait_until(lambda: name in recorded_keys(sidecar), timeout=15), federation.seen()
+    assert recorded_keys(sidecar)[name]["target"] == [target_host, port]
+    assert federation.seen() == [
+        (name, 443, "/.well-known/matrix/server"),
+        (name, port, VERSION),  # SNI: the server name, as Synapse sends it to an SRV target
+        (name, port, "/_matrix/key/v2/server"),
+    ]
+    # The SRV pair the judgment asked a moment before is not asked again by the probe.
+    for prefix in ("_matrix-fed._tcp", "_matrix._tcp"):
+        assert dns_server.query_count(f"{prefix}.{name}", "SRV") == 1
+
+
+def test_a_name_first_seen_on_its_federation_port_is_probed_there(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    federation: Federation,
+    unique: Callable[[str], str],
+) -> None:
+    """A CONNECT to another port than 443 is Synapse's federation traffic (it resolved the
+    name already, or the name has an explicit port): the probe asks the name's well-known
+    for a 410, and the version and keys there, where Synapse goes, not on :443."""
+    sidecar = probing(sidecar_factory, ca)
+    name = unique("explicit")
+    federation.keys[name] = SigningKey(name)
+    zone.add(name, "A", WELL_KNOWN_IP)
+    assert sidecar.tunnel_opens(f"{name}:8448")
+    assert wait_until(lambda: name in recorded_keys(sidecar), timeout=15), federation.seen()
+    assert federation.seen() == [
+        (name, 443, "/.well-known/matrix/server"),
+        (name, 8448, VERSION),
+        (name, 8448, "/_matrix/key/v2/server"),
+    ]
+
+
+def test_a_route_into_a_gone_host_is_not_asked(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    federation: Federation,
+    unique: Callable[[str], str],
+) -> None:
+    """A live name delegating to a host judged gone (here: on the deny list): the proxy
+    would never dial that host, and neither does the probe."""
+    name, api_host = unique("to-gone"), unique("gone-api")
+    sidecar = probing(sidecar_factory, ca, "--deny", api_host)
+    federation.delegations[name] = f"{api_host}:{federation.api.port}"
+    zone.add(name, "A", WELL_KNOWN_IP)
+    zone.add(api_host, "A", API_IP)
+    assert sidecar.tunnel_opens(f"{name}:443")
+    assert wait_until(lambda: sidecar.metric("tombstone_probes_total", result="failed") >= 1)
+    assert sidecar.metric("tombstone_probes_total", result="answered") == 1  # the well-known
+    assert federation.seen() == [(name, 443, "/.well-known/matrix/server")]
+    assert federation.api.connections == 0
+    assert verdict(sidecar, name)["state"] == "alive"  # not asked is no evidence
+
+
+def test_discovery_never_dials_what_the_address_policy_refuses(
+    dns_server: DnsServer,
+    zone: Zone,
+    ca: TestCA,
+    federation: Federation,
+    unique: Callable[[str], str],
+) -> None:
+    """A well-known that delegates into a blocked range: the probe asks nothing there
+    (a real Prober on the real DNS server, allowed to dial the well-known's address only)."""
+    name, inside = unique("points-inside"), unique("inside")
+    federation.delegations[name] = f"{inside}:{federation.api.port}"
+    zone.add(name, "A", WELL_KNOWN_IP)
+    zone.add(inside, "A", API_IP)
+
+    async def run() -> ProbeResult:
+        dns = DnsClient((Nameserver("127.0.0.1", dns_server.port),), 2.0, Metrics())
+
+        async def resolve(host: str) -> tuple[str, ...]:
+            answer = await dns.query(host, "A")
+            return tuple(str(r) for r in answer.records)
+
+        settings = ProbeSettings(5.0, 4, 60.0, TtlBounds(60, 86400), str(ca.ca_pem_path))
+        allowed = (parse_network(f"{WELL_KNOWN_IP}/32"),)
+        prober = Prober(settings, Metrics(), AddressPolicy.default(allowed), resolve, dns=dns)
+        try:
+            return await prober.probe(name)
+        finally:
+            dns.close()
+
+    before = federation.api.connections
+    result = asyncio.run(run())
+    assert result.outcome == "answered"  # the well-known's 200: not a tombstone
+    assert result.route is None  # its API was not asked: no keys to fetch there either
+    assert federation.api.connections == before
+    assert federation.seen() == [(name, 443, "/.well-known/matrix/server")]

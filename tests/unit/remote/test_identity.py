@@ -72,12 +72,16 @@ def test_the_key_book_survives_a_restart_and_sets_a_broken_file_aside(tmp_path: 
     path = tmp_path / "signing-keys.json"
     book = KeyBook(path)
     book.record(KeyRecord(NAME, (("ed25519:a", "AAAA"),), (), 5.0, (NAME, 8448)))
+    delegated = KeyRecord("d.example.org", (("ed25519:b", "BBBB"),), (), 5.0, ("h", 8443), "h")
+    book.record(delegated)
     book.add_resurrection(Resurrection("held.example.org", "true", "new keys", 6.0, held=True))
     book.flush()
     again = KeyBook(path)
     again.load()
     assert again.records[NAME].target == (NAME, 8448)
     assert again.records[NAME].keys == (("ed25519:a", "AAAA"),)
+    assert again.records[NAME].sni is None
+    assert again.records["d.example.org"] == delegated  # with the delegated host's SNI
     assert again.held == {"held.example.org"}
     assert again.release("held.example.org") and not again.release("held.example.org")
 
