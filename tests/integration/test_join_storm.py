@@ -1,0 +1,46 @@
+"""A join storm, CI-sized: 500 first-contact names at once through a real sidecar process.
+
+The full-size run (10,000 names, with latency probes) is `python -m tests.bench.storm`;
+this asserts only counts, never timings: one DNS query set per name, the sidecar's bound
+on queries in flight held at the real DNS server, and every name decided for what it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+from sidecar.dns.client import MAX_CONCURRENT_QUERIES
+from tests.bench.storm import EXPECTED, QUESTIONS_PER_DECISION, StormWorld, run_storm
+
+NAMES = 500  # 100 of each kind: live, TXT gone, SRV ".", .invalid, NXDOMAIN
+# Late enough that the storm's 2,000 questions want far more than the bound in flight at
+# once: the peak at the server is then the bound's doing, not the sidecar's pace.
+DNS_DELAY = 0.2
+
+
+def test_a_storm_of_new_names_gets_one_query_set_each_within_the_bound() -> None:
+    with StormWorld(NAMES, DNS_DELAY) as world:
+        world.dns.reset_queries()
+        names = list(world.names)
+        result = asyncio.run(
+            run_storm(world.sidecar.proxy_port, [world.target(n) for n in names], NAMES)
+        )
+        sets = world.query_sets()
+        peak = world.dns.peak_in_flight
+        wrong = world.wrong_verdicts()
+        log = world.sidecar.log()
+
+    kinds = [world.names[n] for n in names]
+    answers = Counter(zip(kinds, result["statuses"], strict=True))
+    # Live names open (200); every gone one is closed unanswered (--refusal close).
+    assert answers == Counter({(k, 200 if k == "live" else 0): NAMES // 5 for k in EXPECTED})
+    assert result["errors"] == 0, result["first_errors"]
+    assert wrong == [], wrong[:5]
+    # One query set per name: TXT, both SRV, A, AAAA; none for a .invalid name.
+    assert QUESTIONS_PER_DECISION == 5
+    assert sets["exact"] == NAMES, sets["misses"]
+    assert sets["queries"] == QUESTIONS_PER_DECISION * NAMES * 4 // 5
+    # The bound held at the server, and it was what limited the storm.
+    assert MAX_CONCURRENT_QUERIES // 2 < peak <= MAX_CONCURRENT_QUERIES, peak
+    assert "Traceback" not in log
