@@ -639,13 +639,13 @@ class DnsServer:
         self._send_udp(reply, peer)
 
     def _send_udp(self, reply: bytes | None, peer: tuple[str, int]) -> None:
-        try:
-            if reply is None or self._stop.is_set() or self._udp is None:
-                return
-            with contextlib.suppress(OSError):
-                self._udp.sendto(reply, peer)
-        finally:
-            self._done()
+        # Done before the reply leaves: the client may ask its next question at once, and
+        # counting that one before this one is done would overstate what is in flight.
+        self._done()
+        if reply is None or self._stop.is_set() or self._udp is None:
+            return
+        with contextlib.suppress(OSError):
+            self._udp.sendto(reply, peer)
 
     def _send_due(self) -> None:
         """`timed_delay`: send each held answer when its delay is up (one thread)."""
