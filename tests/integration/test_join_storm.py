@@ -53,7 +53,8 @@ def test_a_storm_of_new_names_gets_one_query_set_each_within_the_bound() -> None
 
 
 def test_a_new_name_during_a_storm_is_asked_about_next_not_after_the_storm() -> None:
-    """Queries beyond the bound wait for a slot; the newest waits least. A live server
+    """Queries beyond the bound wait for a slot, and freed slots go in turn to the newest
+    and to the oldest waiter (sidecar.dns.client.BothEnds). A live server
     first met while 200 other new names wait for DNS is asked about as soon as a slot
     frees, not after the 800 questions queued before it (first come, first served).
 

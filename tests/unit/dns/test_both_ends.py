@@ -1,4 +1,4 @@
-"""NewestFirst, the DNS client's bound on queries in flight: order and cancellation."""
+"""BothEnds, the DNS client's bound on queries in flight: order and cancellation."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import asyncio
 
 import pytest
 
-from sidecar.dns.client import NewestFirst
+from sidecar.dns.client import BothEnds
 
 
-def test_a_freed_slot_goes_to_the_newest_waiter_and_cancelled_waiters_lose_nothing() -> None:
+def test_freed_slots_go_in_turn_to_the_newest_and_the_oldest_waiter() -> None:
     async def scenario() -> list[str]:
-        slots = NewestFirst(1)
+        slots = BothEnds(1)
         order: list[str] = []
         await slots.acquire()  # held by the test
 
@@ -19,6 +19,27 @@ def test_a_freed_slot_goes_to_the_newest_waiter_and_cancelled_waiters_lose_nothi
             async with slots:
                 order.append(name)
                 await asyncio.sleep(0)
+
+        waiters = [asyncio.ensure_future(wait(str(i))) for i in range(5)]
+        await asyncio.sleep(0)
+        slots.release()
+        await asyncio.gather(*waiters)
+        # Both slots back: a holder without waiting.
+        await asyncio.wait_for(slots.acquire(), 1)
+        return order
+
+    assert asyncio.run(scenario()) == ["4", "0", "3", "1", "2"]
+
+
+def test_cancelled_waiters_lose_no_slot() -> None:
+    async def scenario() -> list[str]:
+        slots = BothEnds(1)
+        order: list[str] = []
+        await slots.acquire()
+
+        async def wait(name: str) -> None:
+            async with slots:
+                order.append(name)
 
         old = asyncio.ensure_future(wait("old"))
         gone = asyncio.ensure_future(wait("cancelled while waiting"))
@@ -30,9 +51,7 @@ def test_a_freed_slot_goes_to_the_newest_waiter_and_cancelled_waiters_lose_nothi
         await asyncio.gather(old, new)
         with pytest.raises(asyncio.CancelledError):
             await gone
-        # Both slots back: two holders at once without waiting.
         await asyncio.wait_for(slots.acquire(), 1)
-        slots.release()
         return order
 
     assert asyncio.run(scenario()) == ["new", "old"]
@@ -40,7 +59,7 @@ def test_a_freed_slot_goes_to_the_newest_waiter_and_cancelled_waiters_lose_nothi
 
 def test_a_waiter_cancelled_as_it_is_given_a_slot_passes_it_on() -> None:
     async def scenario() -> bool:
-        slots = NewestFirst(1)
+        slots = BothEnds(1)
         await slots.acquire()
         first = asyncio.ensure_future(slots.acquire())
         second = asyncio.ensure_future(slots.acquire())
