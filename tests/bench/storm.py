@@ -689,6 +689,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         },
         "wrong_verdicts": len(wrong),
         "wrong_examples": wrong[:3],
+        "wrong_held": dict(Counter(w.split(": ", 1)[1].split(" (expected")[0] for w in wrong)),
         "verdicts_at_rest": rest_verdicts,
         "verdicts_at_end": len(held),
         "sidecar_before": before,
@@ -793,7 +794,9 @@ def markdown(r: dict[str, Any], command: str) -> str:
     if sets["misses"]:
         notes.append(f"names without exactly one query set, e.g. {sets['misses']}")
     if r["wrong_examples"]:
-        notes.append(f"wrong verdicts, e.g. {r['wrong_examples']}")
+        notes.append(
+            f"wrong verdicts, e.g. {r['wrong_examples']}; what was held instead: {r['wrong_held']}"
+        )
     for kind in ("rest_cached", "rest_fresh", "storm_cached", "storm_fresh"):
         if p[kind]["error_count"]:
             notes.append(
