@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--storm-names", type=int, help="first-contact names in the join storm (default 10000)"
     )
     parser.add_argument(
+        "--storm-concurrency",
+        type=int,
+        default=1_000,
+        help="CONNECTs the join storm holds open at once (default 1000)",
+    )
+    parser.add_argument(
         "--memory",
         type=int,
         action="append",
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         pooled_connections=args.pooled_connections,
         cold_names=args.cold_names or (100 if quick else 200),
         storm_names=args.storm_names or (2_000 if quick else 10_000),
+        storm_concurrency=args.storm_concurrency,
         decision_calls=50_000 if quick else 200_000,
         hook_calls=5_000 if quick else 20_000,
         memory_counts=tuple(args.memory) if args.memory else (100_000, 1_000_000),
