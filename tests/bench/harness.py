@@ -1738,7 +1738,7 @@ class Bench:
         rss = (a["vmrss_mib"] - b["vmrss_mib"]) * 2**20
         rows = [
             (
-                f"{n:,} new names at once: names with exactly one query set",
+                f"{n:,} new names, {r['concurrency']:,} open at a time: one query set each",
                 f"{sets['exact']:,}/{sets['names']:,} ({sets['repeated']} asked twice)",
                 f"all ({r['questions_per_decision']} questions)",
                 sets["exact"] == sets["names"],
