@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import socket
 import struct
-from dataclasses import dataclass, field
-from typing import cast
 
 SOCKETS_PER_NAMESERVER = 4  # source ports in use at once: spoofing needs port and ID
 QUERIES_PER_SOCKET = 1024  # then a new socket (a new random port) takes its place
@@ -25,6 +24,10 @@ FLAG_AD = 0x0020  # RFC 6840 §5.7: ask the resolver to report validation
 FLAG_TC = 0x0200
 EDNS_PAYLOAD = 1232  # DNS flag day 2020: fits any path MTU without fragments
 EDNS_DO = 0x8000  # DNSSEC OK: lets a validating resolver set AD
+# Replies taken from one socket per turn of the event loop: all that can be waiting (at
+# most MAX_CONCURRENT_QUERIES are in flight), while a flood of strays cannot hold the loop.
+READS_PER_TURN = 512
+MAX_REPLY = 65535  # the largest UDP payload: a longer reply cannot arrive, a shorter fits
 
 
 def question_wire(qname: bytes, rdtype: int) -> bytes:
@@ -46,19 +49,48 @@ def is_truncated(reply: bytes) -> bool:
     return len(reply) >= 4 and bool(reply[2] << 8 & FLAG_TC)
 
 
-@dataclass(eq=False)
-class _Socket(asyncio.DatagramProtocol):
-    """One connected UDP socket and the queries waiting on it."""
+class _Socket:
+    """One connected, non-blocking UDP socket and the queries waiting on it.
 
-    pending: dict[int, tuple[bytes, asyncio.Future[bytes]]] = field(default_factory=dict)
-    transport: asyncio.DatagramTransport | None = None
-    sent: int = 0
-    retired: bool = False
+    Read by its own reader callback, which takes every reply waiting at each turn of the
+    event loop (up to READS_PER_TURN). asyncio's datagram transport reads one datagram
+    per socket per turn: in a join storm, with the loop busy with thousands of
+    connections, replies then queued in the buffers for seconds (256 in flight on 4
+    sockets: 64 turns) and outlived the per-try timeout, so questions were asked twice.
+    """
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        self.pending: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}
+        self.sent = 0
+        self.retired = False
+        self.open = True
+        self._loop = loop
+        self._sock = sock
+        loop.add_reader(sock.fileno(), self._read_ready)
 
-    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+    def send(self, wire: bytes) -> None:
+        """Send one query; a full send buffer loses it as the network would (the next
+        try sends it again), an error on the socket fails every query waiting on it."""
+        self.sent += 1
+        try:
+            self._sock.send(wire)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self.error_received(e)
+
+    def _read_ready(self) -> None:
+        for _ in range(READS_PER_TURN):
+            try:
+                data = self._sock.recv(MAX_REPLY)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # an ICMP error reported on the connected socket
+                self.error_received(e)
+                return
+            self.datagram_received(data)
+
+    def datagram_received(self, data: bytes) -> None:
         if len(data) < HEADER.size:
             return
         waiting = self.pending.get(int.from_bytes(data[:2], "big"))
@@ -81,10 +113,6 @@ class _Socket(asyncio.DatagramProtocol):
             if not future.done():
                 future.set_exception(OSError(f"{exc}"))
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        self.error_received(exc or ConnectionError("socket closed"))
-
     def free_id(self) -> int:
         while True:
             qid = secrets.randbelow(0x10000)
@@ -92,12 +120,14 @@ class _Socket(asyncio.DatagramProtocol):
                 return qid
 
     def close_when_idle(self) -> None:
-        if not self.pending and self.transport is not None:
-            with contextlib.suppress(RuntimeError):  # its event loop is closed already
-                self.transport.close()
+        if not self.pending and self.open:
+            self.open = False
+            with contextlib.suppress(RuntimeError, ValueError):  # its event loop is closed
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
 
     def usable(self, limit: int) -> bool:
-        return self.transport is not None and not self.retired and self.sent < limit
+        return self.open and not self.retired and self.sent < limit
 
     def retire(self) -> None:
         self.retired = True
@@ -115,22 +145,19 @@ class UdpTransport:
         self._sockets: dict[tuple[str, int], list[_Socket | None]] = {}
         self._next = 0
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._opening: dict[tuple[str, int, int], asyncio.Future[_Socket]] = {}
 
     async def exchange(
         self, address: str, port: int, question: bytes, dnssec: bool, seconds: float
     ) -> bytes:
         """One query, one reply (raw wire). Raises TimeoutError or OSError."""
-        sock = await self._socket(address, port)
+        sock = self._socket(address, port)
         qid = sock.free_id()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         sock.pending[qid] = (question.lower(), future)
         timer = loop.call_later(seconds, _expire, future)
         try:
-            assert sock.transport is not None
-            sock.transport.sendto(query_wire(qid, question, dnssec))
-            sock.sent += 1
+            sock.send(query_wire(qid, question, dnssec))
             return await future
         finally:
             timer.cancel()
@@ -146,47 +173,28 @@ class UdpTransport:
                     sock.retire()
         self._sockets.clear()
 
-    async def _socket(self, address: str, port: int) -> _Socket:
+    def _socket(self, address: str, port: int) -> _Socket:
         """A socket to send on: the next slot's, opened or replaced when needed."""
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # sockets belong to the loop that made them
             self.close()
             self._loop = loop
-        while True:
-            slots = self._sockets.setdefault((address, port), [None] * self._width)
-            index = self._next = (self._next + 1) % self._width
-            sock = slots[index]
-            if sock is not None and sock.usable(self._queries_per_socket):
-                return sock
-            opening = self._opening.get((address, port, index))
-            if opening is not None:  # another query is opening this slot's socket: wait, retry
-                await asyncio.shield(opening)
-                continue
-            if sock is not None:
-                sock.retire()  # closes once its last reply is in
-            return await self._open(loop, address, port, index, slots)
-
-    async def _open(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        address: str,
-        port: int,
-        index: int,
-        slots: list[_Socket | None],
-    ) -> _Socket:
-        opening: asyncio.Future[_Socket] = loop.create_future()
-        self._opening[(address, port, index)] = opening
+        slots = self._sockets.setdefault((address, port), [None] * self._width)
+        index = self._next = (self._next + 1) % self._width
+        sock = slots[index]
+        if sock is not None and sock.usable(self._queries_per_socket):
+            return sock
+        if sock is not None:
+            sock.retire()  # closes once its last reply is in
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        raw = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            _, fresh = await loop.create_datagram_endpoint(_Socket, remote_addr=(address, port))
-        except OSError as e:
-            opening.set_exception(e)
-            opening.exception()  # retrieved: waiters re-raise it, nobody else must
+            raw.setblocking(False)
+            raw.connect((address, port))  # a new random source port; no packet is sent
+            fresh = slots[index] = _Socket(loop, raw)
+        except BaseException:
+            raw.close()
             raise
-        else:
-            opening.set_result(fresh)
-        finally:
-            del self._opening[(address, port, index)]
-        slots[index] = fresh
         return fresh
 
 

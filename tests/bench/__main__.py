@@ -18,7 +18,8 @@ as the anchor where it is installed: apt-get install squid), decision
 (cached decision time, in-process), passthrough (new TLS tunnels and pooled tunnels),
 cold (new names against a DNS server with latency), memory (RSS per cached verdict),
 intercept (intercept mode vs intercepting mitmdump, pooled keep-alive tunnels), mission
-(real Synapse: traffic reaching dead servers with and without the sidecar; needs root).
+(real Synapse: traffic reaching dead servers with and without the sidecar; needs root),
+storm (10,000 first-contact names at once: query sets, in-flight bound, live latency).
 """
 
 
@@ -41,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tls-concurrency", type=int, default=16, help="new-tunnel workers")
     parser.add_argument("--pooled-connections", type=int, default=4, help="pooled tunnels")
     parser.add_argument("--cold-names", type=int, help="names per cold burst (default 200)")
+    parser.add_argument(
+        "--storm-names", type=int, help="first-contact names in the join storm (default 10000)"
+    )
+    parser.add_argument(
+        "--storm-concurrency",
+        type=int,
+        default=1_000,
+        help="CONNECTs the join storm holds open at once (default 1000)",
+    )
     parser.add_argument(
         "--memory",
         type=int,
@@ -87,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         tls_concurrency=args.tls_concurrency,
         pooled_connections=args.pooled_connections,
         cold_names=args.cold_names or (100 if quick else 200),
+        storm_names=args.storm_names or (2_000 if quick else 10_000),
+        storm_concurrency=args.storm_concurrency,
         decision_calls=50_000 if quick else 200_000,
         hook_calls=5_000 if quick else 20_000,
         memory_counts=tuple(args.memory) if args.memory else (100_000, 1_000_000),

@@ -66,6 +66,7 @@ SCENARIOS = (
     "intercept",
     "scale",
     "mission",
+    "storm",
 )
 ORIGIN = "bench.example"  # the X-Matrix origin of the intercept scenario's requests
 
@@ -82,6 +83,10 @@ class Config:
     tls_concurrency: int = 16
     pooled_connections: int = 4
     cold_names: int = 200
+    storm_names: int = 10_000  # the join storm (tests/bench/storm.py)
+    # CONNECTs the storm holds open at once: all 10,000 at once overflow the proxy port's
+    # listen backlog and pending-client limit (docs/performance.md, "Join storm")
+    storm_concurrency: int = 1_000
     flight: int = 50
     sequential_names: int = 10
     dns_delay: float = 0.02
@@ -1713,6 +1718,75 @@ class Bench:
             )
         )
 
+    def scenario_storm(self) -> None:
+        """The join storm (tests/bench/storm.py, its own sidecar and DNS server): N
+        first-contact names at once, one query set each, the bound on queries in flight,
+        and live CONNECTs timed during the storm against at rest."""
+        n = self.config.storm_names
+        self.log(f"scenario 9: join storm, {n:,} first-contact names")
+        every_cpu = (self.proxy_cpus or set()) | (self.load_cpus or set()) or None
+        r = self.run_json(
+            "tests.bench.storm",
+            ["--names", str(n), "--concurrency", str(self.config.storm_concurrency), "--json"],
+            every_cpu,
+            1800,
+        )
+        scen = "9. Join storm"
+        sets = r["query_sets"]
+        b, a = r["sidecar_before"], r["sidecar_after"]
+        cpu = a["cpu_s"] - b["cpu_s"]
+        rss = (a["vmrss_mib"] - b["vmrss_mib"]) * 2**20
+        rows = [
+            (
+                f"{n:,} new names, {r['concurrency']:,} open at a time: one query set each",
+                f"{sets['exact']:,}/{sets['names']:,} ({sets['repeated']} asked twice)",
+                f"all ({r['questions_per_decision']} questions)",
+                sets["exact"] == sets["names"],
+            ),
+            (
+                "… peak DNS queries in flight at the server",
+                f"{r['peak_in_flight']}",
+                f"<= {r['bound']}",
+                r["peak_in_flight"] <= r["bound"],
+            ),
+            (
+                "… names decided correctly",
+                f"{r['answered_right']:,}/{n:,}",
+                "all",
+                r["answered_right"] == n and r["wrong_verdicts"] == 0,
+            ),
+            ("… decisions per second", f"{r['decisions_per_s']:,.0f}/s", "", None),
+            (
+                "… sidecar CPU / RSS per destination",
+                f"{cpu / n * 1e6:,.0f} µs / {rss / n:,.0f} B",
+                "",
+                None,
+            ),
+        ]
+        cold = r["probes"]["rest_fresh"]["connect"]["p50"]
+        for kind in ("cached", "fresh"):
+            rest, storm = (
+                r["probes"][f"rest_{kind}"]["connect"],
+                r["probes"][f"storm_{kind}"]["connect"],
+            )
+            rows.append(
+                (
+                    f"… {kind} live name, CONNECT → 200 p99 / max during the storm (at rest p50)",
+                    f"{storm['p99']:,.0f} / {storm['max']:,.0f} ms ({rest['p50']:.1f} ms)",
+                    f"max wait <= one cold decision ({cold:.0f} ms)",
+                    storm["max"] - rest["p50"] <= cold,
+                )
+            )
+        for metric, value, goal, met in rows:
+            self.report.add(Row(scen, metric, value, "", "", goal, met))
+        self.report.note(
+            f"9. join storm: {r['concurrency']:,} CONNECTs open at once, DNS answers "
+            f"{r['dns_delay_ms']:g} ms late; {r['wall_s']:.1f} s; sidecar RSS "
+            f"{b['vmrss_mib']:.0f} → {a['vmrss_mib']:.0f} MiB, {r['verdicts_at_end']:,} "
+            f"verdicts cached; {r['admission_refused']:.0f} admission refusals; "
+            "details: python -m tests.bench.storm"
+        )
+
     # -- all ----------------------------------------------------------------------------
 
     def run(self) -> Report:
@@ -1726,6 +1800,7 @@ class Bench:
             "intercept": self.scenario_intercept,
             "scale": self.scenario_scale,
             "mission": self.scenario_mission,
+            "storm": self.scenario_storm,
         }
         try:
             self._start()

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import heapq
 import select
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
@@ -374,7 +376,13 @@ class DnsServer:
     """Authoritative DNS on 127.0.0.1, same port on UDP and TCP.
 
     Use as a context manager.  ``queries`` records every parsed question
-    (including blackholed ones) so tests can assert caching behaviour.
+    (including blackholed ones) so tests can assert caching behaviour;
+    ``peak_in_flight`` is the most queries received and not yet answered at once.
+
+    With ``timed_delay`` a delayed UDP answer is built on arrival and sent by one
+    timer thread when its delay is up, so any number of queries can wait at once,
+    as at a real resolver; by default each delayed answer holds one of 32 threads
+    (at most 32 wait at once) and is built after its delay.
     """
 
     def __init__(
@@ -384,6 +392,7 @@ class DnsServer:
         port: int = 0,
         recursion_available: bool = True,
         udp_buffer_bytes: int = 0,
+        timed_delay: bool = False,
     ) -> None:
         self.zone = zone if zone is not None else Zone()
         # SO_RCVBUF of the UDP socket (0: the kernel's default, about 200 KB, which holds a
@@ -405,6 +414,12 @@ class DnsServer:
         self._lock = threading.Lock()
         self._log: list[QueryRecord] = []
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.timed_delay = timed_delay
+        self._in_flight = 0
+        self._peak_in_flight = 0
+        self._due: list[tuple[float, int, bytes | None, tuple[str, int]]] = []  # a heap
+        self._due_ready = threading.Condition(self._lock)
+        self._due_seq = 0
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -446,6 +461,10 @@ class DnsServer:
             threading.Thread(target=self._udp_loop, name=f"dns-udp-{self._port}", daemon=True),
             threading.Thread(target=self._tcp_loop, name=f"dns-tcp-{self._port}", daemon=True),
         ]
+        if self.timed_delay:
+            self._threads.append(
+                threading.Thread(target=self._send_due, name=f"dns-due-{self._port}", daemon=True)
+            )
         for thread in self._threads:
             thread.start()
         return self
@@ -455,6 +474,9 @@ class DnsServer:
         if self._port is None:
             return
         self._stop.set()
+        with self._due_ready:
+            self._due.clear()
+            self._due_ready.notify_all()
         assert self._wake_w is not None
         self._wake_w.send(b"x")
         for thread in self._threads:
@@ -526,14 +548,37 @@ class DnsServer:
         )
 
     def reset_queries(self) -> None:
-        """Forget the query log (e.g. after warming a cache)."""
+        """Forget the query log and the in-flight peak (e.g. after warming a cache)."""
         with self._lock:
             self._log.clear()
+            self._peak_in_flight = self._in_flight
+
+    @property
+    def in_flight(self) -> int:
+        """Queries received and not answered (or dropped) yet."""
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def peak_in_flight(self) -> int:
+        """The most queries in flight at once since the start or `reset_queries`."""
+        with self._lock:
+            return self._peak_in_flight
+
+    def _arrived(self) -> None:
+        with self._lock:
+            self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
+
+    def _done(self) -> None:
+        with self._lock:
+            self._in_flight -= 1
 
     # -- serving -------------------------------------------------------------
 
-    def _handle(self, data: bytes, transport: Transport) -> bytes | None:
-        """Turn one request packet into reply bytes (None = stay silent)."""
+    def _handle(self, data: bytes, transport: Transport, wait: bool = True) -> bytes | None:
+        """Turn one request packet into reply bytes (None = stay silent); `wait` sleeps
+        the zone's delay first (else the caller sends the reply late)."""
         try:
             request = DNSRecord.parse(data)
         except Exception:  # garbage in, silence out
@@ -545,7 +590,7 @@ class DnsServer:
         rrtype = QTYPE.get(question.qtype, f"TYPE{question.qtype}")
         with self._lock:
             self._log.append(QueryRecord(name, rrtype, transport))
-        delay = self.zone.current_delay
+        delay = self.zone.current_delay if wait else 0.0
         if delay and self._stop.wait(delay):
             return None
         try:
@@ -576,17 +621,52 @@ class DnsServer:
                 data, peer = udp.recvfrom(65535)
             except OSError:
                 continue
+            self._arrived()
+            if self.timed_delay:  # built here, sent late by _send_due: no thread hand-off
+                self._answer_udp(data, peer, time.monotonic())
+                continue
             try:
-                pool.submit(self._answer_udp, data, peer)
+                pool.submit(self._answer_udp, data, peer, time.monotonic())
             except RuntimeError:  # pool shut down during stop()
+                self._done()
                 return
 
-    def _answer_udp(self, data: bytes, peer: tuple[str, int]) -> None:
-        reply = self._handle(data, "udp")
+    def _answer_udp(self, data: bytes, peer: tuple[str, int], arrived: float) -> None:
+        if self.timed_delay:
+            delay = self.zone.current_delay
+            reply = self._handle(data, "udp", wait=False)
+            if delay:
+                with self._due_ready:
+                    self._due_seq += 1
+                    heapq.heappush(self._due, (arrived + delay, self._due_seq, reply, peer))
+                    self._due_ready.notify()
+                return
+        else:
+            reply = self._handle(data, "udp")
+        self._send_udp(reply, peer)
+
+    def _send_udp(self, reply: bytes | None, peer: tuple[str, int]) -> None:
+        # Done before the reply leaves: the client may ask its next question at once, and
+        # counting that one before this one is done would overstate what is in flight.
+        self._done()
         if reply is None or self._stop.is_set() or self._udp is None:
             return
         with contextlib.suppress(OSError):
             self._udp.sendto(reply, peer)
+
+    def _send_due(self) -> None:
+        """`timed_delay`: send each held answer when its delay is up (one thread)."""
+        while True:
+            with self._due_ready:
+                while not self._stop.is_set():
+                    now = time.monotonic()
+                    if self._due and self._due[0][0] <= now:
+                        break
+                    self._due_ready.wait(self._due[0][0] - now if self._due else None)
+                if self._stop.is_set():
+                    return
+                _, _, reply, peer = heapq.heappop(self._due)
+            self._send_udp(reply, peer)
 
     def _tcp_loop(self) -> None:
         """Accept TCP connections, one thread each (length-prefixed frames)."""
@@ -618,9 +698,13 @@ class DnsServer:
                 data = _recv_exact(conn, length)
                 if data is None:
                     return
-                reply = self._handle(data, "tcp")
-                if reply is not None:
-                    conn.sendall(struct.pack("!H", len(reply)) + reply)
+                self._arrived()
+                try:
+                    reply = self._handle(data, "tcp")
+                    if reply is not None:
+                        conn.sendall(struct.pack("!H", len(reply)) + reply)
+                finally:
+                    self._done()
         except OSError:
             return
         finally:
