@@ -11,7 +11,7 @@ import asyncio
 from collections import Counter
 
 from sidecar.dns.client import MAX_CONCURRENT_QUERIES
-from tests.bench.storm import (
+from tests.support.storm_world import (
     EXPECTED,
     QUESTIONS_PER_DECISION,
     StormWorld,
