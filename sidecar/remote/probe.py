@@ -144,13 +144,18 @@ class Prober:
         self, name: str, seen: tuple[str, int] | None = None, skip_endpoints: bool = False
     ) -> ProbeResult:
         """Ask `name` where Synapse would (the module docstring); the first tombstone wins,
-        any real answer means not gone. `skip_endpoints`: nothing is asked of a host that
-        turned out, while this probe waited for a slot, to be another server's route."""
+        any real answer means not gone. `skip_endpoints` (a first-sight probe): nothing is
+        asked of a host that turned out, while this probe waited for a slot, to be another
+        server's route, or to be gone (intercept mode learns a 410 from Synapse's own
+        request; a join queues hundreds of probes: the scale world saw them dial 410
+        servers after their verdict)."""
         self._last[name] = time.monotonic()
         async with self._slots:
             owner = self._endpoints.get(name)
             if skip_endpoints and owner is not None:
                 return ProbeResult("failed", f"{name} is where {owner} serves federation")
+            if skip_endpoints and self.judged_gone(name):
+                return ProbeResult("failed", f"{name} was judged gone while the probe waited")
             fetcher = _ForServer(self, name)
             if seen is not None and seen != (name, WELL_KNOWN_PORT):
                 route = Route(name, seen)

@@ -27,7 +27,7 @@ from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import wait_until
 from tests.support.sidecar_process import Sidecar
 from tests.support.signing import SigningKey
-from tests.support.tls_upstream import Request, Response, TestCA, Upstream
+from tests.support.tls_upstream import Blackhole, Request, Response, TestCA, Upstream
 
 PROBE_IP = "127.0.0.6"
 
@@ -406,3 +406,61 @@ def test_discovery_never_dials_what_the_address_policy_refuses(
     assert result.route is None  # its API was not asked: no keys to fetch there either
     assert federation.api.connections == before
     assert federation.seen() == [(name, 443, "/.well-known/matrix/server")]
+
+
+def test_a_queued_probe_of_a_name_judged_gone_meanwhile_asks_nothing(
+    dns_server: DnsServer,
+    zone: Zone,
+    ca: TestCA,
+    dead_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """A join queues hundreds of first-sight probes; by its turn a name may be gone already
+    (intercept mode learns a 410 from Synapse's own request). A real Prober with one slot,
+    held by a probe of a server that never answers: the queued probe of the name judged
+    gone meanwhile dials nothing."""
+    slow, gone = unique("never-answers"), unique("gone-meanwhile")
+    judged_gone: set[str] = set()
+
+    async def run() -> ProbeResult:
+        dns = DnsClient((Nameserver("127.0.0.1", dns_server.port),), 2.0, Metrics())
+
+        async def resolve(host: str) -> tuple[str, ...]:
+            answer = await dns.query(host, "A")
+            return tuple(str(r) for r in answer.records)
+
+        settings = ProbeSettings(1.0, 1, 60.0, TtlBounds(60, 86400), str(ca.ca_pem_path))
+        allowed = (parse_network("127.0.0.0/8"),)
+        prober = Prober(
+            settings,
+            Metrics(),
+            AddressPolicy.default(allowed),
+            resolve,
+            dns=dns,
+            gone=judged_gone.__contains__,
+        )
+        results: dict[str, ProbeResult] = {}
+        both = asyncio.Event()
+
+        def done(name: str, result: ProbeResult) -> None:
+            results[name] = result
+            if len(results) == 2:
+                both.set()
+
+        try:
+            with Blackhole(host=PROBE_IP) as hole:
+                zone.add(slow, "A", PROBE_IP)
+                prober.schedule(slow, (slow, hole.port), done)
+                prober.schedule(gone, (gone, dead_upstream.port), done)
+                await asyncio.sleep(0.2)  # the first holds the only slot, the second waits
+                judged_gone.add(gone)
+                await asyncio.wait_for(both.wait(), 10)
+            return results[gone]
+        finally:
+            await prober.close()
+            dns.close()
+
+    zone.add(gone, "A", DEAD_IP)
+    result = asyncio.run(run())
+    assert result.outcome == "failed" and "judged gone while the probe waited" in result.detail
+    assert dead_upstream.connections == 0
