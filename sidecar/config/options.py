@@ -472,9 +472,11 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "connect_timeout",
-        "10s",
+        "30s",
         "Give up dialling an upstream after this long (a blackholed address otherwise hangs "
-        "for minutes); the failure feeds the unreachable breaker.",
+        "for minutes); the failure feeds the unreachable breaker. 30s is Synapse's own "
+        "(Twisted's HostnameEndpoint): a shorter one makes Synapse retry a dead server sooner "
+        "than it would alone.",
         "DURATION",
         parse=parse_duration,
         uses=RUN,

@@ -261,7 +261,7 @@ def test_settings_defaults() -> None:
         store="sqlite",
         state_dir="",
         ops_token=None,
-        connect_timeout=10.0,
+        connect_timeout=30.0,
         breaker_failures=5,
         breaker_min=600.0,
         breaker_max=86400.0,
