@@ -156,7 +156,7 @@ class Prober:
                 return ProbeResult("failed", f"{name} is where {owner} serves federation")
             if skip_endpoints and self.judged_gone(name):
                 return ProbeResult("failed", f"{name} was judged gone while the probe waited")
-            fetcher = _ForServer(self, name)
+            fetcher = _ForServer(self, name, first_sight=skip_endpoints)
             if seen is not None and seen != (name, WELL_KNOWN_PORT):
                 route = Route(name, seen)
                 self._learn(name, route)
@@ -243,16 +243,20 @@ class Prober:
 class _ForServer:
     """The prober's fetch for one server's probe: a host its route leads to (a delegated
     host, an SRV target) that is judged gone is not asked, as the proxy would not dial it;
-    the server itself is (its 410 verdict may be up for lifting)."""
+    nor is the server itself once judged gone during a first-sight probe (intercept mode
+    learns a 410 from Synapse's own request between two of the probe's steps). Its re-check
+    asks it (the 410 verdict is up for lifting)."""
 
-    def __init__(self, prober: Prober, server: str) -> None:
+    def __init__(self, prober: Prober, server: str, first_sight: bool) -> None:
         self._prober = prober
         self._server = server
+        self._first_sight = first_sight
 
     async def fetch(
         self, name: str, target: tuple[str, int], path: str, body: bool = False
     ) -> ProbeResult:
-        for host in {name, target[0]} - {self._server}:
+        hosts = {name, target[0]}
+        for host in hosts if self._first_sight else hosts - {self._server}:
             if self._prober.judged_gone(host):
                 return ProbeResult("failed", f"{host} is judged gone: not asked {path}")
         return await self._prober.fetch(name, target, path, body)
