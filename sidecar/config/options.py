@@ -397,8 +397,10 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "probe",
         True,
-        "Probe each new server name once per --probe-interval (GET /.well-known/matrix/server"
-        " and /_matrix/federation/v1/version, in the background) to learn 410 Gone.",
+        "Pass-through: probe each new server name once per --probe-interval (its well-known "
+        "and /_matrix/federation/v1/version where Synapse would ask, in the background) to "
+        "learn 410 Gone; intercept mode reads Synapse's own responses instead. An expiring "
+        "410 is re-checked this way in both modes.",
         parse=parse_bool,
         uses=RUN,
         flag=True,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -464,3 +465,27 @@ def test_a_queued_probe_of_a_name_judged_gone_meanwhile_asks_nothing(
     result = asyncio.run(run())
     assert result.outcome == "failed" and "judged gone while the probe waited" in result.detail
     assert dead_upstream.connections == 0
+
+
+def test_intercept_mode_sends_no_first_sight_probe(
+    sidecar_factory: Callable[..., Sidecar],
+    zone: Zone,
+    ca: TestCA,
+    live_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """Intercept mode reads Synapse's own responses: a live name's first CONNECT and request
+    reach the server, and nothing else does (no well-known, /version or key fetch of ours)."""
+    sidecar = probing(sidecar_factory, ca, "--mode", "intercept")
+    name = unique("intercepted")
+    zone.add(name, "A", LIVE_IP)
+    trust = ssl.create_default_context(
+        cafile=str(sidecar.state_dir / "ca" / "mitmproxy-ca-cert.pem")
+    )
+    before = len(live_upstream.requests)
+    status, _, _ = sidecar.https_get(f"{name}:{live_upstream.port}", name, trust, "/_matrix/x")
+    assert status == 200
+    time.sleep(1.0)  # a probe would be under way by now: it is scheduled at the CONNECT
+    seen = [r.path for r in live_upstream.requests[before:] if r.sni == name]
+    assert seen == ["/_matrix/x"]
+    assert sidecar.metric("tombstone_probes_total", result="answered") == 0
