@@ -22,14 +22,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from sidecar.dns.client import DnsClient
 from sidecar.judge.names import Authority, InvalidName, is_ip_literal, parse_authority
 from sidecar.judge.signals import SRV_PREFIXES, Finding, choose_srv, srv_targets
-
-if TYPE_CHECKING:
-    from sidecar.remote.probe import ProbeResult
 
 WELL_KNOWN_PATH = "/.well-known/matrix/server"
 VERSION_PATH = "/_matrix/federation/v1/version"
@@ -56,6 +53,18 @@ class Route:
     @property
     def hosts(self) -> frozenset[str]:
         return frozenset((self.sni, self.target[0]))
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """`gone` with a lifetime and evidence, `answered` (not a tombstone), or `failed`."""
+
+    outcome: str  # "gone" | "answered" | "failed"
+    detail: str
+    lifetime: float = 0.0
+    status: int = 0  # the HTTP status when there was an answer
+    body: bytes = b""  # only when asked for (`fetch(..., body=True)`)
+    route: Route | None = None  # where the federation API answered (its keys are there)
 
 
 @dataclass(frozen=True)

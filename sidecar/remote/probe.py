@@ -43,6 +43,7 @@ from sidecar.remote.discovery import (
     WELL_KNOWN_PATH,
     WELL_KNOWN_PORT,
     HttpReport,
+    ProbeResult,
     Route,
     at_endpoint,
     discover,
@@ -59,18 +60,6 @@ _OUTCOMES = {Finding.GONE: "gone", Finding.CLEAR: "answered", Finding.UNKNOWN: "
 
 Resolve = Callable[[str], Awaitable[tuple[str, ...]]]
 Gone = Callable[[str], bool]  # a host judged gone now: never dialled, not even by a probe
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """`gone` with a lifetime and evidence, `answered` (not a tombstone), or `failed`."""
-
-    outcome: str  # "gone" | "answered" | "failed"
-    detail: str
-    lifetime: float = 0.0
-    status: int = 0  # the HTTP status when there was an answer
-    body: bytes = b""  # only when asked for (`fetch(..., body=True)`)
-    route: Route | None = None  # where the federation API answered (its keys are there)
 
 
 @dataclass(frozen=True)
