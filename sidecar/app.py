@@ -307,9 +307,9 @@ class Sidecar:
         its probes were 960 needless request sets to 1,000 servers (tests/scale). An
         expiring 410 is re-checked in both modes (the policy's rechecker)."""
         prober = self.prober
-        if self.settings.mode != "passthrough":
+        if self.settings.mode != "passthrough" or prober is None:
             return
-        if prober is not None and verdict.state is State.ALIVE and prober.due(name):
+        if verdict.state is State.ALIVE and prober.due(name):
             prober.schedule(name, seen, self._probed)
 
     def _probed(self, name: str, result: ProbeResult) -> None:

@@ -8,11 +8,12 @@ calls alive, without delaying that CONNECT, and never from an error or a 404.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,6 +373,36 @@ def test_a_route_into_a_gone_host_is_not_asked(
     assert verdict(sidecar, name)["state"] == "alive"  # not asked is no evidence
 
 
+@contextlib.asynccontextmanager
+async def real_prober(
+    dns_server: DnsServer,
+    ca: TestCA,
+    allowed: str,
+    *,
+    probe_timeout: float = 5.0,
+    concurrency: int = 4,
+    gone: Callable[[str], bool] | None = None,
+) -> AsyncIterator[Prober]:
+    """A real Prober on the real test DNS server, trusting the test CA, allowed to dial
+    only `allowed` (a network); closed with its DNS client afterwards."""
+    dns = DnsClient((Nameserver("127.0.0.1", dns_server.port),), 2.0, Metrics())
+
+    async def resolve(host: str) -> tuple[str, ...]:
+        answer = await dns.query(host, "A")
+        return tuple(str(r) for r in answer.records)
+
+    settings = ProbeSettings(
+        probe_timeout, concurrency, 60.0, TtlBounds(60, 86400), str(ca.ca_pem_path)
+    )
+    policy = AddressPolicy.default((parse_network(allowed),))
+    prober = Prober(settings, Metrics(), policy, resolve, dns=dns, gone=gone)
+    try:
+        yield prober
+    finally:
+        await prober.close()
+        dns.close()
+
+
 def test_discovery_never_dials_what_the_address_policy_refuses(
     dns_server: DnsServer,
     zone: Zone,
@@ -387,19 +418,8 @@ def test_discovery_never_dials_what_the_address_policy_refuses(
     zone.add(inside, "A", API_IP)
 
     async def run() -> ProbeResult:
-        dns = DnsClient((Nameserver("127.0.0.1", dns_server.port),), 2.0, Metrics())
-
-        async def resolve(host: str) -> tuple[str, ...]:
-            answer = await dns.query(host, "A")
-            return tuple(str(r) for r in answer.records)
-
-        settings = ProbeSettings(5.0, 4, 60.0, TtlBounds(60, 86400), str(ca.ca_pem_path))
-        allowed = (parse_network(f"{WELL_KNOWN_IP}/32"),)
-        prober = Prober(settings, Metrics(), AddressPolicy.default(allowed), resolve, dns=dns)
-        try:
+        async with real_prober(dns_server, ca, f"{WELL_KNOWN_IP}/32") as prober:
             return await prober.probe(name)
-        finally:
-            dns.close()
 
     before = federation.api.connections
     result = asyncio.run(run())
@@ -424,22 +444,6 @@ def test_a_queued_probe_of_a_name_judged_gone_meanwhile_asks_nothing(
     judged_gone: set[str] = set()
 
     async def run() -> ProbeResult:
-        dns = DnsClient((Nameserver("127.0.0.1", dns_server.port),), 2.0, Metrics())
-
-        async def resolve(host: str) -> tuple[str, ...]:
-            answer = await dns.query(host, "A")
-            return tuple(str(r) for r in answer.records)
-
-        settings = ProbeSettings(1.0, 1, 60.0, TtlBounds(60, 86400), str(ca.ca_pem_path))
-        allowed = (parse_network("127.0.0.0/8"),)
-        prober = Prober(
-            settings,
-            Metrics(),
-            AddressPolicy.default(allowed),
-            resolve,
-            dns=dns,
-            gone=judged_gone.__contains__,
-        )
         results: dict[str, ProbeResult] = {}
         both = asyncio.Event()
 
@@ -448,18 +452,23 @@ def test_a_queued_probe_of_a_name_judged_gone_meanwhile_asks_nothing(
             if len(results) == 2:
                 both.set()
 
-        try:
+        async with real_prober(
+            dns_server,
+            ca,
+            "127.0.0.0/8",
+            probe_timeout=1.0,
+            concurrency=1,
+            gone=judged_gone.__contains__,
+        ) as prober:
             with Blackhole(host=PROBE_IP) as hole:
                 zone.add(slow, "A", PROBE_IP)
                 prober.schedule(slow, (slow, hole.port), done)
                 prober.schedule(gone, (gone, dead_upstream.port), done)
-                await asyncio.sleep(0.2)  # the first holds the only slot, the second waits
+                # the first holds the only slot once it has connected; the second waits
+                assert await asyncio.to_thread(wait_until, lambda: hole.connections >= 1, 5)
                 judged_gone.add(gone)
                 await asyncio.wait_for(both.wait(), 10)
             return results[gone]
-        finally:
-            await prober.close()
-            dns.close()
 
     zone.add(gone, "A", DEAD_IP)
     result = asyncio.run(run())
