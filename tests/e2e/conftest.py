@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -37,8 +35,8 @@ from tests.e2e.actions import create_room
 from tests.e2e.world import HOSTS, ROOT, SIDECAR_ARGS_ENV, World
 from tests.support.netns import Namespace, NamespaceError, check_prerequisites
 from tests.support.synapse_server import find_venv
+from tests.support.world_report import Measurements, attach_logs_on_failure, start_failure
 
-LOG_LIMIT = 30000  # characters of each log attached to a failing test
 CLIENT_TIMEOUT = 30.0  # Synapse answers in milliseconds here; without the sidecar, not always
 
 
@@ -64,8 +62,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             built.command_prefix = namespace.command([])
             built.start()
         except Exception as e:  # report with every log, after cleaning up (finally)
-            logs = "\n\n".join(f"--- {k} ---\n{v[-LOG_LIMIT:]}" for k, v in built.logs().items())
-            problem = f"the e2e world did not start: {e}\n{logs}"
+            problem = start_failure("e2e world", e, built.logs())
         if problem:
             pytest.fail(problem, pytrace=False)
         yield built
@@ -78,39 +75,22 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 def _world_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     """Attach every piece's log to a failing test's report."""
     yield
-    report = getattr(request.node, "rep_call", None)
-    if report is None or not report.failed or "world" not in request.fixturenames:
-        return
-    built: World = request.getfixturevalue("world")
-    for name, text in built.logs().items():
-        report.sections.append((f"world: {name}", text[-LOG_LIMIT:] or "<empty>"))
+    attach_logs_on_failure(request, "world", "world")
 
 
 # -- measurements: printed after the run, the numbers the README's tables come from --------
 
-MEASUREMENTS: list[tuple[str, str]] = []
+MEASUREMENTS = Measurements("e2e measurements (real Synapse)", "SIDECAR_TEST_E2E_REPORT")
 
 
 @pytest.fixture
 def record() -> Callable[[str, str], None]:
-    """`record(topic, text)`: a measured number, shown in the terminal summary."""
-
-    def add(topic: str, text: str) -> None:
-        MEASUREMENTS.append((topic, text))
-
-    return add
+    """`record(topic, text)`: a measured figure, shown in the terminal summary."""
+    return MEASUREMENTS.record
 
 
 def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: object) -> None:
-    if not MEASUREMENTS:
-        return
-    write = getattr(terminalreporter, "write_line", None) or (lambda s: print(s, file=sys.stderr))
-    getattr(terminalreporter, "section", lambda *a, **k: None)("e2e measurements (real Synapse)")
-    for topic, text in MEASUREMENTS:
-        write(f"{topic}: {text}")
-    out = os.environ.get("SIDECAR_TEST_E2E_REPORT")
-    if out:
-        Path(out).write_text("\n".join(f"{t}: {x}" for t, x in MEASUREMENTS) + "\n")
+    MEASUREMENTS.summary(terminalreporter)
 
 
 @pytest.fixture(scope="package")

@@ -10,9 +10,7 @@ network namespace) and the Synapse virtualenv, like tests/e2e.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -20,9 +18,9 @@ from tests.scale.population import DEFAULT_DEAD_SHARE, Population
 from tests.scale.world import MODES, ROOT, ScaleWorld
 from tests.support.netns import NamespaceError, check_prerequisites
 from tests.support.synapse_server import find_venv
+from tests.support.world_report import Measurements, attach_logs_on_failure, start_failure
 
 CI_COUNT = 200  # remote servers in CI: every dead kind well represented, a join in seconds
-LOG_LIMIT = 30000  # characters of each log attached to a failing test
 
 
 def settings() -> tuple[int, str, bool, float]:
@@ -56,8 +54,7 @@ def scale_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleWorld
         try:
             world.start()
         except Exception as e:  # report with every log, after cleaning up (finally)
-            logs = "\n\n".join(f"--- {k} ---\n{v[-LOG_LIMIT:]}" for k, v in world.logs().items())
-            problem = f"the scale world did not start: {e}\n{logs}"
+            problem = start_failure("scale world", e, world.logs())
         if problem:
             pytest.fail(problem, pytrace=False)
         yield world
@@ -69,34 +66,17 @@ def scale_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ScaleWorld
 def _scale_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     """Attach every piece's log to a failing test's report."""
     yield
-    report = getattr(request.node, "rep_call", None)
-    if report is None or not report.failed or "scale_world" not in request.fixturenames:
-        return
-    world: ScaleWorld = request.getfixturevalue("scale_world")
-    for name, text in world.logs().items():
-        report.sections.append((f"scale world: {name}", text[-LOG_LIMIT:] or "<empty>"))
+    attach_logs_on_failure(request, "scale_world", "scale world")
 
 
-MEASUREMENTS: list[tuple[str, str]] = []
+MEASUREMENTS = Measurements("scale measurements", "SIDECAR_TEST_SCALE_REPORT")
 
 
 @pytest.fixture
 def record() -> Callable[[str, str], None]:
     """`record(topic, text)`: a measured figure, shown in the terminal summary."""
-
-    def add(topic: str, text: str) -> None:
-        MEASUREMENTS.append((topic, text))
-
-    return add
+    return MEASUREMENTS.record
 
 
 def pytest_terminal_summary(terminalreporter: object, exitstatus: int, config: object) -> None:
-    if not MEASUREMENTS:
-        return
-    write = getattr(terminalreporter, "write_line", None) or (lambda s: print(s, file=sys.stderr))
-    getattr(terminalreporter, "section", lambda *a, **k: None)("scale measurements")
-    for topic, text in MEASUREMENTS:
-        write(f"{topic}: {text}")
-    out = os.environ.get("SIDECAR_TEST_SCALE_REPORT")
-    if out:
-        Path(out).write_text("\n".join(f"{t}: {x}" for t, x in MEASUREMENTS) + "\n")
+    MEASUREMENTS.summary(terminalreporter)
