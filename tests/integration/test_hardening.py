@@ -25,6 +25,7 @@ from sidecar.dns.questions import evaluate
 from sidecar.judge.ttl import TtlBounds
 from sidecar.judge.verdicts import State
 from sidecar.metrics import Metrics
+from sidecar.ops.loop_lag import SAMPLE_INTERVAL, WARN_OVER
 from tests.integration.conftest import LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.procs import free_port, port_open, wait_until
@@ -281,9 +282,13 @@ def test_a_stalled_event_loop_shows_in_the_lag_metric_and_one_warning(
     under_a_second = sidecar.metric("tombstone_event_loop_lag_seconds_bucket", le="1.0")
     assert under_a_second == sidecar.metric("tombstone_event_loop_lag_seconds_count")
 
+    # The timer may be anywhere in its sleep when the process stops, so a stall of S seconds
+    # reads as a lag between S - SAMPLE_INTERVAL and S: stop long enough that even the
+    # shortest reading is clearly over the warning threshold (1.5 s once read 1.0 s in CI).
+    stall = WARN_OVER + SAMPLE_INTERVAL + 0.5
     for _ in range(2):  # two stalls in a row: one warning, not two
         sidecar.process.proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]
-        time.sleep(1.5)  # the stall we cause, not a measurement of the sidecar
+        time.sleep(stall)  # the stall we cause, not a measurement of the sidecar
         sidecar.process.proc.send_signal(signal.SIGCONT)  # type: ignore[union-attr]
         assert wait_until(lambda: "the event loop stalled" in sidecar.log(), timeout=10), (
             sidecar.log()
