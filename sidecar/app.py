@@ -166,8 +166,9 @@ class Sidecar:
         return name
 
     def reconfigure(self, settings: Settings) -> None:
-        """New settings while running (mitmproxy `--set`): the verdict cache survives unless
-        its size changes; the store, the key book and the lifter's holds are kept."""
+        """New settings while running (mitmproxy `--set`): the policy and what it holds (the
+        verdict cache, resized if `--cache-size` changed; ops-API marks; re-checks in
+        flight), the store, the key book and the lifter's holds are kept."""
         previous = self.settings
         dns = _dns_client(settings, self.metrics)
         self.dns.close()  # lookups in flight on it finish first
@@ -184,14 +185,13 @@ class Sidecar:
         self.lifter.admin = _synapse_admin(settings, self.metrics)
         self.lifter.hold_reborn = settings.hold_reborn
         self.lifter.poll_interval = settings.synapse_admin_poll
-        if previous.cache_size != settings.cache_size:
-            self.policy = self._make_policy(settings)
-        else:
-            self.policy.use_questions(DnsQuestions(dns))
-            self.policy.prober = self.prober
-            self.policy.ttl = settings.verdict_ttl
-            self.policy.allow = settings.allow
-            self.policy.set_deny(settings.deny)
+        self.address_book.resize(settings.cache_size)
+        self.policy.cache.resize(settings.cache_size)
+        self.policy.use_questions(DnsQuestions(dns))
+        self.policy.prober = self.prober
+        self.policy.ttl = settings.verdict_ttl
+        self.policy.allow = settings.allow
+        self.policy.set_deny(settings.deny)
         self.settings = settings
         if not settings.enforce and previous.enforce:
             log.warning("shadow mode (--no-enforce): verdicts are counted, nothing is suppressed")

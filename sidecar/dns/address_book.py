@@ -30,6 +30,7 @@ from cachetools import TLRUCache
 from sidecar.dns import questions
 from sidecar.dns.client import DnsClient
 from sidecar.judge import signals
+from sidecar.judge.caches import resized
 from sidecar.judge.names import is_ip_literal
 from sidecar.judge.signals import Finding
 from sidecar.metrics import Metrics
@@ -90,6 +91,11 @@ class AddressBook:
 
     def _drop_at(self, _name: str, slot: _Slot, _now: float) -> float:
         return slot.last.expires_at + self.max_stale
+
+    def resize(self, maxsize: int) -> None:
+        """Hold at most `maxsize` names from now on, keeping the sets held."""
+        if maxsize != self._slots.maxsize:
+            self._slots = resized(self._slots, maxsize, self._drop_at, self._clock)
 
     def record(self, name: str, addresses: tuple[str, ...], check: signals.SignalCheck) -> None:
         """Keep what a full DNS evaluation learned (the A/AAAA answers it asked anyway)."""

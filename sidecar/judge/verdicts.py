@@ -21,6 +21,7 @@ from typing import Any
 
 from cachetools import TLRUCache
 
+from sidecar.judge.caches import resized
 from sidecar.judge.names import InvalidName, normalize_host
 from sidecar.judge.signals import Signal
 
@@ -274,6 +275,18 @@ class VerdictCache:
 
     def get(self, name: str) -> Entry | None:
         return self._entries.get(name)
+
+    def resize(self, maxsize: int) -> None:
+        """Hold at most `maxsize` entries from now on, keeping the ones held; if they do not
+        all fit, suppressing verdicts are the last to go (a live one only costs a decision)."""
+        if maxsize != self._entries.maxsize:
+            self._entries = resized(
+                self._entries,
+                maxsize,
+                self._drop_at,
+                self._clock,
+                keep_last=lambda entry: entry.verdict.suppresses,
+            )
 
     def put(self, verdict: Verdict) -> Entry:
         """Store `verdict`, keeping the suppression count of the entry it replaces."""
