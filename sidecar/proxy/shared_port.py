@@ -21,6 +21,7 @@ and refuses in the hook.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from mitmproxy import ctx
 from mitmproxy.proxy import commands, events
@@ -83,9 +84,20 @@ def _admission() -> Admission | None:
     return found if isinstance(found, Admission) else None
 
 
+# asyncio listens with a backlog of 100: the ~1,000 CONNECTs a join of a big room opens within
+# seconds overflowed it, and every dropped SYN costs the client a retransmit 1, 3, 7 s later.
+# The kernel caps the figure at net.core.somaxconn (4,096 since Linux 5.4), as Go and nginx
+# rely on; asyncio also accepts up to this many per wake-up, and Admission's
+# --max-pending-clients still bounds what an accepted burst may hold.
+LISTEN_BACKLOG = 4096
+
+
 class SidecarInstance(AsyncioServerInstance[SidecarMode]):
     def make_top_layer(self, context: Context) -> Layer:
         return FirstBytesProxy(context, _admission())
+
+    async def listen(self, host: str, port: int) -> list[asyncio.Server]:  # type: ignore[override]
+        return [await _listen(self.handle_stream, host, port, reuse_port=False)]
 
 
 class SharedPortInstance(AsyncioServerInstance[SharedportMode]):
@@ -93,7 +105,19 @@ class SharedPortInstance(AsyncioServerInstance[SharedportMode]):
         return FirstBytesProxy(context, _admission())
 
     async def listen(self, host: str, port: int) -> list[asyncio.Server]:  # type: ignore[override]
-        return [await asyncio.start_server(self.handle_stream, host, port, reuse_port=True)]
+        return [await _listen(self.handle_stream, host, port, reuse_port=True)]
+
+
+async def _listen(
+    handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+    reuse_port: bool,
+) -> asyncio.Server:
+    """The proxy's listening socket(s) (mitmproxy's own call, with the backlog above)."""
+    return await asyncio.start_server(
+        handle, host, port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+    )
 
 
 def mode_spec(port: int, reuse_port: bool) -> str:
