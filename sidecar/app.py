@@ -317,8 +317,9 @@ class Sidecar:
             self.policy.learn_gone(name, result.lifetime, result.detail)
             return
         log.debug("probe of %s: %s", name, result.detail)
-        if result.route is not None:  # its federation API answered: what identity it has now
-            self.lifter.record_keys(name, result.route.target)
+        route = result.route
+        if route is not None and result.body:  # its key request answered: its identity now
+            self.lifter.observe_keys(name, result.body, route.target, route.sni)
 
     def observe_keys(self, name: str, body: bytes, target: tuple[str, int]) -> None:
         """Intercept mode: the signing keys a live server published to Synapse."""

@@ -41,7 +41,7 @@ exit status: {exits.OK} alive, {exits.GONE} gone, {exits.USAGE} usage error, \
 {exits.NO_ANSWER} DNS could not answer (no verdict).
 
 --probe adds the HTTP side, fetched as a remote homeserver would: the well-known (410 is a
-tombstone, m.server delegates), SRV, then /_matrix/federation/v1/version on the target;
+tombstone, m.server delegates), SRV, then /_matrix/key/v2/server on the target;
 each 410 is judged with the sidecar's own rule and lifetime (--gone-ttl, --min-gone-ttl,
 --max-gone-ttl), certificates verified (system store plus --upstream-ca), only to
 addresses --allow-address permits.
@@ -70,7 +70,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument(
         "--probe",
         action="store_true",
-        help="also fetch the well-known and federation version over HTTPS and judge any "
+        help="also fetch the well-known and the signing keys over HTTPS and judge any "
         "410 Gone (see below)",
     )
     add_options(parser, NAME)

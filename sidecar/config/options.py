@@ -398,7 +398,7 @@ OPTIONS: tuple[Option, ...] = (
         "probe",
         True,
         "Pass-through: probe each new server name once per --probe-interval (its well-known "
-        "and /_matrix/federation/v1/version where Synapse would ask, in the background) to "
+        "and /_matrix/key/v2/server where Synapse would ask, in the background) to "
         "learn 410 Gone; intercept mode reads Synapse's own responses instead. An expiring "
         "410 is re-checked this way in both modes.",
         parse=parse_bool,

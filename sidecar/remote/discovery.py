@@ -7,12 +7,16 @@ name's federation API is, and the 410s that can appear on the way.
    anything else means no delegation;
 3. SRV `_matrix-fed._tcp` then `_matrix._tcp` of the (delegated) host: its target, a `.`
    target (nobody connects), or none (port 8448);
-4. `GET /_matrix/federation/v1/version` there, with the (delegated) host as SNI and Host.
+4. `GET /_matrix/key/v2/server` there, with the (delegated) host as SNI and Host: the
+   first thing any sender asks of a server. A 410 there is a tombstone on `/_matrix/`; a
+   200 is the signing-key document the sidecar records for the resurrection check
+   (identity.py). One request does both: with a version request beside a key fetch, a
+   probe cost three TLS connections per live server, now two (tests/scale).
 
 One walk for both users, so that they cannot disagree: `check NAME --probe` shows every
 step, and the sidecar's background probe (probe.py) sends exactly these requests, so its
-version and key requests go where Synapse sends federation traffic, never to port 443 of
-a server that only serves its well-known there. Not done: following redirects on
+key requests go where Synapse sends federation traffic, never to port 443 of a server
+that only serves its well-known there. Not done: following redirects on
 well-known, well-known caching rules, CNAMEs beyond what the resolver does, and
 IPv6-only targets when the address policy prefers IPv4.
 """
@@ -27,9 +31,10 @@ from typing import Protocol
 from sidecar.dns.client import DnsClient
 from sidecar.judge.names import Authority, InvalidName, is_ip_literal, parse_authority
 from sidecar.judge.signals import SRV_PREFIXES, Finding, choose_srv, srv_targets
+from sidecar.remote.identity import KEY_PATH
 
 WELL_KNOWN_PATH = "/.well-known/matrix/server"
-VERSION_PATH = "/_matrix/federation/v1/version"
+API_PATH = KEY_PATH  # the federation API request of step 4
 FEDERATION_PORT = 8448  # the spec's default when nothing delegates
 WELL_KNOWN_PORT = 443
 
@@ -71,12 +76,13 @@ class ProbeResult:
 class HttpStep:
     """One step of discovery: what was asked, what came back, and what it means."""
 
-    step: str  # "well_known" | "srv" | "version"
+    step: str  # "well_known" | "srv" | "keys"
     where: str
     finding: Finding  # GONE: a tombstone; CLEAR: an answer that is not one; UNKNOWN: no answer
     detail: str
     lifetime: float | None = None  # seconds a gone finding holds (sidecar's clamp)
     status: int | None = None
+    body: bytes = b""  # the key document of a `keys` step that answered 200
 
 
 @dataclass(frozen=True)
@@ -100,7 +106,7 @@ class HttpReport:
     @property
     def api_answered(self) -> bool:
         """The federation API itself answered (not a tombstone) at `route`."""
-        return any(s.finding is Finding.CLEAR for s in self.steps if s.step == "version")
+        return any(s.finding is Finding.CLEAR for s in self.steps if s.step == "keys")
 
 
 async def discover(
@@ -113,8 +119,8 @@ async def discover(
 ) -> HttpReport:
     """Walk discovery for `raw_name` (already validated by the caller). `stop_at_gone`: a
     410 on the well-known is the answer, nothing more is asked (the sidecar's probe; `check`
-    shows the version step too). `on_route` hears the route as soon as it is known, before
-    the version request."""
+    shows the keys step too). `on_route` hears the route as soon as it is known, before
+    the key request."""
     authority = parse_authority(raw_name, default_port=0)
     host, port = authority.host, authority.port
     steps: list[HttpStep] = []
@@ -145,12 +151,12 @@ async def discover(
     route = Route(sni, target)
     if on_route is not None:
         on_route(route)
-    steps.append(_version_step(await fetcher.fetch(sni, target, VERSION_PATH), route))
+    steps.append(_api_step(await fetcher.fetch(sni, target, API_PATH, body=True), route))
     return HttpReport(tuple(steps), route)
 
 
 async def at_endpoint(fetcher: Fetcher, route: Route, *, well_known: bool = False) -> HttpReport:
-    """The version request at a route already known (an explicit port, or where Synapse is
+    """The key request at a route already known (an explicit port, or where Synapse is
     connecting): no SRV. `well_known`: the route's host's well-known first (a 410 there is
     the answer); a delegation it names is not followed, the route is where traffic goes."""
     steps: list[HttpStep] = []
@@ -161,8 +167,8 @@ async def at_endpoint(fetcher: Fetcher, route: Route, *, well_known: bool = Fals
         steps.append(step)
         if step.finding is Finding.GONE:
             return HttpReport(tuple(steps), None)
-    result = await fetcher.fetch(route.sni, route.target, VERSION_PATH)
-    steps.append(_version_step(result, route))
+    result = await fetcher.fetch(route.sni, route.target, API_PATH, body=True)
+    steps.append(_api_step(result, route))
     return HttpReport(tuple(steps), route)
 
 
@@ -244,14 +250,12 @@ async def _srv(dns: DnsClient, host: str) -> tuple[tuple[str, int] | None, HttpS
     return target, HttpStep("srv", where, Finding.CLEAR, f"{target[0]}:{target[1]}")
 
 
-def _version_step(result: ProbeResult, route: Route) -> HttpStep:
-    where = f"https://{route.target[0]}:{route.target[1]}{VERSION_PATH}"
+def _api_step(result: ProbeResult, route: Route) -> HttpStep:
+    where = f"https://{route.target[0]}:{route.target[1]}{API_PATH}"
     if result.outcome == "gone":
-        return HttpStep(
-            "version", where, Finding.GONE, result.detail, result.lifetime, result.status
-        )
+        return HttpStep("keys", where, Finding.GONE, result.detail, result.lifetime, result.status)
     if result.outcome == "failed":
-        return HttpStep("version", where, Finding.UNKNOWN, result.detail)
-    return HttpStep(
-        "version", where, Finding.CLEAR, f"{result.status}: not a tombstone", None, result.status
-    )
+        return HttpStep("keys", where, Finding.UNKNOWN, result.detail)
+    body = result.body if result.status == 200 else b""
+    detail = f"{result.status}: not a tombstone"
+    return HttpStep("keys", where, Finding.CLEAR, detail, None, result.status, body)

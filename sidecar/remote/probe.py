@@ -6,11 +6,14 @@ asks the server itself, in the background, where Synapse would ask it:
 - a name first seen on port 443 (Synapse's well-known lookup goes there first), or one up
   for lifting: the whole of discovery (discovery.py): the well-known (a 410 there is the
   answer, nothing more is asked), then `m.server`, SRV, 8448, and
-  `GET /_matrix/federation/v1/version` where that leads;
+  `GET /_matrix/key/v2/server` where that leads;
 - a name first seen elsewhere (Synapse resolved it already: an explicit port, an SRV
-  target, a delegation): its well-known (a 410 there is the answer), then the version
+  target, a delegation): its well-known (a 410 there is the answer), then the key
   request on that connection target, with the name as SNI: where Synapse is sending its
   own traffic.
+
+A key request that answers 200 hands its document on (`ProbeResult.body`): the signing
+keys the resurrection check records, without a connection of their own.
 
 The hosts a discovery leads to (a delegated host, an SRV target) are not server names:
 they are not probed on their own while their server's route is remembered. Certificates
@@ -39,7 +42,7 @@ from sidecar.metrics import Metrics
 from sidecar.remote import http1
 from sidecar.remote.addresses import AddressPolicy
 from sidecar.remote.discovery import (
-    VERSION_PATH,
+    API_PATH,
     WELL_KNOWN_PATH,
     WELL_KNOWN_PORT,
     HttpReport,
@@ -48,12 +51,13 @@ from sidecar.remote.discovery import (
     at_endpoint,
     discover,
 )
+from sidecar.remote.identity import MAX_KEY_DOCUMENT_BYTES
 
 log = logging.getLogger("sidecar.probe")
 
-__all__ = ["VERSION_PATH", "WELL_KNOWN_PATH", "ProbeResult", "ProbeSettings", "Prober"]
+__all__ = ["API_PATH", "WELL_KNOWN_PATH", "ProbeResult", "ProbeSettings", "Prober"]
 
-MAX_BODY_BYTES = 64 * 1024  # a well-known document (`check --probe` reads its m.server)
+MAX_BODY_BYTES = MAX_KEY_DOCUMENT_BYTES  # a well-known (its m.server) or a key document
 USER_AGENT = "tombstone-sidecar-probe"
 MAX_REMEMBERED = 100_000  # names whose last probe time (and route) is kept
 _OUTCOMES = {Finding.GONE: "gone", Finding.CLEAR: "answered", Finding.UNKNOWN: "failed"}
@@ -181,7 +185,8 @@ class Prober:
         answered = next((s for s in fetched if s.finding is Finding.CLEAR), None)
         if answered is not None:
             detail = f"{answered.where}: {answered.detail}"
-            return ProbeResult("answered", detail, 0.0, answered.status or 0, route=route)
+            keys = next((s.body for s in fetched if s.step == "keys"), b"")
+            return ProbeResult("answered", detail, 0.0, answered.status or 0, keys, route)
         detail = "; ".join(s.detail for s in fetched) or "no request made"
         return ProbeResult("failed", detail)
 

@@ -15,6 +15,7 @@ None of it changes a proxy decision except the explicit hold.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -80,40 +81,22 @@ class Lifter:
         self._backing_off: dict[str, bool] = {}
         self.view = SynapseView(None, 0, False, ())
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._recording: set[str] = set()
         self.store = store  # shares key records (--store redis)
 
     # -- identity -------------------------------------------------------------------------
 
-    def observe_keys(self, name: str, body: bytes, target: tuple[str, int] | None) -> None:
-        """A key document seen through the sidecar (intercept mode) for an alive name."""
+    def observe_keys(
+        self, name: str, body: bytes, target: tuple[str, int] | None, sni: str | None = None
+    ) -> None:
+        """A key document of an alive name: seen through the sidecar (intercept mode), or
+        the answer to a pass-through probe's key request at `target` (as host `sni`, the
+        one a well-known delegates to, when it is not the name)."""
         try:
             found = _parse(body, name, target, self._clock())
         except KeyDocumentError as e:
             log.debug("not recording keys of %s: %s", name, e)
             return
-        self._remember(found)
-
-    def record_keys(self, name: str, target: tuple[str, int]) -> None:
-        """Next to a pass-through probe of an alive name: fetch and record its keys."""
-        if (
-            self.fetcher is None
-            or name in self._recording
-            or not self.book.due(name, self._clock())
-        ):
-            return
-        self._recording.add(name)
-
-        async def run() -> None:
-            try:
-                assert self.fetcher is not None
-                self._remember(await self.fetcher.fetch(name, target, self._clock()))
-            except (KeyDocumentError, OSError, TimeoutError, ValueError) as e:
-                log.debug("could not record the signing keys of %s: %s", name, e)
-            finally:
-                self._recording.discard(name)
-
-        self._spawn(run())
+        self._remember(found if sni in (None, name) else dataclasses.replace(found, sni=sni))
 
     def _remember(self, found: KeyRecord) -> None:
         """Record `found` here and share it: another sidecar may see the lift."""

@@ -149,7 +149,7 @@ def test_caddy_answers_410_with_the_generated_snippet_and_check_probe_judges_it(
         assert [(s["step"], s["finding"], s["lifetime"]) for s in report["http"]["steps"]] == [
             ("well_known", "gone", WEEK),
             ("srv", "clear", None),
-            ("version", "gone", WEEK),
+            ("keys", "gone", WEEK),
         ]
     except BaseException:
         print(server.log())
@@ -209,7 +209,7 @@ def test_check_probe_follows_srv_and_judges_the_nginx_tombstone_gone_for_its_max
     assert steps == [
         ("well_known", "gone", 410, WEEK),
         ("srv", "clear", None, None),
-        ("version", "gone", 410, WEEK),
+        ("keys", "gone", 410, WEEK),
     ]
     assert report["http"]["target"] == f"{name}:{port}"
 
@@ -231,7 +231,7 @@ def test_check_probe_of_a_live_server_is_no_http_verdict(
     report = json.loads(result.stdout)
     assert report["verdict"]["state"] == "alive"
     assert [(s["step"], s["finding"], s["status"]) for s in report["http"]["steps"]] == [
-        ("version", "clear", 200)
+        ("keys", "clear", 200)
     ]
     assert report["http"]["senders"]["tombstone-sidecar"].startswith("no verdict from HTTP")
 
@@ -294,7 +294,7 @@ def test_check_probe_follows_well_known_delegation_to_the_410(
     report = json.loads(result.stdout)
     assert [(s["step"], s["finding"], s["status"]) for s in report["http"]["steps"]] == [
         ("well_known", "clear", 200),
-        ("version", "gone", 410),
+        ("keys", "gone", 410),
     ]
     assert report["http"]["steps"][0]["detail"] == f"200: delegates to {federation}:{port}"
     assert report["verdict"]["signal"] == "http_410" and report["verdict"]["ttl"] == WEEK
@@ -356,7 +356,7 @@ def test_tombstone_command_errors_help_and_clean_parts() -> None:
 def test_check_probe_404_5xx_and_refused_are_no_verdict(
     dns_server: DnsServer, zone: Zone, ca: TestCA, unique: Callable[[str], str]
 ) -> None:
-    """Not a tombstone: a 404 well-known, a 503 version, a port nobody listens on."""
+    """Not a tombstone: a 404 well-known, a 503 key request, a port nobody listens on."""
     name, refusing = unique("broken"), unique("refusing")
 
     def handler(request: Request) -> Response:
@@ -377,7 +377,7 @@ def test_check_probe_404_5xx_and_refused_are_no_verdict(
     assert [(s["step"], s["finding"], s["status"]) for s in report["http"]["steps"]] == [
         ("well_known", "clear", 404),
         ("srv", "clear", None),
-        ("version", "clear", 503),
+        ("keys", "clear", 503),
     ]
     assert report["http"]["senders"]["tombstone-sidecar"].startswith("no verdict from HTTP")
     assert refused.returncode == 0, refused.stdout + refused.stderr
@@ -385,6 +385,6 @@ def test_check_probe_404_5xx_and_refused_are_no_verdict(
     assert [(s["step"], s["finding"]) for s in steps] == [
         ("well_known", "unknown"),
         ("srv", "clear"),
-        ("version", "unknown"),
+        ("keys", "unknown"),
     ]
     assert "Connect call failed" in steps[0]["detail"] or "refused" in steps[0]["detail"]

@@ -1,4 +1,4 @@
-"""Pass-through 410 learning: background probes of well-known and version endpoints.
+"""Pass-through 410 learning: background probes of the well-known and the key endpoint.
 
 Real TLS upstreams answer 410, 200 or refuse; the sidecar (probing on, trusting the test
 CA with --upstream-ca) learns an http_410 verdict from the first CONNECT to a name DNS
@@ -60,9 +60,8 @@ def test_a_410_server_is_learned_after_its_first_connect(
     assert wait_until(lambda: verdict(sidecar, name).get("signal") == "http_410", timeout=10)
     learned = verdict(sidecar, name)
     assert learned["state"] == "gone"
-    assert (
-        f"410 Gone from https://{name}:{dead_upstream.port}/_matrix/federation/v1/version"
-        in str(learned["evidence"])
+    assert f"410 Gone from https://{name}:{dead_upstream.port}/_matrix/key/v2/server" in str(
+        learned["evidence"]
     )
     assert float(learned["expires_at"]) - float(learned["observed_at"]) == 86400  # type: ignore[arg-type]
     reached = dead_upstream.connections
@@ -70,7 +69,7 @@ def test_a_410_server_is_learned_after_its_first_connect(
         reply = sidecar.connect(f"{name}:{dead_upstream.port}")
         assert reply.status == 502 and reply.headers["x-tombstone-signal"] == "http_410"
     assert dead_upstream.connections == reached  # nothing after the probe
-    assert [r.path for r in dead_upstream.requests] == ["/_matrix/federation/v1/version"]
+    assert [r.path for r in dead_upstream.requests] == ["/_matrix/key/v2/server"]
     assert sidecar.metric("tombstone_probes_total", result="gone") == 1
     assert f"{name} gone (http_410: 410 Gone from" in sidecar.log()
 
@@ -200,7 +199,6 @@ WELL_KNOWN_IP = "127.0.0.11"  # every server name's :443 (its well-known only)
 API_IP = "127.0.0.12"  # the federation APIs, on their own ports
 KEYS_FILE = "signing-keys.json"
 PROBE_SETTLE_SECONDS = 1.0  # a loopback probe takes milliseconds
-VERSION = "/_matrix/federation/v1/version"
 
 
 @dataclass
@@ -270,8 +268,9 @@ def test_a_delegated_server_is_probed_where_its_well_known_points(
     unique: Callable[[str], str],
 ) -> None:
     """Synapse's first CONNECT for a name is its well-known (name:443); the probe follows
-    the delegation like Synapse: version and keys at the delegated host:port, with that
-    host as SNI, and nothing but the well-known on :443."""
+    the delegation like Synapse: one key request at the delegated host:port (a 410 there
+    is a tombstone; a 200 is the key record), with that host as SNI, and nothing but the
+    well-known on :443."""
     sidecar = probing(sidecar_factory, ca)
     name, api_host = unique("delegates"), unique("api")
     port = federation.api.port
@@ -288,7 +287,6 @@ def test_a_delegated_server_is_probed_where_its_well_known_points(
     time.sleep(PROBE_SETTLE_SECONDS)  # a probe it started would have asked by now
     assert federation.seen() == [
         (name, 443, "/.well-known/matrix/server"),
-        (api_host, port, VERSION),
         (api_host, port, "/_matrix/key/v2/server"),
     ]
     assert verdict(sidecar, name)["state"] == "alive"
@@ -320,8 +318,7 @@ def test_a_server_without_delegation_is_probed_on_8448_or_its_srv_target(
     assert recorded_keys(sidecar)[name]["target"] == [target_host, port]
     assert federation.seen() == [
         (name, 443, "/.well-known/matrix/server"),
-        (name, port, VERSION),  # SNI: the server name, as Synapse sends it to an SRV target
-        (name, port, "/_matrix/key/v2/server"),
+        (name, port, "/_matrix/key/v2/server"),  # SNI: the name, as Synapse sends it
     ]
     # The SRV pair the judgment asked a moment before is not asked again by the probe.
     for prefix in ("_matrix-fed._tcp", "_matrix._tcp"):
@@ -337,7 +334,7 @@ def test_a_name_first_seen_on_its_federation_port_is_probed_there(
 ) -> None:
     """A CONNECT to another port than 443 is Synapse's federation traffic (it resolved the
     name already, or the name has an explicit port): the probe asks the name's well-known
-    for a 410, and the version and keys there, where Synapse goes, not on :443."""
+    for a 410, and the key request there, where Synapse goes, not on :443."""
     sidecar = probing(sidecar_factory, ca)
     name = unique("explicit")
     federation.keys[name] = SigningKey(name)
@@ -346,7 +343,6 @@ def test_a_name_first_seen_on_its_federation_port_is_probed_there(
     assert wait_until(lambda: name in recorded_keys(sidecar), timeout=15), federation.seen()
     assert federation.seen() == [
         (name, 443, "/.well-known/matrix/server"),
-        (name, 8448, VERSION),
         (name, 8448, "/_matrix/key/v2/server"),
     ]
 
@@ -484,7 +480,7 @@ def test_intercept_mode_sends_no_first_sight_probe(
     unique: Callable[[str], str],
 ) -> None:
     """Intercept mode reads Synapse's own responses: a live name's first CONNECT and request
-    reach the server, and nothing else does (no well-known, /version or key fetch of ours)."""
+    reach the server, and nothing else does (no well-known or key request of ours)."""
     sidecar = probing(sidecar_factory, ca, "--mode", "intercept")
     name = unique("intercepted")
     zone.add(name, "A", LIVE_IP)
