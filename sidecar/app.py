@@ -473,6 +473,7 @@ class Sidecar:
             nameservers=self.dns.nameservers,
             verdicts_cached=len(self.policy.cache),
             store={"kind": health.store, "up": health.up, "detail": health.detail},
+            dns=self.dns.health(),
         )
 
     def entries(self) -> list[Entry]:

@@ -141,10 +141,22 @@ class DnsClient:
         self._recent: TTLCache[tuple[str, str], tuple[float, DnsAnswer]] = TTLCache(
             MAX_RECENT, RECENT_SECONDS
         )
+        self.last_answer: float | None = None  # time.monotonic() of the last usable answer
+        self.failures_in_a_row = 0  # queries with no usable answer since then
 
     @property
     def nameservers(self) -> list[str]:
         return [str(ns) for ns in self._nameservers]
+
+    def health(self) -> dict[str, object]:
+        """For `/readyz`: whether the resolvers answer (`unused` before the first query)."""
+        failing = self.failures_in_a_row > 0
+        age = None if self.last_answer is None else time.monotonic() - self.last_answer
+        return {
+            "state": "failing" if failing else "unused" if age is None else "answering",
+            "failures_in_a_row": self.failures_in_a_row,
+            "last_answer_seconds_ago": None if age is None else round(age, 1),
+        }
 
     def close(self) -> None:
         """Close the sockets as soon as the queries in flight on them are done."""
@@ -165,6 +177,10 @@ class DnsClient:
             with self._metrics.dns_query_seconds.time():  # not the wait for a slot
                 answer = await self._query(name, rrtype)
         self._metrics.dns_queries.labels(rrtype, answer.outcome).inc()
+        if answer.is_evidence:
+            self.last_answer, self.failures_in_a_row = time.monotonic(), 0
+        else:
+            self.failures_in_a_row += 1
         if rrtype in RECENT_TYPES and answer.is_evidence and answer.ttl:
             self._recent[key] = (now + min(answer.ttl, RECENT_SECONDS), answer)
         return answer

@@ -18,7 +18,11 @@ from sidecar.remote.identity import Resurrection
 
 @dataclass(frozen=True)
 class Readiness:
-    """`/readyz`: ready once the proxy listens and stored verdicts are loaded."""
+    """`/readyz`: ready once the proxy listens and stored verdicts are loaded.
+
+    Resolvers that do not answer leave it ready: the judge fails open (connections go
+    where Synapse alone would send them), and an unready sidecar container would take its
+    Synapse pod out of its Service. `dns` says how the resolvers fare instead."""
 
     status: str  # "starting", "ready" or "draining"
     proxy_running: bool
@@ -26,6 +30,7 @@ class Readiness:
     nameservers: list[str]
     verdicts_cached: int
     store: dict[str, Any] | None = None  # kind, up, detail
+    dns: dict[str, Any] | None = None  # state, failures_in_a_row, last_answer_seconds_ago
 
     @property
     def ready(self) -> bool:

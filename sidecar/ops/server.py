@@ -217,6 +217,8 @@ class OpsServer:
         }
         if readiness.store is not None:
             detail["store"] = readiness.store
+        if readiness.dns is not None:
+            detail["dns"] = readiness.dns
         return json_reply(200 if readiness.ready else 503, detail)
 
     def _list(self, query: dict[str, list[str]]) -> Reply:

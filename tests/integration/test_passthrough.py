@@ -12,13 +12,14 @@ import json
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.integration.conftest import DEAD_IP, LIVE_IP
+from tests.integration.conftest import BASE_ARGS, DEAD_IP, LIVE_IP
 from tests.support.dns_server import Zone
-from tests.support.procs import wait_until
+from tests.support.procs import free_port, wait_until
 from tests.support.sidecar_process import Sidecar
 from tests.support.tls_client import split_hello_get, tls_get
 from tests.support.tls_upstream import TestCA, Upstream
@@ -554,3 +555,35 @@ def test_the_sni_is_judged_whether_the_clienthello_comes_whole_or_split(
     )
     assert get(f"{live}:{live_upstream.port}", live) == 200
     assert any(r.sni == live for r in live_upstream.requests)  # TLS end to end, untouched
+
+
+def test_readyz_says_when_the_resolvers_do_not_answer_and_stays_ready(tmp_path: Path) -> None:
+    """The judge fails open, so the sidecar stays ready without DNS (an unready container
+    would take Synapse's pod out of its Service); `/readyz` says how the resolvers fare."""
+    silent = free_port()  # nothing listens there: every query is refused by the kernel
+    sidecar = Sidecar(silent, [*BASE_ARGS, "--dns-timeout", "1s"], log_dir=tmp_path).start()
+    try:
+        status, body = sidecar.ops("/readyz")
+        assert status == 200 and json.loads(body)["dns"]["state"] == "unused"
+        assert sidecar.connect("unjudged.hs.test:443").status != 200  # no address to dial
+        status, body = sidecar.ops("/readyz")
+        detail = json.loads(body)
+        assert status == 200 and detail["status"] == "ready"
+        assert detail["dns"]["state"] == "failing"
+        assert detail["dns"]["failures_in_a_row"] >= 1
+        assert detail["dns"]["last_answer_seconds_ago"] is None
+        verdict = json.loads(sidecar.ops("/v1/verdicts/unjudged.hs.test")[1])
+        assert verdict["state"] == "undecided"  # a DNS failure is never evidence
+    finally:
+        sidecar.stop()
+
+
+def test_readyz_says_the_resolvers_answer(
+    sidecar: Sidecar, zone: Zone, unique: Callable[[str], str]
+) -> None:
+    name = unique("judged")
+    zone.add(name, "A", "127.0.0.1")
+    sidecar.connect(f"{name}:443")
+    dns = json.loads(sidecar.ops("/readyz")[1])["dns"]
+    assert dns["state"] == "answering" and dns["failures_in_a_row"] == 0
+    assert 0 <= dns["last_answer_seconds_ago"] < 60
