@@ -11,6 +11,11 @@ Whatever comes back from Redis (keys, messages) was written by someone else: it 
 validated (sidecar.verdicts.from_record: size, nesting, types, names, addresses) and a bad
 record is dropped and counted in `tombstone_store_invalid_records_total`; the subscriber
 never dies of one, and a lost subscription shows as the store being down until it is back.
+Sizes are bounded where the bytes enter: keys are read with GETRANGE, and the subscriber's
+connections refuse a bulk string longer than MAX_MESSAGE_BYTES from its length prefix
+(sidecar.store.bounded_resp), so a huge PUBLISH is never buffered: the connection is
+dropped unread, the subscriber resubscribes, and the verdict keys are read again
+(bounded) to make up for the messages missed meanwhile.
 
 Redis is never on the critical path: writes are queued, reads have a deadline of a few
 milliseconds and are skipped while Redis is down, and a lost connection is retried with
@@ -29,6 +34,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -47,6 +53,7 @@ from sidecar.judge.verdicts import (
 from sidecar.metrics import Metrics
 from sidecar.remote.identity import MAX_KEY_RECORD_BYTES, KeyRecord
 from sidecar.store.base import RateLimitedWarning, RemoteForget, RemoteVerdict, WriteBehindStore
+from sidecar.store.bounded_resp import OversizedReply, bounded_parser
 
 log = logging.getLogger("sidecar.store")
 
@@ -62,7 +69,15 @@ RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 30.0
 HEALTH_INTERVAL_SECONDS = 2.0  # how soon a silent outage is noticed
 MAX_BATCH = 500  # writes per pipeline round trip
+SUBSCRIBER_PROTOCOL = 2  # RESP2: what sidecar.store.bounded_resp parses
 INVALID_WARNING_SECONDS = 60.0  # at most one warning a minute about invalid records
+# The resync after a gap in the subscription reads at most this many verdict keys, in
+# batches of RESYNC_BATCH (one SCAN and one pipelined STRLEN+GETRANGE per key each), and
+# gives up after RESYNC_BUDGET_SECONDS: it is off the request path, but a Redis holding
+# millions of keys must not keep the subscriber from listening.
+RESYNC_MAX_KEYS = 50_000
+RESYNC_BATCH = 200
+RESYNC_BUDGET_SECONDS = 10.0
 
 
 class RedisStore(WriteBehindStore):
@@ -81,17 +96,26 @@ class RedisStore(WriteBehindStore):
         # The subscriber has its own connection and no silent retries: redis-py would
         # otherwise reconnect and resubscribe under us, and a lost subscription (messages
         # missed meanwhile) would never show in health. Our loop reconnects, with backoff.
-        self._subscriber = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            health_check_interval=0,
-            retry=Retry(NoBackoff(), 0),
-        )
+        # Its connections read no bulk string over MAX_MESSAGE_BYTES (whatever parser
+        # redis-py would pick, hiredis included) and speak RESP2 (the bounded parser's),
+        # whatever the URL or redis-py's default (RESP3 since 8.0) says: the URL's options
+        # are taken first and these override them, which from_url would not do.
+        options: dict[str, Any] = {
+            **parse_url(url),
+            "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "health_check_interval": 0,
+            "retry": Retry(NoBackoff(), 0),
+            "parser_class": bounded_parser(MAX_MESSAGE_BYTES),
+            "protocol": SUBSCRIBER_PROTOCOL,
+        }
+        self._subscriber = aioredis.Redis(connection_pool=aioredis.ConnectionPool(**options))
+        self._subscriber.auto_close_connection_pool = True  # as from_url sets it: aclose()
         self._tasks: list[asyncio.Task[None]] = []
         self._key_writes: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._listening = False  # subscribed right now: messages are not being missed
         self._subscribed = asyncio.Event()
+        self._resync_needed = False  # messages may have been missed: read the keys again
         self._closing = False
         self._remote: tuple[RemoteVerdict, RemoteForget] | None = None
         self._invalid_warnings = RateLimitedWarning(INVALID_WARNING_SECONDS)
@@ -112,6 +136,7 @@ class RedisStore(WriteBehindStore):
             reachable = True
         except (RedisError, OSError, TimeoutError) as e:
             self.metrics.store_errors.labels(self.kind, "connect").inc()
+            self._resync_needed = True  # peers' verdicts of the outage are read once up
             self.mark(
                 False,
                 f"{self._safe_url()} unreachable ({e or type(e).__name__}); "
@@ -274,6 +299,7 @@ class RedisStore(WriteBehindStore):
         outside, an exception that is not an Exception), say so and start it again."""
         self._listening = False
         self._subscribed.clear()
+        self._resync_needed = True
         if self._closing:
             return
         why = "cancelled" if task.cancelled() else repr(task.exception())
@@ -293,10 +319,17 @@ class RedisStore(WriteBehindStore):
                 if not self.up:
                     self.mark(True, f"sharing verdicts through {self._safe_url()}")
                     self._wake.set()  # write what piled up while Redis was away
+                if self._resync_needed:  # messages from now on wait behind it, unread
+                    self._resync_needed = not await self._resync(on_remote)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._receive(message.get("data"), on_remote, on_forget)
+            except OversizedReply as e:
+                # Not an outage: Redis works, one publisher does not. The body was never
+                # read; the connection goes with it and the keys make up for the gap.
+                self._resync_needed = True
+                self._invalid("message", f"{CHANNEL}: {e}; dropped unread, resubscribing")
             except (RedisError, OSError, TimeoutError) as e:
                 self._lost_subscription(e)
             except Exception as e:  # a bug must not end the subscriber (nor go unseen)
@@ -322,7 +355,78 @@ class RedisStore(WriteBehindStore):
 
     def _lost_subscription(self, error: BaseException) -> None:
         self._listening = False
+        self._resync_needed = True
         self._failed("subscribe", error)
+
+    async def _resync(self, on_remote: RemoteVerdict) -> bool:
+        """Read the shared verdicts again after a gap in the subscription, so what the
+        other sidecars published meanwhile is not lost (older ones change nothing: the
+        policy keeps the newer of two verdicts). Bounded in keys, bytes and time; True
+        when done, False when it must be tried again after the next subscription."""
+        try:
+            await asyncio.wait_for(self._read_all_keys(on_remote), RESYNC_BUDGET_SECONDS)
+        except TimeoutError:
+            self.metrics.store_errors.labels(self.kind, "resync_timeout").inc()
+            return True  # what was read is applied; the rest is fetched when asked for
+        except OversizedReply as e:  # a key name of many kilobytes: not ours
+            self._invalid("resync", f"{KEY_PREFIX}*: {e}")
+            return True  # it would be refused again; names are still fetched on demand
+        except (RedisError, OSError) as e:
+            self.metrics.store_errors.labels(self.kind, "resync").inc()
+            log.debug("resync after resubscribing failed: %s", e)
+            return False
+        return True
+
+    async def _read_all_keys(self, on_remote: RemoteVerdict) -> None:
+        """SCAN the verdict keys (on the subscriber's bounded connections: a key name is
+        outside input too) and apply each valid one, at most RESYNC_MAX_KEYS."""
+        cursor, seen = 0, 0
+        while seen < RESYNC_MAX_KEYS:
+            cursor, keys = await self._subscriber.scan(
+                cursor, match=KEY_PREFIX + "*", count=RESYNC_BATCH
+            )
+            keys = keys[: RESYNC_MAX_KEYS - seen]
+            seen += len(keys)
+            if keys:
+                async with self._subscriber.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.strlen(key)
+                        pipe.getrange(key, 0, MAX_RECORD_BYTES)
+                    replies = await pipe.execute(raise_on_error=False)
+                for index, key in enumerate(keys):
+                    self._apply_key(key, replies[2 * index], replies[2 * index + 1], on_remote)
+            if cursor == 0:
+                return
+
+    def _apply_key(
+        self, key: bytes | str, size: object, raw: object, on_remote: RemoteVerdict
+    ) -> None:
+        """One key read by the resync: applied when valid, else dropped and counted."""
+        text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+        name = text[len(KEY_PREFIX) :]
+        try:
+            if not isinstance(size, int) or not isinstance(raw, bytes):
+                raise ValueError(f"not a string ({size!r})")
+            if not size:
+                return  # deleted or expired since the SCAN
+            if size > MAX_RECORD_BYTES:
+                raise ValueError(f"{size} bytes; a stored record is at most {MAX_RECORD_BYTES}")
+            verdict = decode_record(raw)
+            if verdict.destination != name:
+                raise ValueError(f"the record is for {verdict.destination}")
+        except ValueError as e:
+            self._invalid("resync", f"{KEY_PREFIX}{name[:100]}: {e}")
+            return
+        try:
+            on_remote(verdict)
+        except Exception:  # the cache's own bug: counted, logged, the resync goes on
+            self.metrics.store_errors.labels(self.kind, "apply").inc()
+            self._apply_warnings.warn(
+                "%d verdict(s) read again from %s could not be applied (latest for %s)",
+                self._safe_url(),
+                name,
+                exc_info=True,
+            )
 
     def _receive(self, data: object, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
         """Apply one message from another sidecar; a bad one is dropped and counted, never
