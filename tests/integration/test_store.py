@@ -993,3 +993,56 @@ def test_the_subscriber_is_bounded_and_speaks_resp2_whatever_the_url_asks(
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_after_a_lost_subscription_the_verdict_keys_are_read_again_within_bounds(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages published while the subscriber was away are made up for by reading the
+    verdict keys again once resubscribed: valid ones applied, bad ones counted under
+    `resync`, and no more than RESYNC_MAX_KEYS of them (here lowered to 8 of 12)."""
+    monkeypatch.setattr("sidecar.store.redis.RESYNC_MAX_KEYS", 8)
+
+    async def scenario() -> None:
+        store = RedisStore(redis.url, Metrics())
+        received: list[Verdict] = []
+        await store.start(received.append, lambda name: None)
+        try:
+            assert store.health().up and not received  # no resync at a start that subscribed
+            # Written while the subscription is gone, as another sidecar would (key and
+            # message; the messages go nowhere).
+            assert redis.command("ACL", "SETUSER", "default", "-subscribe") == b"+OK\r\n"
+            assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":1")
+            for _ in range(200):
+                if not store.health().up:
+                    break
+                await asyncio.sleep(0.05)
+            assert not store.health().up
+            names = [f"gap-{index}.hs.test" for index in range(10)]
+            for name in names:
+                value = json.dumps(record(name))
+                assert redis.command("SET", KEY_PREFIX + name, value) == b"+OK\r\n"
+                await asyncio.to_thread(publish, redis, message(record(name)))
+            redis.command("SET", KEY_PREFIX + "wrong.hs.test", json.dumps(record("other.hs.test")))
+            redis.command("SET", KEY_PREFIX + "huge.hs.test", "x" * 100_000)
+            redis.command("ACL", "SETUSER", "default", "+subscribe")
+
+            invalid = store.metrics.store_invalid_records.labels("redis", "resync")
+
+            def read_again() -> float:
+                return len(received) + invalid._value.get()
+
+            for _ in range(400):
+                if store.health().up and read_again() >= 8:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # nothing more comes
+            assert store.health().up
+            applied = {v.destination for v in received}
+            assert applied <= set(names)
+            assert len(applied) + invalid._value.get() == 8, (applied, invalid._value.get())
+            assert len(received) == len(applied)  # each key once
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
