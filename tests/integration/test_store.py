@@ -1030,7 +1030,7 @@ def test_after_a_lost_subscription_the_verdict_keys_are_read_again_within_bounds
             invalid = store.metrics.store_invalid_records.labels("redis", "resync")
 
             def read_again() -> float:
-                return len(received) + invalid._value.get()
+                return len(received) + float(invalid._value.get())
 
             for _ in range(400):
                 if store.health().up and read_again() >= 8:
