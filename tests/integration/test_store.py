@@ -1046,3 +1046,48 @@ def test_after_a_lost_subscription_the_verdict_keys_are_read_again_within_bounds
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_oversized_messages_that_keep_coming_make_the_resubscriptions_back_off(
+    redis: RedisServer,
+) -> None:
+    """Each oversized message costs a reconnect and a resync: a flood of them does not get
+    one every RECONNECT_MIN_SECONDS, the waits double (0.5 s, 1 s, 2 s), and a verdict
+    still arrives once the flood stops; the store never reports itself down."""
+
+    async def resubscribed(store: RedisStore, within: float = 15.0) -> float:
+        """Seconds until the subscriber listens again after an oversized message."""
+        start = time.monotonic()
+        while store._listening:  # the drop is seen first
+            assert time.monotonic() - start < within
+            await asyncio.sleep(0.01)
+        while not store._listening:
+            assert time.monotonic() - start < within
+            await asyncio.sleep(0.01)
+        return time.monotonic() - start
+
+    async def scenario() -> None:
+        store = RedisStore(redis.url, Metrics())
+        received: list[Verdict] = []
+        await store.start(received.append, lambda name: None)
+        try:
+            waits = []
+            for _ in range(3):
+                oversized = ("PUBLISH", CHANNEL, b"x" * (64 * 1024))
+                assert await asyncio.to_thread(pipelined, redis, oversized) == [b":1\r\n"]
+                waits.append(await resubscribed(store))
+            assert waits[0] >= 0.5 and waits[1] >= 1.0 and waits[2] >= 2.0, waits
+            refused = store.metrics.store_invalid_records.labels("redis", "message")
+            assert refused._value.get() == 3
+            assert store.health().up
+            name = "after-the-flood.hs.test"
+            await asyncio.to_thread(publish, redis, message(record(name)))
+            for _ in range(200):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+            assert [v.destination for v in received] == [name]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
