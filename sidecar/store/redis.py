@@ -15,7 +15,8 @@ Sizes are bounded where the bytes enter: keys are read with GETRANGE, and the su
 connections refuse a bulk string longer than MAX_MESSAGE_BYTES from its length prefix
 (sidecar.store.bounded_resp), so a huge PUBLISH is never buffered: the connection is
 dropped unread, the subscriber resubscribes, and the verdict keys are read again
-(bounded) to make up for the messages missed meanwhile.
+(bounded) to make up for the messages missed meanwhile; a forget also leaves a marker key
+(`tombstone:v1:forgotten:<name>`, a day) so that forgets made during a gap are replayed.
 
 Redis is never on the critical path: writes are queued, reads have a deadline of a few
 milliseconds and are skipped while Redis is down, and a lost connection is retried with
@@ -28,8 +29,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -62,6 +65,12 @@ KEYS_PREFIX = "tombstone:v1:keys:"  # signing keys recorded while alive (sidecar
 KEYS_TTL_SECONDS = 365 * 86400  # a retired server may come back a year later
 KEYS_FETCH_BUDGET_SECONDS = 0.5  # asked at a lift, off the request path
 CHANNEL = "tombstone:v1:verdicts"
+# A forget deletes the verdict key, so a resync could not tell a name forgotten during the
+# gap from one never judged: each forget also leaves a marker (its time), kept this long.
+FORGOTTEN_PREFIX = "tombstone:v1:forgotten:"
+FORGOTTEN_TTL_SECONDS = 86400  # a subscription gap longer than a day misses forgets
+MAX_FORGOTTEN_BYTES = 256  # {"forgotten_at": <float>, "origin": <32 hex digits>}
+CLOCK_SKEW_SECONDS = 5.0  # between the sidecars' clocks: forgets this early are replayed
 FETCH_BUDGET_SECONDS = 0.005  # the most a request may wait for Redis ("a few milliseconds")
 CONNECT_TIMEOUT_SECONDS = 1.0
 COMMAND_TIMEOUT_SECONDS = 2.0  # for background writes; requests never wait this long
@@ -119,7 +128,9 @@ class RedisStore(WriteBehindStore):
         self._listener: asyncio.Task[None] | None = None
         self._listening = False  # subscribed right now: messages are not being missed
         self._subscribed = asyncio.Event()
-        self._resync_needed = False  # messages may have been missed: read the keys again
+        # When the current gap in the subscription began (wall clock, to compare with the
+        # forget markers of other sidecars); None while nothing is missed.
+        self._gap_since: float | None = None
         self._closing = False
         self._remote: tuple[RemoteVerdict, RemoteForget] | None = None
         self._invalid_warnings = RateLimitedWarning(INVALID_WARNING_SECONDS)
@@ -140,7 +151,7 @@ class RedisStore(WriteBehindStore):
             reachable = True
         except (RedisError, OSError, TimeoutError) as e:
             self.metrics.store_errors.labels(self.kind, "connect").inc()
-            self._resync_needed = True  # peers' verdicts of the outage are read once up
+            self._gap_began()  # peers' verdicts of the outage are read once up
             self.mark(
                 False,
                 f"{self._safe_url()} unreachable ({e or type(e).__name__}); "
@@ -276,6 +287,8 @@ class RedisStore(WriteBehindStore):
                         pipe.publish(CHANNEL, self._message(name, verdict))
                         if verdict is None:
                             pipe.delete(KEY_PREFIX + name)
+                            marker = json.dumps({"forgotten_at": now, "origin": self.origin})
+                            pipe.set(FORGOTTEN_PREFIX + name, marker, ex=FORGOTTEN_TTL_SECONDS)
                             continue
                         keep_ms = int((verdict.expires_at + STALE_GRACE_SECONDS - now) * 1000)
                         if keep_ms > 0:
@@ -303,7 +316,7 @@ class RedisStore(WriteBehindStore):
         outside, an exception that is not an Exception), say so and start it again."""
         self._listening = False
         self._subscribed.clear()
-        self._resync_needed = True
+        self._gap_began()
         if self._closing:
             return
         why = "cancelled" if task.cancelled() else repr(task.exception())
@@ -327,8 +340,8 @@ class RedisStore(WriteBehindStore):
                 if not self.up:
                     self.mark(True, f"sharing verdicts through {self._safe_url()}")
                     self._wake.set()  # write what piled up while Redis was away
-                if self._resync_needed:  # messages from now on wait behind it, unread
-                    self._resync_needed = not await self._resync(on_remote)
+                if self._gap_since is not None:  # messages from now on wait behind it
+                    await self._resync(self._gap_since, on_remote, on_forget)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
@@ -336,7 +349,7 @@ class RedisStore(WriteBehindStore):
             except OversizedReply as e:
                 # Not an outage: Redis works, one publisher does not. The body was never
                 # read; the connection goes with it and the keys make up for the gap.
-                self._resync_needed = True
+                self._gap_began()
                 self._invalid("message", f"{CHANNEL}: {e}; dropped unread, resubscribing")
                 # Each one costs a reconnect and a resync: when they keep coming, the
                 # resubscriptions back off as after failures (up to RECONNECT_MAX_SECONDS).
@@ -366,35 +379,68 @@ class RedisStore(WriteBehindStore):
 
     def _lost_subscription(self, error: BaseException) -> None:
         self._listening = False
-        self._resync_needed = True
+        self._gap_began()
         self._failed("subscribe", error)
 
-    async def _resync(self, on_remote: RemoteVerdict) -> bool:
-        """Read the shared verdicts again after a gap in the subscription, so what the
-        other sidecars published meanwhile is not lost (older ones change nothing: the
-        policy keeps the newer of two verdicts). Bounded in keys, bytes and time; True
-        when done, False when it must be tried again after the next subscription."""
+    def _gap_began(self) -> None:
+        """Messages may be missed from now on (kept if a gap is already open)."""
+        if self._gap_since is None:
+            self._gap_since = time.time()
+
+    async def _resync(
+        self, since: float, on_remote: RemoteVerdict, on_forget: RemoteForget
+    ) -> None:
+        """Read the shared verdicts again after a gap in the subscription (which began at
+        `since`), so what the other sidecars published meanwhile is not lost: verdicts
+        (older ones change nothing: the policy keeps the newer of two), then the forgets
+        made during the gap of names that have no verdict since. Bounded in keys, bytes
+        and time; the gap stays open (tried again next time) only if Redis failed."""
+        forgotten: dict[str, float] = {}
         try:
-            await asyncio.wait_for(self._read_all_keys(on_remote), RESYNC_BUDGET_SECONDS)
+            async with asyncio.timeout(RESYNC_BUDGET_SECONDS):
+                await self._scan(FORGOTTEN_PREFIX, MAX_FORGOTTEN_BYTES, forgotten.update)
+                forgotten = {
+                    name: at for name, at in forgotten.items() if at >= since - CLOCK_SKEW_SECONDS
+                }
+                complete = await self._scan(
+                    KEY_PREFIX,
+                    MAX_RECORD_BYTES,
+                    lambda found: self._apply_keys(found, on_remote, forgotten),
+                )
         except TimeoutError:
             self.metrics.store_errors.labels(self.kind, "resync_timeout").inc()
-            return True  # what was read is applied; the rest is fetched when asked for
+            complete = False  # what was read is applied; the rest is fetched when asked for
         except OversizedReply as e:  # a key name of many kilobytes: not ours
             self._invalid("resync", f"{KEY_PREFIX}*: {e}")
-            return True  # it would be refused again; names are still fetched on demand
+            complete = False  # it would be refused again; names are still fetched on demand
         except (RedisError, OSError) as e:
             self.metrics.store_errors.labels(self.kind, "resync").inc()
             log.debug("resync after resubscribing failed: %s", e)
-            return False
-        return True
+            return
+        self._gap_since = None
+        if not complete:
+            return  # a name's newer verdict may be among the keys not read: no forgets
+        for name in forgotten:  # forgotten during the gap, and no verdict since
+            try:
+                on_forget(name)
+            except Exception:  # the cache's own bug: counted, logged, the resync goes on
+                self.metrics.store_errors.labels(self.kind, "apply").inc()
+                self._apply_warnings.warn(
+                    "%d forget(s) read again from %s could not be applied (latest for %s)",
+                    self._safe_url(),
+                    name,
+                    exc_info=True,
+                )
 
-    async def _read_all_keys(self, on_remote: RemoteVerdict) -> None:
-        """SCAN the verdict keys (on the subscriber's bounded connections: a key name is
-        outside input too) and apply each valid one, at most RESYNC_MAX_KEYS."""
+    async def _scan(self, prefix: str, limit: int, take: Callable[[dict[str, Any]], None]) -> bool:
+        """SCAN the keys under `prefix` on the subscriber's bounded connections (a key name
+        is outside input too), reading at most `limit` bytes of each and at most
+        RESYNC_MAX_KEYS keys; `take` gets each batch's valid values by name. True when
+        every key was read."""
         cursor, seen = 0, 0
         while seen < RESYNC_MAX_KEYS:
             cursor, keys = await self._subscriber.scan(
-                cursor, match=KEY_PREFIX + "*", count=RESYNC_BATCH
+                cursor, match=prefix + "*", count=RESYNC_BATCH
             )
             keys = keys[: RESYNC_MAX_KEYS - seen]
             seen += len(keys)
@@ -402,42 +448,69 @@ class RedisStore(WriteBehindStore):
                 async with self._subscriber.pipeline(transaction=False) as pipe:
                     for key in keys:
                         pipe.strlen(key)
-                        pipe.getrange(key, 0, MAX_RECORD_BYTES)
+                        pipe.getrange(key, 0, limit)
                     replies = await pipe.execute(raise_on_error=False)
+                found: dict[str, Any] = {}
                 for index, key in enumerate(keys):
-                    self._apply_key(key, replies[2 * index], replies[2 * index + 1], on_remote)
+                    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+                    value = self._read_value(
+                        text, prefix, limit, replies[2 * index], replies[2 * index + 1]
+                    )
+                    if value is not None:
+                        found[text[len(prefix) :]] = value
+                take(found)
             if cursor == 0:
-                return
+                return True
+        return False
 
-    def _apply_key(
-        self, key: bytes | str, size: object, raw: object, on_remote: RemoteVerdict
-    ) -> None:
-        """One key read by the resync: applied when valid, else dropped and counted."""
-        text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
-        name = text[len(KEY_PREFIX) :]
+    def _read_value(
+        self, key: str, prefix: str, limit: int, size: object, raw: object
+    ) -> Verdict | float | None:
+        """One key read by the resync, validated: a verdict or a forget's time; None (and
+        counted when invalid) otherwise."""
+        name = key[len(prefix) :]
         try:
             if not isinstance(size, int) or not isinstance(raw, bytes):
                 raise ValueError(f"not a string ({size!r})")
             if not size:
-                return  # deleted or expired since the SCAN
-            if size > MAX_RECORD_BYTES:
-                raise ValueError(f"{size} bytes; a stored record is at most {MAX_RECORD_BYTES}")
+                return None  # deleted or expired since the SCAN
+            if size > limit:
+                raise ValueError(f"{size} bytes; a stored record is at most {limit}")
+            if prefix == FORGOTTEN_PREFIX:
+                destination_name(name)
+                body = load_json(raw, limit)
+                at = body.get("forgotten_at") if isinstance(body, dict) else None
+                if isinstance(at, bool) or not isinstance(at, int | float):
+                    raise ValueError("no forgotten_at time")
+                if not math.isfinite(at):
+                    raise ValueError(f"forgotten_at is {at}")
+                if body.get("origin") == self.origin:
+                    return None  # our own forget: applied here when it was made
+                return float(at)
             verdict = decode_record(raw)
             if verdict.destination != name:
                 raise ValueError(f"the record is for {verdict.destination}")
         except ValueError as e:
-            self._invalid("resync", f"{KEY_PREFIX}{name[:100]}: {e}")
-            return
-        try:
-            on_remote(verdict)
-        except Exception:  # the cache's own bug: counted, logged, the resync goes on
-            self.metrics.store_errors.labels(self.kind, "apply").inc()
-            self._apply_warnings.warn(
-                "%d verdict(s) read again from %s could not be applied (latest for %s)",
-                self._safe_url(),
-                name,
-                exc_info=True,
-            )
+            self._invalid("resync", f"{key[:150]}: {e}")
+            return None
+        return verdict
+
+    def _apply_keys(
+        self, verdicts: dict[str, Any], on_remote: RemoteVerdict, forgotten: dict[str, float]
+    ) -> None:
+        """Verdicts read by the resync: applied; a name with one is not forgotten."""
+        for name, verdict in verdicts.items():
+            forgotten.pop(name, None)  # judged again since it was forgotten
+            try:
+                on_remote(verdict)
+            except Exception:  # the cache's own bug: counted, logged, the resync goes on
+                self.metrics.store_errors.labels(self.kind, "apply").inc()
+                self._apply_warnings.warn(
+                    "%d verdict(s) read again from %s could not be applied (latest for %s)",
+                    self._safe_url(),
+                    name,
+                    exc_info=True,
+                )
 
     def _receive(self, data: object, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
         """Apply one message from another sidecar; a bad one is dropped and counted, never

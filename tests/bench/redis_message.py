@@ -132,7 +132,7 @@ async def measure_resync(server: RedisServer, keys: int) -> dict[str, Any]:
     await store.start(applied.append, lambda name: None)
     try:
         cpu, wall = time.process_time(), time.monotonic()
-        await store._resync(applied.append)
+        await store._resync(time.time(), applied.append, lambda name: None)
         return {
             "keys": keys,
             "applied": len(applied),

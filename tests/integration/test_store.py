@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from sidecar.judge.verdicts import Verdict
+from sidecar.judge.verdicts import Verdict, decode_record
 from sidecar.metrics import Metrics
 from sidecar.store.bounded_resp import BoundedRESP2Parser, OversizedReply, bounded_parser
-from sidecar.store.redis import CHANNEL, KEY_PREFIX, RedisStore
+from sidecar.store.redis import CHANNEL, FORGOTTEN_PREFIX, KEY_PREFIX, RedisStore
 from sidecar.store.sqlite import SCHEMA
 from tests.integration.conftest import BASE_ARGS, DEAD_IP, LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
@@ -1089,5 +1089,59 @@ def test_oversized_messages_that_keep_coming_make_the_resubscriptions_back_off(
             assert [v.destination for v in received] == [name]
         finally:
             await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_forget_made_during_the_gap_is_replayed_by_the_resync(redis: RedisServer) -> None:
+    """Store `one` forgets two names while `two` is resubscribing after an oversized
+    message; one of them is judged again right after. `two` missed both messages; its
+    resync forgets the first, applies the second's new verdict instead of forgetting it,
+    and replays neither an old forget nor `one`'s forgets back to `one`."""
+
+    async def until(done: Callable[[], bool]) -> None:
+        for _ in range(400):
+            if done():
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError("not within 10 s")
+
+    def verdict(name: str, observed_at: float) -> Verdict:
+        return decode_record(json.dumps(record(name, observed_at=observed_at)).encode())
+
+    async def scenario() -> None:
+        one, two = RedisStore(redis.url, Metrics()), RedisStore(redis.url, Metrics())
+        got: dict[str, list[str]] = {"one": [], "two": [], "forgot_one": [], "forgot_two": []}
+        await one.start(lambda v: got["one"].append(v.destination), got["forgot_one"].append)
+        await two.start(lambda v: got["two"].append(v.destination), got["forgot_two"].append)
+        try:
+            gone, rejudged = "forgotten.hs.test", "rejudged.hs.test"
+            stale = "forgotten-long-ago.hs.test"
+            old = json.dumps({"forgotten_at": time.time() - 3600, "origin": "elsewhere"})
+            redis.command("SET", FORGOTTEN_PREFIX + stale, old)
+            redis.command("SET", FORGOTTEN_PREFIX + "junk.hs.test", "[1]")
+            for name in (gone, rejudged):
+                one.save(verdict(name, time.time()))
+            await until(lambda: len(got["two"]) == 2)
+
+            oversized = ("PUBLISH", CHANNEL, b"x" * (64 * 1024))
+            assert await asyncio.to_thread(pipelined, redis, oversized) == [b":2\r\n"]
+            one.forget(gone)
+            one.forget(rejudged)
+            await until(lambda: redis.command("EXISTS", KEY_PREFIX + gone) == b":0\r\n")
+            one.save(verdict(rejudged, time.time() + 1))  # judged again, after the forget
+            await until(lambda: redis.command("EXISTS", KEY_PREFIX + rejudged) == b":1\r\n")
+
+            await until(lambda: got["forgot_two"] == [gone])
+            await until(lambda: got["two"].count(rejudged) == 2)  # the new verdict, read again
+            await asyncio.sleep(0.5)  # nothing more comes
+            assert got["forgot_two"] == [gone]
+            assert got["forgot_one"] == []  # its own forgets are not replayed to it
+            invalid = two.metrics.store_invalid_records.labels("redis", "resync")
+            assert invalid._value.get() >= 1  # the junk marker
+            assert one.health().up and two.health().up
+        finally:
+            await one.close()
+            await two.close()
 
     asyncio.run(scenario())
