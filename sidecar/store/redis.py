@@ -11,6 +11,12 @@ Whatever comes back from Redis (keys, messages) was written by someone else: it 
 validated (sidecar.verdicts.from_record: size, nesting, types, names, addresses) and a bad
 record is dropped and counted in `tombstone_store_invalid_records_total`; the subscriber
 never dies of one, and a lost subscription shows as the store being down until it is back.
+Sizes are bounded where the bytes enter: keys are read with GETRANGE, and the subscriber's
+connections refuse a bulk string longer than MAX_MESSAGE_BYTES from its length prefix
+(sidecar.store.bounded_resp), so a huge PUBLISH is never buffered: the connection is
+dropped unread, the subscriber resubscribes, and the verdict keys are read again
+(bounded) to make up for the messages missed meanwhile; a forget also leaves a marker key
+(`tombstone:v1:forgotten:<name>`, a day) so that forgets made during a gap are replayed.
 
 Redis is never on the critical path: writes are queued, reads have a deadline of a few
 milliseconds and are skipped while Redis is down, and a lost connection is retried with
@@ -23,12 +29,15 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
@@ -47,6 +56,7 @@ from sidecar.judge.verdicts import (
 from sidecar.metrics import Metrics
 from sidecar.remote.identity import MAX_KEY_RECORD_BYTES, KeyRecord
 from sidecar.store.base import RateLimitedWarning, RemoteForget, RemoteVerdict, WriteBehindStore
+from sidecar.store.bounded_resp import OversizedReply, bounded_parser
 
 log = logging.getLogger("sidecar.store")
 
@@ -55,6 +65,12 @@ KEYS_PREFIX = "tombstone:v1:keys:"  # signing keys recorded while alive (sidecar
 KEYS_TTL_SECONDS = 365 * 86400  # a retired server may come back a year later
 KEYS_FETCH_BUDGET_SECONDS = 0.5  # asked at a lift, off the request path
 CHANNEL = "tombstone:v1:verdicts"
+# A forget deletes the verdict key, so a resync could not tell a name forgotten during the
+# gap from one never judged: each forget also leaves a marker (its time), kept this long.
+FORGOTTEN_PREFIX = "tombstone:v1:forgotten:"
+FORGOTTEN_TTL_SECONDS = 86400  # a subscription gap longer than a day misses forgets
+MAX_FORGOTTEN_BYTES = 256  # {"forgotten_at": <float>, "origin": <32 hex digits>}
+CLOCK_SKEW_SECONDS = 5.0  # between the sidecars' clocks: forgets this early are replayed
 FETCH_BUDGET_SECONDS = 0.005  # the most a request may wait for Redis ("a few milliseconds")
 CONNECT_TIMEOUT_SECONDS = 1.0
 COMMAND_TIMEOUT_SECONDS = 2.0  # for background writes; requests never wait this long
@@ -62,7 +78,19 @@ RECONNECT_MIN_SECONDS = 0.5
 RECONNECT_MAX_SECONDS = 30.0
 HEALTH_INTERVAL_SECONDS = 2.0  # how soon a silent outage is noticed
 MAX_BATCH = 500  # writes per pipeline round trip
+# An oversized message within this long of resubscribing is part of a flood: the next
+# resubscription waits twice as long as the last (a resync each time costs 0.05-0.07 CPU
+# seconds per 1,000 keys), instead of starting again from RECONNECT_MIN_SECONDS.
+OVERSIZED_QUIET_SECONDS = 60.0
+SUBSCRIBER_PROTOCOL = 2  # RESP2: what sidecar.store.bounded_resp parses
 INVALID_WARNING_SECONDS = 60.0  # at most one warning a minute about invalid records
+# The resync after a gap in the subscription reads at most this many verdict keys, in
+# batches of RESYNC_BATCH (one SCAN and one pipelined STRLEN+GETRANGE per key each), and
+# gives up after RESYNC_BUDGET_SECONDS: it is off the request path, but a Redis holding
+# millions of keys must not keep the subscriber from listening.
+RESYNC_MAX_KEYS = 50_000
+RESYNC_BATCH = 200
+RESYNC_BUDGET_SECONDS = 10.0
 
 
 class RedisStore(WriteBehindStore):
@@ -81,17 +109,28 @@ class RedisStore(WriteBehindStore):
         # The subscriber has its own connection and no silent retries: redis-py would
         # otherwise reconnect and resubscribe under us, and a lost subscription (messages
         # missed meanwhile) would never show in health. Our loop reconnects, with backoff.
-        self._subscriber = aioredis.Redis.from_url(
-            url,
-            socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
-            health_check_interval=0,
-            retry=Retry(NoBackoff(), 0),
-        )
+        # Its connections read no bulk string over MAX_MESSAGE_BYTES (whatever parser
+        # redis-py would pick, hiredis included) and speak RESP2 (the bounded parser's),
+        # whatever the URL or redis-py's default (RESP3 since 8.0) says: the URL's options
+        # are taken first and these override them, which from_url would not do.
+        options: dict[str, Any] = {
+            **parse_url(url),
+            "socket_connect_timeout": CONNECT_TIMEOUT_SECONDS,
+            "health_check_interval": 0,
+            "retry": Retry(NoBackoff(), 0),
+            "parser_class": bounded_parser(MAX_MESSAGE_BYTES),
+            "protocol": SUBSCRIBER_PROTOCOL,
+        }
+        self._subscriber = aioredis.Redis(connection_pool=aioredis.ConnectionPool(**options))
+        self._subscriber.auto_close_connection_pool = True  # as from_url sets it: aclose()
         self._tasks: list[asyncio.Task[None]] = []
         self._key_writes: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Task[None] | None = None
         self._listening = False  # subscribed right now: messages are not being missed
         self._subscribed = asyncio.Event()
+        # When the current gap in the subscription began (wall clock, to compare with the
+        # forget markers of other sidecars); None while nothing is missed.
+        self._gap_since: float | None = None
         self._closing = False
         self._remote: tuple[RemoteVerdict, RemoteForget] | None = None
         self._invalid_warnings = RateLimitedWarning(INVALID_WARNING_SECONDS)
@@ -112,6 +151,7 @@ class RedisStore(WriteBehindStore):
             reachable = True
         except (RedisError, OSError, TimeoutError) as e:
             self.metrics.store_errors.labels(self.kind, "connect").inc()
+            self._gap_began()  # peers' verdicts of the outage are read once up
             self.mark(
                 False,
                 f"{self._safe_url()} unreachable ({e or type(e).__name__}); "
@@ -247,6 +287,8 @@ class RedisStore(WriteBehindStore):
                         pipe.publish(CHANNEL, self._message(name, verdict))
                         if verdict is None:
                             pipe.delete(KEY_PREFIX + name)
+                            marker = json.dumps({"forgotten_at": now, "origin": self.origin})
+                            pipe.set(FORGOTTEN_PREFIX + name, marker, ex=FORGOTTEN_TTL_SECONDS)
                             continue
                         keep_ms = int((verdict.expires_at + STALE_GRACE_SECONDS - now) * 1000)
                         if keep_ms > 0:
@@ -274,6 +316,7 @@ class RedisStore(WriteBehindStore):
         outside, an exception that is not an Exception), say so and start it again."""
         self._listening = False
         self._subscribed.clear()
+        self._gap_began()
         if self._closing:
             return
         why = "cancelled" if task.cancelled() else repr(task.exception())
@@ -283,20 +326,34 @@ class RedisStore(WriteBehindStore):
 
     async def _subscribe(self, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
         delay = RECONNECT_MIN_SECONDS
+        flood = False  # oversized messages keep coming: the backoff is not reset
         while True:
             pubsub = self._subscriber.pubsub()
+            since = time.monotonic()
             try:
                 await asyncio.wait_for(self._confirmed(pubsub), CONNECT_TIMEOUT_SECONDS)
                 self._listening = True
                 self._subscribed.set()
-                delay = RECONNECT_MIN_SECONDS
+                if not flood:
+                    delay = RECONNECT_MIN_SECONDS
+                since, flood = time.monotonic(), False
                 if not self.up:
                     self.mark(True, f"sharing verdicts through {self._safe_url()}")
                     self._wake.set()  # write what piled up while Redis was away
+                if self._gap_since is not None:  # messages from now on wait behind it
+                    await self._resync(self._gap_since, on_remote, on_forget)
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
                     if message is not None and message.get("type") == "message":
                         self._receive(message.get("data"), on_remote, on_forget)
+            except OversizedReply as e:
+                # Not an outage: Redis works, one publisher does not. The body was never
+                # read; the connection goes with it and the keys make up for the gap.
+                self._gap_began()
+                self._invalid("message", f"{CHANNEL}: {e}; dropped unread, resubscribing")
+                # Each one costs a reconnect and a resync: when they keep coming, the
+                # resubscriptions back off as after failures (up to RECONNECT_MAX_SECONDS).
+                flood = time.monotonic() - since < OVERSIZED_QUIET_SECONDS
             except (RedisError, OSError, TimeoutError) as e:
                 self._lost_subscription(e)
             except Exception as e:  # a bug must not end the subscriber (nor go unseen)
@@ -322,7 +379,138 @@ class RedisStore(WriteBehindStore):
 
     def _lost_subscription(self, error: BaseException) -> None:
         self._listening = False
+        self._gap_began()
         self._failed("subscribe", error)
+
+    def _gap_began(self) -> None:
+        """Messages may be missed from now on (kept if a gap is already open)."""
+        if self._gap_since is None:
+            self._gap_since = time.time()
+
+    async def _resync(
+        self, since: float, on_remote: RemoteVerdict, on_forget: RemoteForget
+    ) -> None:
+        """Read the shared verdicts again after a gap in the subscription (which began at
+        `since`), so what the other sidecars published meanwhile is not lost: verdicts
+        (older ones change nothing: the policy keeps the newer of two), then the forgets
+        made during the gap of names that have no verdict since. Bounded in keys, bytes
+        and time; the gap stays open (tried again next time) only if Redis failed."""
+        forgotten: dict[str, float] = {}
+        try:
+            async with asyncio.timeout(RESYNC_BUDGET_SECONDS):
+                await self._scan(FORGOTTEN_PREFIX, MAX_FORGOTTEN_BYTES, forgotten.update)
+                forgotten = {
+                    name: at for name, at in forgotten.items() if at >= since - CLOCK_SKEW_SECONDS
+                }
+                complete = await self._scan(
+                    KEY_PREFIX,
+                    MAX_RECORD_BYTES,
+                    lambda found: self._apply_keys(found, on_remote, forgotten),
+                )
+        except TimeoutError:
+            self.metrics.store_errors.labels(self.kind, "resync_timeout").inc()
+            complete = False  # what was read is applied; the rest is fetched when asked for
+        except OversizedReply as e:  # a key name of many kilobytes: not ours
+            self._invalid("resync", f"{KEY_PREFIX}*: {e}")
+            complete = False  # it would be refused again; names are still fetched on demand
+        except (RedisError, OSError) as e:
+            self.metrics.store_errors.labels(self.kind, "resync").inc()
+            log.debug("resync after resubscribing failed: %s", e)
+            return
+        self._gap_since = None
+        if not complete:
+            return  # a name's newer verdict may be among the keys not read: no forgets
+        for name in forgotten:  # forgotten during the gap, and no verdict since
+            try:
+                on_forget(name)
+            except Exception:  # the cache's own bug: counted, logged, the resync goes on
+                self.metrics.store_errors.labels(self.kind, "apply").inc()
+                self._apply_warnings.warn(
+                    "%d forget(s) read again from %s could not be applied (latest for %s)",
+                    self._safe_url(),
+                    name,
+                    exc_info=True,
+                )
+
+    async def _scan(self, prefix: str, limit: int, take: Callable[[dict[str, Any]], None]) -> bool:
+        """SCAN the keys under `prefix` on the subscriber's bounded connections (a key name
+        is outside input too), reading at most `limit` bytes of each and at most
+        RESYNC_MAX_KEYS keys; `take` gets each batch's valid values by name. True when
+        every key was read."""
+        cursor, seen = 0, 0
+        while seen < RESYNC_MAX_KEYS:
+            cursor, keys = await self._subscriber.scan(
+                cursor, match=prefix + "*", count=RESYNC_BATCH
+            )
+            keys = keys[: RESYNC_MAX_KEYS - seen]
+            seen += len(keys)
+            if keys:
+                async with self._subscriber.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.strlen(key)
+                        pipe.getrange(key, 0, limit)
+                    replies = await pipe.execute(raise_on_error=False)
+                found: dict[str, Any] = {}
+                for index, key in enumerate(keys):
+                    text = key.decode("utf-8", "replace") if isinstance(key, bytes) else key
+                    value = self._read_value(
+                        text, prefix, limit, replies[2 * index], replies[2 * index + 1]
+                    )
+                    if value is not None:
+                        found[text[len(prefix) :]] = value
+                take(found)
+            if cursor == 0:
+                return True
+        return False
+
+    def _read_value(
+        self, key: str, prefix: str, limit: int, size: object, raw: object
+    ) -> Verdict | float | None:
+        """One key read by the resync, validated: a verdict or a forget's time; None (and
+        counted when invalid) otherwise."""
+        name = key[len(prefix) :]
+        try:
+            if not isinstance(size, int) or not isinstance(raw, bytes):
+                raise ValueError(f"not a string ({size!r})")
+            if not size:
+                return None  # deleted or expired since the SCAN
+            if size > limit:
+                raise ValueError(f"{size} bytes; a stored record is at most {limit}")
+            if prefix == FORGOTTEN_PREFIX:
+                destination_name(name)
+                body = load_json(raw, limit)
+                at = body.get("forgotten_at") if isinstance(body, dict) else None
+                if isinstance(at, bool) or not isinstance(at, int | float):
+                    raise ValueError("no forgotten_at time")
+                if not math.isfinite(at):
+                    raise ValueError(f"forgotten_at is {at}")
+                if body.get("origin") == self.origin:
+                    return None  # our own forget: applied here when it was made
+                return float(at)
+            verdict = decode_record(raw)
+            if verdict.destination != name:
+                raise ValueError(f"the record is for {verdict.destination}")
+        except ValueError as e:
+            self._invalid("resync", f"{key[:150]}: {e}")
+            return None
+        return verdict
+
+    def _apply_keys(
+        self, verdicts: dict[str, Any], on_remote: RemoteVerdict, forgotten: dict[str, float]
+    ) -> None:
+        """Verdicts read by the resync: applied; a name with one is not forgotten."""
+        for name, verdict in verdicts.items():
+            forgotten.pop(name, None)  # judged again since it was forgotten
+            try:
+                on_remote(verdict)
+            except Exception:  # the cache's own bug: counted, logged, the resync goes on
+                self.metrics.store_errors.labels(self.kind, "apply").inc()
+                self._apply_warnings.warn(
+                    "%d verdict(s) read again from %s could not be applied (latest for %s)",
+                    self._safe_url(),
+                    name,
+                    exc_info=True,
+                )
 
     def _receive(self, data: object, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
         """Apply one message from another sidecar; a bad one is dropped and counted, never

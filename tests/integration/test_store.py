@@ -15,15 +15,18 @@ import sqlite3
 import subprocess
 import threading
 import time
+import tracemalloc
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
-from sidecar.judge.verdicts import Verdict
+from sidecar.judge.verdicts import Verdict, decode_record
 from sidecar.metrics import Metrics
-from sidecar.store.redis import CHANNEL, KEY_PREFIX, RedisStore
+from sidecar.store.bounded_resp import BoundedRESP2Parser, OversizedReply, bounded_parser
+from sidecar.store.redis import CHANNEL, FORGOTTEN_PREFIX, KEY_PREFIX, RedisStore
 from sidecar.store.sqlite import SCHEMA
 from tests.integration.conftest import BASE_ARGS, DEAD_IP, LIVE_IP
 from tests.support.dns_server import DnsServer, Zone
@@ -726,15 +729,14 @@ def test_hostile_redis_keys_and_messages_are_dropped_and_the_subscriber_keeps_li
     target = unique("target")
     bad_messages = [
         "[" * 10_000,  # under the size bound: json.loads raises RecursionError
-        DEEP,
+        DEEP_SMALL,  # DEEP (200 kB) is over it: refused unread, see test_a_huge_message_...
         "not json",
         "[]",
         message(alive(target, "localhost")),
         message(record(target, signal="rumour")),
         json.dumps({"origin": "x", "destination": target, "verdict": record(unique("other"))}),
         json.dumps({"origin": "x", "destination": "Bad Name!"}),
-        message(record(target, evidence="x" * 100_000)),
-    ]
+    ]  # an oversized message costs the connection: see test_a_huge_message_is_refused_...
     for payload in bad_messages:
         publish(redis, payload)
     publish(redis, message(record(target)))  # a good one after all of them
@@ -815,5 +817,331 @@ def test_a_subscriber_task_that_ends_is_reported_and_started_again(redis: RedisS
             assert [v.destination for v in received] == [name]
         finally:
             await store.close()
+
+    asyncio.run(scenario())
+
+
+def resp(*args: bytes | str) -> bytes:
+    """One command in RESP, as any Redis client sends it."""
+    parts = [a.encode() if isinstance(a, str) else a for a in args]
+    return f"*{len(parts)}\r\n".encode() + b"".join(
+        b"$%d\r\n%s\r\n" % (len(part), part) for part in parts
+    )
+
+
+def pipelined(redis: RedisServer, *commands: tuple[bytes | str, ...]) -> list[bytes]:
+    """Send `commands` in one write on one connection, so Redis runs them back to back,
+    and return each one-line reply (PUBLISH, SET)."""
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=30) as sock:
+        sock.sendall(b"".join(resp(*command) for command in commands))
+        replies = sock.makefile("rb")
+        return [replies.readline() for _ in commands]
+
+
+def pubsub_clients(redis: RedisServer) -> list[str]:
+    """The ids of the clients subscribed to something (the sidecar's subscriber)."""
+    listing = redis.command("CLIENT", "LIST", "TYPE", "pubsub").decode()
+    return [word[3:] for word in listing.split() if word.startswith("id=")]
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """VmRSS or VmHWM (the peak) of a process, from the kernel."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for {pid}")
+
+
+HUGE_MESSAGE_BYTES = 64 * 1024 * 1024  # what a buggy or hostile publisher may send
+MEMORY_GROWTH_BOUND_KIB = 16 * 1024  # far below the message: it was never buffered
+
+
+def test_a_huge_message_is_refused_from_its_length_and_nothing_published_meanwhile_is_lost(
+    sidecar_factory: Callable[..., Sidecar],
+    redis: RedisServer,
+    zone: Zone,
+    dead_upstream: Upstream,
+    unique: Callable[[str], str],
+) -> None:
+    """A 64 MiB PUBLISH on the channel by some other Redis client: the sidecar reads its
+    length, not its body (its peak memory does not grow by anything like it), drops the
+    connection with one warning, resubscribes, and reads the verdict keys again, so a
+    verdict whose message sat behind the huge one arrives anyway; it keeps serving."""
+    # Redis's own guard would cut a subscriber off at 32 MiB of pending output: off, so
+    # that the sidecar's bound is what is tested (an operator may well have raised it).
+    reply = redis.command("CONFIG", "SET", "client-output-buffer-limit", "pubsub 0 0 0")
+    assert reply == b"+OK\r\n"
+    sidecar = sidecar_factory("--store", redis.url)
+    assert sidecar.process.proc is not None
+    pid = sidecar.process.proc.pid
+    denied = gone_name(zone, unique, "denied")
+    assert sidecar.connect(f"{denied}:{dead_upstream.port}").status == 502
+    subscriber = pubsub_clients(redis)
+    assert len(subscriber) == 1, subscriber
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from VmRSS
+    before = memory_kib(pid, "VmRSS")
+
+    # Another sidecar's verdict, written (key, then message) right behind the huge message:
+    # its message is in the stream the sidecar drops unread.
+    missed = unique("behind-the-huge-one")
+    replies = pipelined(
+        redis,
+        ("PUBLISH", CHANNEL, b"x" * HUGE_MESSAGE_BYTES),
+        ("SET", KEY_PREFIX + missed, json.dumps(record(missed)), "PX", "3600000"),
+        ("PUBLISH", CHANNEL, message(record(missed))),
+    )
+    assert replies == [b":1\r\n", b"+OK\r\n", b":1\r\n"]  # both went to the sidecar
+
+    def refused() -> float:
+        return sidecar.metric(
+            "tombstone_store_invalid_records_total", store="redis", source="message"
+        )
+
+    assert wait_until(lambda: refused() == 1, timeout=10), sidecar.log()
+    assert wait_until(lambda: pubsub_clients(redis) not in ([], subscriber), timeout=10)
+    assert len(pubsub_clients(redis)) == 1  # the old connection is gone, a new one listens
+    # read again from its key after resubscribing (the cache only: GET never fetches)
+    assert wait_until(lambda: sidecar.ops(f"/v1/verdicts/{missed}")[0] == 200, timeout=10)
+    after = unique("after-the-huge-one")  # published by another sidecar once resubscribed
+    publish(redis, message(record(after)))
+    assert wait_until(lambda: sidecar.ops(f"/v1/verdicts/{after}")[0] == 200, timeout=10)
+    grown = memory_kib(pid, "VmHWM") - before
+    assert grown < MEMORY_GROWTH_BOUND_KIB, f"peak memory grew by {grown} KiB"
+
+    # A second one (just over the bound): counted, not logged again, resubscribed again.
+    again = pubsub_clients(redis)
+    assert pipelined(redis, ("PUBLISH", CHANNEL, b"x" * (17 * 1024 + 1))) == [b":1\r\n"]
+    assert wait_until(lambda: refused() == 2, timeout=10)
+    assert wait_until(lambda: pubsub_clients(redis) not in ([], again), timeout=10)
+    last = unique("after-the-second")
+    publish(redis, message(record(last)))
+    assert wait_until(lambda: sidecar.ops(f"/v1/verdicts/{last}")[0] == 200, timeout=10)
+
+    log = sidecar.log()
+    assert log.count("invalid record(s) from") == 1, log  # rate-limited: once a minute
+    assert "dropped unread" in log and "Traceback" not in log
+    assert "redis store DOWN" not in log  # Redis works; one publisher does not
+    assert sidecar.metric("tombstone_store_up", store="redis") == 1
+    ready = json.loads(sidecar.ops("/readyz")[1])
+    assert ready["status"] == "ready" and ready["store"]["up"] is True, ready
+    assert sidecar.connect(f"{denied}:{dead_upstream.port}").status == 502
+    assert dead_upstream.connections == 0
+
+
+def test_the_bounded_parser_refuses_a_bulk_string_by_its_length_prefix(
+    redis: RedisServer,
+) -> None:
+    """Against a real redis-server: a reply within the bound is read as redis-py reads it;
+    one over it raises OversizedReply with the declared size, without its body having
+    been read into memory, and the connection is dropped (the next command gets a new one)."""
+    limit = 1024
+    big = 16 * 1024 * 1024
+    assert pipelined(redis, ("SET", "small", b"s" * limit), ("SET", "big", b"b" * big)) == [
+        b"+OK\r\n",
+        b"+OK\r\n",
+    ]
+
+    async def scenario() -> None:
+        client = aioredis.Redis.from_url(redis.url, parser_class=bounded_parser(limit), protocol=2)
+        try:
+            assert await client.get("small") == b"s" * limit
+            first = await client.client_id()
+            tracemalloc.start()
+            try:
+                with pytest.raises(OversizedReply) as refusal:
+                    await client.get("big")
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert refusal.value.size == big and refusal.value.limit == limit
+            assert peak < 1024 * 1024, f"{peak} bytes allocated while refusing {big}"
+            assert await client.get("small") == b"s" * limit
+            assert await client.client_id() != first  # the refused connection was dropped
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError):
+        bounded_parser(0)
+
+
+def test_the_subscriber_is_bounded_and_speaks_resp2_whatever_the_url_asks(
+    redis: RedisServer,
+) -> None:
+    """The store picks the bounded parser for its subscriber itself (hiredis installed or
+    not), and RESP2 even for a `?protocol=3` URL, while its other connections keep
+    redis-py's defaults."""
+
+    async def scenario() -> None:
+        store = RedisStore(redis.url + "?protocol=3", Metrics())
+        received: list[Verdict] = []
+        await store.start(received.append, lambda name: None)
+        try:
+            assert store.health().up
+            kwargs = store._subscriber.connection_pool.connection_kwargs
+            assert issubclass(kwargs["parser_class"], BoundedRESP2Parser)
+            assert kwargs["protocol"] == 2
+            assert "parser_class" not in store._client.connection_pool.connection_kwargs
+            name = "bounded.hs.test"
+            await asyncio.to_thread(publish, redis, message(record(name)))
+            for _ in range(200):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+            assert [v.destination for v in received] == [name]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_after_a_lost_subscription_the_verdict_keys_are_read_again_within_bounds(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages published while the subscriber was away are made up for by reading the
+    verdict keys again once resubscribed: valid ones applied, bad ones counted under
+    `resync`, and no more than RESYNC_MAX_KEYS of them (here lowered to 8 of 12)."""
+    monkeypatch.setattr("sidecar.store.redis.RESYNC_MAX_KEYS", 8)
+
+    async def scenario() -> None:
+        store = RedisStore(redis.url, Metrics())
+        received: list[Verdict] = []
+        await store.start(received.append, lambda name: None)
+        try:
+            assert store.health().up and not received  # no resync at a start that subscribed
+            # Written while the subscription is gone, as another sidecar would (key and
+            # message; the messages go nowhere).
+            assert redis.command("ACL", "SETUSER", "default", "-subscribe") == b"+OK\r\n"
+            assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":1")
+            for _ in range(200):
+                if not store.health().up:
+                    break
+                await asyncio.sleep(0.05)
+            assert not store.health().up
+            names = [f"gap-{index}.hs.test" for index in range(10)]
+            for name in names:
+                value = json.dumps(record(name))
+                assert redis.command("SET", KEY_PREFIX + name, value) == b"+OK\r\n"
+                await asyncio.to_thread(publish, redis, message(record(name)))
+            redis.command("SET", KEY_PREFIX + "wrong.hs.test", json.dumps(record("other.hs.test")))
+            redis.command("SET", KEY_PREFIX + "huge.hs.test", "x" * 100_000)
+            redis.command("ACL", "SETUSER", "default", "+subscribe")
+
+            invalid = store.metrics.store_invalid_records.labels("redis", "resync")
+
+            def read_again() -> float:
+                return len(received) + float(invalid._value.get())
+
+            for _ in range(400):
+                if store.health().up and read_again() >= 8:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.2)  # nothing more comes
+            assert store.health().up
+            applied = {v.destination for v in received}
+            assert applied <= set(names)
+            assert len(applied) + invalid._value.get() == 8, (applied, invalid._value.get())
+            assert len(received) == len(applied)  # each key once
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_oversized_messages_that_keep_coming_make_the_resubscriptions_back_off(
+    redis: RedisServer,
+) -> None:
+    """Each oversized message costs a reconnect and a resync: a flood of them does not get
+    one every RECONNECT_MIN_SECONDS, the waits double (0.5 s, 1 s, 2 s), and a verdict
+    still arrives once the flood stops; the store never reports itself down."""
+
+    async def resubscribed(store: RedisStore, within: float = 15.0) -> float:
+        """Seconds until the subscriber listens again after an oversized message."""
+        start = time.monotonic()
+        while store._listening:  # the drop is seen first
+            assert time.monotonic() - start < within
+            await asyncio.sleep(0.01)
+        while not store._listening:
+            assert time.monotonic() - start < within
+            await asyncio.sleep(0.01)
+        return time.monotonic() - start
+
+    async def scenario() -> None:
+        store = RedisStore(redis.url, Metrics())
+        received: list[Verdict] = []
+        await store.start(received.append, lambda name: None)
+        try:
+            waits = []
+            for _ in range(3):
+                oversized = ("PUBLISH", CHANNEL, b"x" * (64 * 1024))
+                assert await asyncio.to_thread(pipelined, redis, oversized) == [b":1\r\n"]
+                waits.append(await resubscribed(store))
+            assert waits[0] >= 0.5 and waits[1] >= 1.0 and waits[2] >= 2.0, waits
+            refused = store.metrics.store_invalid_records.labels("redis", "message")
+            assert refused._value.get() == 3
+            assert store.health().up
+            name = "after-the-flood.hs.test"
+            await asyncio.to_thread(publish, redis, message(record(name)))
+            for _ in range(200):
+                if received:
+                    break
+                await asyncio.sleep(0.05)
+            assert [v.destination for v in received] == [name]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_forget_made_during_the_gap_is_replayed_by_the_resync(redis: RedisServer) -> None:
+    """Store `one` forgets two names while `two` is resubscribing after an oversized
+    message; one of them is judged again right after. `two` missed both messages; its
+    resync forgets the first, applies the second's new verdict instead of forgetting it,
+    and replays neither an old forget nor `one`'s forgets back to `one`."""
+
+    async def until(done: Callable[[], bool]) -> None:
+        for _ in range(400):
+            if done():
+                return
+            await asyncio.sleep(0.025)
+        raise AssertionError("not within 10 s")
+
+    def verdict(name: str, observed_at: float) -> Verdict:
+        return decode_record(json.dumps(record(name, observed_at=observed_at)).encode())
+
+    async def scenario() -> None:
+        one, two = RedisStore(redis.url, Metrics()), RedisStore(redis.url, Metrics())
+        got: dict[str, list[str]] = {"one": [], "two": [], "forgot_one": [], "forgot_two": []}
+        await one.start(lambda v: got["one"].append(v.destination), got["forgot_one"].append)
+        await two.start(lambda v: got["two"].append(v.destination), got["forgot_two"].append)
+        try:
+            gone, rejudged = "forgotten.hs.test", "rejudged.hs.test"
+            stale = "forgotten-long-ago.hs.test"
+            old = json.dumps({"forgotten_at": time.time() - 3600, "origin": "elsewhere"})
+            redis.command("SET", FORGOTTEN_PREFIX + stale, old)
+            redis.command("SET", FORGOTTEN_PREFIX + "junk.hs.test", "[1]")
+            for name in (gone, rejudged):
+                one.save(verdict(name, time.time()))
+            await until(lambda: len(got["two"]) == 2)
+
+            oversized = ("PUBLISH", CHANNEL, b"x" * (64 * 1024))
+            assert await asyncio.to_thread(pipelined, redis, oversized) == [b":2\r\n"]
+            one.forget(gone)
+            one.forget(rejudged)
+            await until(lambda: redis.command("EXISTS", KEY_PREFIX + gone) == b":0\r\n")
+            one.save(verdict(rejudged, time.time() + 1))  # judged again, after the forget
+            await until(lambda: redis.command("EXISTS", KEY_PREFIX + rejudged) == b":1\r\n")
+
+            await until(lambda: got["forgot_two"] == [gone])
+            await until(lambda: got["two"].count(rejudged) == 2)  # the new verdict, read again
+            await asyncio.sleep(0.5)  # nothing more comes
+            assert got["forgot_two"] == [gone]
+            assert got["forgot_one"] == []  # its own forgets are not replayed to it
+            invalid = two.metrics.store_invalid_records.labels("redis", "resync")
+            assert invalid._value.get() >= 1  # the junk marker
+            assert one.health().up and two.health().up
+        finally:
+            await one.close()
+            await two.close()
 
     asyncio.run(scenario())
