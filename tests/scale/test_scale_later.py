@@ -26,17 +26,18 @@ from tests.scale.world import ScaleWorld
 if TYPE_CHECKING:  # conftest.py is pytest's to import
     from tests.scale.conftest import WorldFactory
 
-# Synapse's retry schedule 60 times faster (its first backoff 10 s, a request's own retries
-# at most 1 s apart), so within a window of tens of seconds it backs off every destination
-# that fails fast and retries each once the backoff runs out. At the benchmark's factor of
-# 10 (scripts/scale --later) the first such retry comes about 2 minutes after the first
-# failure: a CI window that long would cost minutes.
-LATER_TIME_FACTOR = 60.0
-# A message every 5 s (5 minutes of Synapse's compressed schedule): a backed-off
-# destination is retried at the first new event after its backoff (10 s) runs out.
-LATER_INTERVAL = 5.0
+# Synapse's retry schedule 120 times faster (its first backoff 5 s, a request's own
+# retries at most 0.5 s apart), so within a window of seconds it backs off every
+# destination that fails fast and retries each once the backoff runs out. At the
+# benchmark's factor of 10 (scripts/scale --later) the first such retry comes about 2
+# minutes after the first failure; at 60 the window took 31 s a mode, at 120 16 s.
+LATER_TIME_FACTOR = 120.0
+# A message every 2.5 s (5 minutes of Synapse's compressed schedule): a backed-off
+# destination is retried at the first new event after its backoff runs out.
+LATER_INTERVAL = 2.5
 # The window ends once Synapse has retried every name below, at the latest after this
-# long. It took 20-30 s on a 2-core machine; the cap leaves twice that before failing.
+# long. It took 16 s on the shared 2-core machine (load 11); the cap leaves more than
+# three times that before the test fails.
 LATER_MAX_SECONDS = 60.0
 # The dead kinds whose requests fail within seconds (refused by the sidecar or the
 # server, a 410, no address), so Synapse backs them off and retries them within the
