@@ -260,6 +260,11 @@ ROWS: list[Row] = [
     ),
     ("… after the first gone verdict", _each(("later", "dead_reached", "total"), *AFTER), "{:.0f}"),
     (
+        "… dead names Synapse retried after backing them off",
+        [_at("later", "dead_reached", "total", "synapse_names_retried")],
+        "{:.0f}",
+    ),
+    (
         "ten minutes later: live deliveries / expected",
         _each(("later",), "deliveries", "expected"),
         "{:.0f}",
