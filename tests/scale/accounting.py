@@ -12,6 +12,12 @@ opened on one of its ports). For the DNS-signal kinds that verdict comes before 
 dialled, so the goal there is no SYN and no request at all. A breaker's trial connection
 (one, `--breaker-min` after it opened: 10 min by default, longer than any run here) would
 count as "after" too, though it is by design.
+
+Synapse's own retry schedule comes from its log (INFO): every failed attempt that sets or
+lengthens a destination's backoff logs one line, and every transaction it starts sending
+one more. A transaction started to a name Synapse had backed off is Synapse retrying the
+destination: what scenario 3 ("ten minutes later") needs to have happened for its counts to
+mean anything.
 """
 
 from __future__ import annotations
@@ -34,6 +40,20 @@ _DIAL = re.compile(r"^connect to ([a-z0-9.-]+):(\d+)\b")
 _PROBE = re.compile(r"^probe of ([a-z0-9.-]+): ")
 _KEYS = re.compile(r"^could not record the signing keys of ([a-z0-9.-]+): ")
 TIMELINE_NAMES = 2  # names of each kind whose full timeline goes into the report
+# Synapse's log lines (synapse/util/retryutils.py, synapse/federation/sender/
+# transaction_manager.py): a failed attempt that sets or lengthens a destination's backoff,
+# `... - Connection to NAME was unsuccessful (<exception>); backoff now MS`, and each
+# transaction it starts sending, `... - TX [NAME] {id} Sending transaction [id], ...`; the
+# second only once the destination's retry limiter let it through.
+_SYNAPSE_STAMP = r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) - "
+_BACKOFF = re.compile(
+    _SYNAPSE_STAMP + r"synapse\.util\.retryutils - .*"
+    r" - Connection to ([a-z0-9.-]+) was unsuccessful \(.*\); backoff now (\d+)$"
+)
+_TRANSACTION = re.compile(
+    _SYNAPSE_STAMP + r"synapse\.federation\.sender\.transaction_manager - .*"
+    r" - TX \[([a-z0-9.-]+)\] \{\d+\} Sending transaction "
+)
 
 
 def log_time(stamp: str) -> float:
@@ -96,6 +116,38 @@ class Verdicts:
 
 
 @dataclass
+class Backoffs:
+    """Synapse's retry schedule per destination, from its log: when a failed attempt set
+    or lengthened the destination's backoff (and to how long), and when it started sending
+    each transaction."""
+
+    # name -> [(epoch seconds, backoff in ms)], in log order
+    failures: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
+    transactions: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def parse(cls, log_text: str) -> Backoffs:
+        found = cls()
+        for line in log_text.splitlines():
+            if (m := _BACKOFF.match(line)) is not None:
+                stamp, name, ms = m.groups()
+                found.failures[name].append((log_time(stamp), int(ms)))
+            elif (t := _TRANSACTION.match(line)) is not None:
+                found.transactions[t.group(2)].append(log_time(t.group(1)))
+        return found
+
+    def retries(self, name: str, since: float = 0.0) -> list[float]:
+        """When Synapse started a transaction to `name` after backing it off (from `since`):
+        its retry limiter let the attempt through, so a backoff had run out. Its retry
+        schedule at work, not a request's own quick retries, which precede the backoff."""
+        failures = self.failures.get(name)
+        if not failures:
+            return []
+        first_backoff = failures[0][0]
+        return [t for t in self.transactions.get(name, ()) if t > first_backoff and t >= since]
+
+
+@dataclass
 class KindCount:
     """One dead kind's totals."""
 
@@ -116,6 +168,11 @@ class KindCount:
     tunnel_dial_failures: int = 0  # dials for Synapse's tunnels the sidecar logged failing
     own_failures: Counter[str] = field(default_factory=Counter)  # the sidecar's probes, keys
     seconds_to_gone: list[float] = field(default_factory=list)  # from first contact
+    # from Synapse's log: names it backed off (ever), names it sent a transaction to after
+    # a backoff ran out and those transactions (within the account's window)
+    synapse_backed_off: int = 0
+    synapse_names_retried: int = 0
+    synapse_retries: int = 0
 
     def summary(self, judged: bool) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -125,6 +182,9 @@ class KindCount:
             "names_reached": self.names_reached,
             "syns_by_port": {str(p): n for p, n in sorted(self.syns_by_port.items())},
             "requests_by_agent": dict(sorted(self.requests_by_agent.items())),
+            "synapse_backed_off": self.synapse_backed_off,
+            "synapse_names_retried": self.synapse_names_retried,
+            "synapse_retries": self.synapse_retries,
         }
         if judged:
             delays = sorted(self.seconds_to_gone)
@@ -161,6 +221,7 @@ class DeadAccount:
         default_factory=lambda: defaultdict(list)
     )
     verdicts: Verdicts | None = None  # None: no sidecar in this mode
+    backoffs: Backoffs = field(default_factory=Backoffs)  # Synapse's, from its log
 
     def add_attempts(self, attempts: Iterable[Attempt]) -> None:
         by_address = self.population.by_address
@@ -187,6 +248,10 @@ class DeadAccount:
             count.names_reached += bool(syns or requests)
             count.syns_by_port.update(port for _, port in syns)
             count.requests_by_agent.update(agent for _, _, agent, _ in requests)
+            retries = self.backoffs.retries(server.name, self.since)
+            count.synapse_backed_off += bool(self.backoffs.failures.get(server.name))
+            count.synapse_names_retried += bool(retries)
+            count.synapse_retries += len(retries)
             if verdicts is None:
                 continue
             first = verdicts.first(server.name)
@@ -217,6 +282,8 @@ class DeadAccount:
         total = {
             "syns": sum(c.syns for c in kinds.values()),
             "requests": sum(c.requests for c in kinds.values()),
+            "synapse_names_retried": sum(c.synapse_names_retried for c in kinds.values()),
+            "synapse_retries": sum(c.synapse_retries for c in kinds.values()),
         }
         if judged:
             total |= {
@@ -265,6 +332,9 @@ class DeadAccount:
             events += [
                 (t, f"request :{port} {agent} {path}")
                 for t, port, agent, path in self.requests.get(name, [])
+            ]
+            events += [
+                (t, f"Synapse backs off {ms} ms") for t, ms in self.backoffs.failures.get(name, [])
             ]
             if self.verdicts is not None:
                 events += [

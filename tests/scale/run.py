@@ -32,7 +32,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tests.scale.driver import compressed_retries, fan_out, join_and_send, report, ten_minutes_later
+from tests.scale.driver import (
+    LATER_MESSAGE_INTERVAL,
+    compressed_retries,
+    fan_out,
+    join_and_send,
+    report,
+    ten_minutes_later,
+)
 from tests.scale.population import DEAD_KINDS, DEFAULT_DEAD_SHARE, Population
 from tests.scale.world import MODES, ROOT, ScaleWorld
 from tests.support.synapse_server import find_venv
@@ -75,6 +82,13 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         "(its retry settings compressed by --time-factor for the whole run)",
     )
     parser.add_argument("--time-factor", type=float, default=DEFAULT_TIME_FACTOR)
+    parser.add_argument(
+        "--later-interval",
+        type=float,
+        default=LATER_MESSAGE_INTERVAL,
+        metavar="SECONDS",
+        help="with --later: a message every SECONDS (default 10)",
+    )
     parser.add_argument("--delivery-timeout", type=float, default=300.0)
     parser.add_argument("--timelines", action="store_true", help="a few dead names' events")
     parser.add_argument("--keep", type=Path, help="keep the world's files in this directory")
@@ -113,7 +127,9 @@ def run_once(args: argparse.Namespace, mode: str, directory: Path) -> tuple[bool
         if fan is not None:
             figures["fan_out"] = fan.summary()
         if run.join_status == 200 and args.later > 0:
-            later = ten_minutes_later(world, args.later, args.time_factor)
+            later = ten_minutes_later(
+                world, args.later, args.time_factor, interval=args.later_interval
+            )
             figures["later"] = later.summary()
             figures["later"]["dead_reached"] = world.dead_reached(since=later.began)
             figures["later"]["synapse_config"] = synapse_config
@@ -243,6 +259,11 @@ ROWS: list[Row] = [
         "{:.0f}",
     ),
     ("… after the first gone verdict", _each(("later", "dead_reached", "total"), *AFTER), "{:.0f}"),
+    (
+        "… dead names Synapse retried after backing them off",
+        [_at("later", "dead_reached", "total", "synapse_names_retried")],
+        "{:.0f}",
+    ),
     (
         "ten minutes later: live deliveries / expected",
         _each(("later",), "deliveries", "expected"),

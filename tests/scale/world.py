@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 
 from tests.scale import fakefed
-from tests.scale.accounting import DeadAccount, Verdicts
+from tests.scale.accounting import Backoffs, DeadAccount, Verdicts
 from tests.scale.population import BLACKHOLE_KINDS, HUB, Population, build_zone, kind_network
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.netns import Namespace
@@ -366,9 +366,10 @@ class ScaleWorld:
 
     def dead_account(self, since: float = 0.0) -> DeadAccount:
         """Every connection attempt and request that reached a dead server (from `since`,
-        epoch seconds), by name, and the sidecar's verdicts from its log."""
-        assert self.syns is not None
+        epoch seconds), by name, the sidecar's verdicts and Synapse's backoffs from their logs."""
+        assert self.syns is not None and self.synapse is not None
         account = DeadAccount(self.population, since=since)
+        account.backoffs = Backoffs.parse(self.synapse.log_text())
         account.add_attempts(self.syns.attempt_times())
         account.add_requests(self.control("/gone"))
         if self.sidecar is not None:
