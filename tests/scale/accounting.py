@@ -162,6 +162,9 @@ class KindCount:
     never_judged_gone: int = 0
     syns_after_verdict: int = 0
     requests_after_verdict: int = 0
+    # stamped after the verdict, but no byte reached the name's address after it: the
+    # request was on the wire before (the fake stamps once it has read and decrypted it)
+    requests_in_flight_at_verdict: int = 0
     names_reached_after_verdict: int = 0
     first_verdicts: Counter[str] = field(default_factory=Counter)  # "alive", "gone nxdomain"
     gone_signals: Counter[str] = field(default_factory=Counter)
@@ -193,6 +196,7 @@ class KindCount:
                 "never_judged_gone": self.never_judged_gone,
                 "syns_after_verdict": self.syns_after_verdict,
                 "requests_after_verdict": self.requests_after_verdict,
+                "requests_in_flight_at_verdict": self.requests_in_flight_at_verdict,
                 "names_reached_after_verdict": self.names_reached_after_verdict,
                 "first_verdicts": dict(sorted(self.first_verdicts.items())),
                 "gone_signals": dict(sorted(self.gone_signals.items())),
@@ -221,6 +225,8 @@ class DeadAccount:
         default_factory=lambda: defaultdict(list)
     )
     verdicts: Verdicts | None = None  # None: no sidecar in this mode
+    # per name, the kernel time of each data segment to its address; None: not captured
+    payload: dict[str, list[float]] | None = None
     backoffs: Backoffs = field(default_factory=Backoffs)  # Synapse's, from its log
 
     def add_attempts(self, attempts: Iterable[Attempt]) -> None:
@@ -234,6 +240,25 @@ class DeadAccount:
         for at, name, port, agent, path in requests:
             if name in self.population.by_name and at >= self.since:
                 self.requests[name].append((at, str(port), str(agent), str(path)))
+
+    def add_payload(self, times_by_address: dict[str, list[float]]) -> None:
+        payload = self.payload if self.payload is not None else {}
+        for ip, times in times_by_address.items():
+            server = self.population.by_address.get(ip)
+            if server is not None:
+                payload.setdefault(server.name, []).extend(t for t in times if t >= self.since)
+        self.payload = payload
+
+    def _late_requests(self, name: str, at: float) -> tuple[int, int]:
+        """(requests after `at`, requests stamped after it whose bytes were all on the wire
+        before it). With the wire captured, a late stamp counts only if payload reached the
+        name's address after `at` (finding 9 in docs/scale.md)."""
+        stamped = sum(1 for r in self.requests.get(name, []) if r[0] > at)
+        wire = None if self.payload is None else self.payload.get(name)
+        # No capture, or one that missed this name's requests entirely: trust the stamps.
+        if not wire or any(t > at for t in wire):
+            return stamped, 0
+        return 0, stamped
 
     def by_kind(self) -> dict[str, KindCount]:
         kinds = {kind: KindCount() for kind in DEAD_KINDS}
@@ -266,9 +291,10 @@ class DeadAccount:
             count.gone_signals[_label(gone)] += 1
             at = gone[0] + LOG_RESOLUTION
             late_syns = sum(1 for t, _ in syns if t > at)
-            late_requests = sum(1 for r in requests if r[0] > at)
+            late_requests, in_flight = self._late_requests(server.name, at)
             count.syns_after_verdict += late_syns
             count.requests_after_verdict += late_requests
+            count.requests_in_flight_at_verdict += in_flight
             count.names_reached_after_verdict += bool(late_syns or late_requests)
             contact = [t for t, _ in syns] + [r[0] for r in requests]
             if contact:
@@ -304,9 +330,8 @@ class DeadAccount:
             if gone is None:
                 continue
             at = gone[0] + LOG_RESOLUTION
-            times = [t for t, _ in self.syns.get(server.name, [])]
-            times += [r[0] for r in self.requests.get(server.name, [])]
-            if any(t > at for t in times):
+            late_syns = any(t > at for t, _ in self.syns.get(server.name, []))
+            if late_syns or self._late_requests(server.name, at)[0]:
                 late.append(server.name)
         return late
 

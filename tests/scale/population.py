@@ -60,6 +60,11 @@ DNS_SIGNAL_KINDS = ("nxdomain", "txt_gone", "srv_dot")  # DNS alone says they ar
 HOSTS_PER_NET = 254 * 256  # x.1 .. x.254 in each /24 of a kind's /16
 
 
+# Every dead kind's /16 (127.20-127.25) and nothing else of the world's: the packet counter
+# times the payload sent to these addresses (tests/support/packets.py).
+DEAD_NETWORK = "127.16.0.0/12"
+
+
 def kind_network(kind: str) -> str:
     """The /16 holding every address of one dead kind."""
     octet = DEAD_KINDS[kind]

@@ -44,7 +44,14 @@ import httpx
 
 from tests.scale import fakefed
 from tests.scale.accounting import Backoffs, DeadAccount, Verdicts
-from tests.scale.population import BLACKHOLE_KINDS, HUB, Population, build_zone, kind_network
+from tests.scale.population import (
+    BLACKHOLE_KINDS,
+    DEAD_NETWORK,
+    HUB,
+    Population,
+    build_zone,
+    kind_network,
+)
 from tests.support.dns_server import DnsServer, Zone
 from tests.support.netns import Namespace
 from tests.support.packets import SynCounter
@@ -184,7 +191,7 @@ class ScaleWorld:
         self.namespace.start(HOSTS)
         self.namespace.enter_net()
         began = time.monotonic()
-        self.syns = self._started(SynCounter().start())
+        self.syns = self._started(SynCounter(watch=DEAD_NETWORK).start())
         self._blackhole()
         self.dns = self._started(self._dns_server(53).start())
         self.sidecar_dns = self._started(self._dns_server(SIDECAR_DNS_PORT).start())
@@ -371,6 +378,7 @@ class ScaleWorld:
         account = DeadAccount(self.population, since=since)
         account.backoffs = Backoffs.parse(self.synapse.log_text())
         account.add_attempts(self.syns.attempt_times())
+        account.add_payload(self.syns.payload_times())
         account.add_requests(self.control("/gone"))
         if self.sidecar is not None:
             account.verdicts = Verdicts.parse(self.sidecar.log())

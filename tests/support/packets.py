@@ -4,18 +4,24 @@ A remote that refuses connections (nothing listening: the kernel answers RST) ca
 count what it receives, and a blackhole's accept counter misses SYNs that never complete.
 Inside the world's private network namespace every packet on `lo` is the world's own, so
 a raw AF_PACKET socket sees every connection attempt to every fake remote, exactly.
+
+Given a network to watch, it also keeps when payload reached each address in it (the
+kernel's time of each data segment): a remote stamps a request once it has read and
+decrypted it, which under load is later than when its bytes left the proxy, so only the
+wire can say on which side of an event (a gone verdict) a request was sent.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import ipaddress
 import select
 import socket
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
@@ -48,11 +54,36 @@ SYN_FILTER = (
 )
 
 
-class SynCounter:
-    """SYNs (without ACK) seen on `lo`, keyed by (destination IP, destination port)."""
+def syn_or_network_filter(network: ipaddress.IPv4Network) -> tuple[tuple[int, int, int, int], ...]:
+    """SYN_FILTER, and every IPv4 TCP packet to `network` (its payload is timed)."""
+    prefix, mask = int(network.network_address), int(network.netmask)
+    return (
+        (0x28, 0, 0, 12),  # ldh [12]: the ethertype
+        (0x15, 0, 12, ETH_P_IP),  # IPv4, else drop
+        (0x30, 0, 0, 23),  # ldb [23]: the IP protocol
+        (0x15, 0, 10, 6),  # TCP, else drop
+        (0x28, 0, 0, 20),  # ldh [20]: flags and fragment offset
+        (0x45, 8, 0, 0x1FFF),  # a later fragment: drop
+        (0x20, 0, 0, 30),  # ld [30]: the destination address
+        (0x54, 0, 0, mask),  # and #netmask
+        (0x15, 4, 0, prefix),  # in the network: pass
+        (0xB1, 0, 0, 14),  # ldxb 4*([14]&0xf): the IP header length
+        (0x50, 0, 0, 27),  # ldb [x+27]: the TCP flags (14 + 13)
+        (0x54, 0, 0, TCP_SYN | TCP_ACK),  # and #(SYN|ACK)
+        (0x15, 0, 1, TCP_SYN),  # SYN alone, else drop
+        (0x06, 0, 0, 65535),  # ret: the whole packet
+        (0x06, 0, 0, 0),  # drop
+    )
 
-    def __init__(self, interface: str = "lo") -> None:
+
+class SynCounter:
+    """SYNs (without ACK) seen on `lo`, keyed by (destination IP, destination port); and
+    with `watch`, when payload reached each address of that network."""
+
+    def __init__(self, interface: str = "lo", watch: str | None = None) -> None:
         self.interface = interface
+        self.watch = ipaddress.IPv4Network(watch) if watch else None
+        self._payload: defaultdict[str, list[float]] = defaultdict(list)
         self._counts: Counter[tuple[str, int]] = Counter()
         # (destination IP, destination port, source port): one per connection attempt, so a
         # SYN the kernel retransmits to a blackhole is counted once here; the value is when
@@ -67,7 +98,7 @@ class SynCounter:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         sock.bind((self.interface, 0))
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        _attach_filter(sock, SYN_FILTER)
+        _attach_filter(sock, syn_or_network_filter(self.watch) if self.watch else SYN_FILTER)
         self._sock = sock
         self._thread = threading.Thread(target=self._loop, name="syn-counter", daemon=True)
         self._thread.start()
@@ -107,6 +138,15 @@ class SynCounter:
             with self._lock:
                 self._counts[destination] += 1
                 self._attempts.setdefault((*destination, source_port), seen or time.time())
+            return
+        total_len = struct.unpack_from("!H", ip, 2)[0]
+        payload = total_len - header_len - (tcp[12] >> 4) * 4
+        if self.watch is not None and payload > 0:
+            address = socket.inet_ntoa(ip[16:20])
+            source = ipaddress.IPv4Address(ip[12:16])
+            if ipaddress.IPv4Address(address) in self.watch and source not in self.watch:
+                with self._lock:
+                    self._payload[address].append(seen or time.time())
 
     def count(self, ip: str, port: int | None = None) -> int:
         """Connection attempts to `ip` (on `port`, or any port)."""
@@ -122,6 +162,11 @@ class SynCounter:
         """Every connection attempt as (first SYN's epoch seconds, destination IP, port)."""
         with self._lock:
             return sorted((t, ip, port) for (ip, port, _), t in self._attempts.items())
+
+    def payload_times(self) -> dict[str, list[float]]:
+        """Per address of the watched network: the kernel time of each data segment to it."""
+        with self._lock:
+            return {address: list(times) for address, times in self._payload.items()}
 
     def snapshot(self) -> dict[tuple[str, int], int]:
         with self._lock:
