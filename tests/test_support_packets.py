@@ -41,3 +41,20 @@ def test_syns_anywhere_and_payload_to_the_watched_network() -> None:
         for listener in listeners:
             listener.close()
         counter.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="AF_PACKET needs CAP_NET_RAW")
+def test_without_a_watched_network_only_syns_are_kept() -> None:
+    counter = SynCounter().start()
+    listener = socket.create_server(("127.77.0.1", 0))
+    try:
+        with socket.create_connection(listener.getsockname()) as client:
+            served, _ = listener.accept()
+            client.sendall(b"data")
+            assert served.recv(10)
+            served.close()
+        assert wait_until(lambda: counter.attempts("127.77.0.1") == 1)
+        assert counter.payload_times() == {}
+    finally:
+        listener.close()
+        counter.stop()

@@ -33,7 +33,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
@@ -59,6 +59,7 @@ from sidecar.store.base import RateLimitedWarning, RemoteForget, RemoteVerdict, 
 from sidecar.store.bounded_resp import OversizedReply, bounded_parser
 
 log = logging.getLogger("sidecar.store")
+_T = TypeVar("_T")
 
 KEY_PREFIX = "tombstone:v1:verdict:"
 KEYS_PREFIX = "tombstone:v1:keys:"  # signing keys recorded while alive (sidecar.remote.identity)
@@ -173,13 +174,10 @@ class RedisStore(WriteBehindStore):
         if raw is None:
             return None
         try:
-            verdict = decode_record(raw)
-            if verdict.destination != name:
-                raise ValueError(f"the record is for {verdict.destination}")
+            return _record_of(name, raw)
         except ValueError as e:
             self._invalid("fetch", f"{KEY_PREFIX}{name}: {e}")
             return None
-        return verdict
 
     async def _get(self, key: str, budget: float, op: str, limit: int) -> bytes | None:
         """GET `key` within `budget` and `limit` bytes (never reading more: STRLEN and
@@ -421,16 +419,7 @@ class RedisStore(WriteBehindStore):
         if not complete:
             return  # a name's newer verdict may be among the keys not read: no forgets
         for name in forgotten:  # forgotten during the gap, and no verdict since
-            try:
-                on_forget(name)
-            except Exception:  # the cache's own bug: counted, logged, the resync goes on
-                self.metrics.store_errors.labels(self.kind, "apply").inc()
-                self._apply_warnings.warn(
-                    "%d forget(s) read again from %s could not be applied (latest for %s)",
-                    self._safe_url(),
-                    name,
-                    exc_info=True,
-                )
+            self._apply_read_again(on_forget, name, name, "forget(s)")
 
     async def _scan(self, prefix: str, limit: int, take: Callable[[dict[str, Any]], None]) -> bool:
         """SCAN the keys under `prefix` on the subscriber's bounded connections (a key name
@@ -487,13 +476,10 @@ class RedisStore(WriteBehindStore):
                 if body.get("origin") == self.origin:
                     return None  # our own forget: applied here when it was made
                 return float(at)
-            verdict = decode_record(raw)
-            if verdict.destination != name:
-                raise ValueError(f"the record is for {verdict.destination}")
+            return _record_of(name, raw)
         except ValueError as e:
             self._invalid("resync", f"{key[:150]}: {e}")
             return None
-        return verdict
 
     def _apply_keys(
         self, verdicts: dict[str, Any], on_remote: RemoteVerdict, forgotten: dict[str, float]
@@ -501,16 +487,23 @@ class RedisStore(WriteBehindStore):
         """Verdicts read by the resync: applied; a name with one is not forgotten."""
         for name, verdict in verdicts.items():
             forgotten.pop(name, None)  # judged again since it was forgotten
-            try:
-                on_remote(verdict)
-            except Exception:  # the cache's own bug: counted, logged, the resync goes on
-                self.metrics.store_errors.labels(self.kind, "apply").inc()
-                self._apply_warnings.warn(
-                    "%d verdict(s) read again from %s could not be applied (latest for %s)",
-                    self._safe_url(),
-                    name,
-                    exc_info=True,
-                )
+            self._apply_read_again(on_remote, verdict, name, "verdict(s)")
+
+    def _apply_read_again(
+        self, apply: Callable[[_T], None], value: _T, name: str, what: str
+    ) -> None:
+        """Hand one value the resync read to the cache; the cache's own bug is counted and
+        logged (one warning a minute), and the resync goes on."""
+        try:
+            apply(value)
+        except Exception:
+            self.metrics.store_errors.labels(self.kind, "apply").inc()
+            self._apply_warnings.warn(
+                f"%d {what} read again from %s could not be applied (latest for %s)",
+                self._safe_url(),
+                name,
+                exc_info=True,
+            )
 
     def _receive(self, data: object, on_remote: RemoteVerdict, on_forget: RemoteForget) -> None:
         """Apply one message from another sidecar; a bad one is dropped and counted, never
@@ -564,3 +557,11 @@ class RedisStore(WriteBehindStore):
             False,
             f"{self._safe_url()} failed ({op}: {detail}); serving from the local cache, retrying",
         )
+
+
+def _record_of(name: str, raw: object) -> Verdict:
+    """The verdict stored under `name`'s key (ValueError: invalid, or another name's)."""
+    verdict = decode_record(raw)
+    if verdict.destination != name:
+        raise ValueError(f"the record is for {verdict.destination}")
+    return verdict

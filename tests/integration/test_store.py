@@ -38,6 +38,15 @@ from tests.support.tls_upstream import TestCA, Upstream
 TOKEN = "0123456789abcdef0123456789abcdef"
 
 
+async def _eventually(condition: Callable[[], object]) -> None:
+    """Wait (without blocking the loop) until `condition()` holds, 10 s at most; the
+    caller asserts what must hold."""
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.05)
+
+
 def gone_name(zone: Zone, unique: Callable[[str], str], prefix: str) -> str:
     name = unique(prefix)
     zone.add(name, "TXT", "v=matrix;gone")
@@ -803,17 +812,11 @@ def test_a_subscriber_task_that_ends_is_reported_and_started_again(redis: RedisS
             assert not health.up and "stopped" in health.detail, health
             assert store.metrics.store_up.labels("redis")._value.get() == 0
 
-            for _ in range(200):
-                if store.health().up:
-                    break
-                await asyncio.sleep(0.05)
+            await _eventually(lambda: store.health().up)
             assert store.health().up and store._listener is not first
             name = "restarted.hs.test"
             await asyncio.to_thread(publish, redis, message(record(name)))
-            for _ in range(200):
-                if received:
-                    break
-                await asyncio.sleep(0.05)
+            await _eventually(lambda: received)
             assert [v.destination for v in received] == [name]
         finally:
             await store.close()
@@ -984,10 +987,7 @@ def test_the_subscriber_is_bounded_and_speaks_resp2_whatever_the_url_asks(
             assert "parser_class" not in store._client.connection_pool.connection_kwargs
             name = "bounded.hs.test"
             await asyncio.to_thread(publish, redis, message(record(name)))
-            for _ in range(200):
-                if received:
-                    break
-                await asyncio.sleep(0.05)
+            await _eventually(lambda: received)
             assert [v.destination for v in received] == [name]
         finally:
             await store.close()
@@ -1013,10 +1013,7 @@ def test_after_a_lost_subscription_the_verdict_keys_are_read_again_within_bounds
             # message; the messages go nowhere).
             assert redis.command("ACL", "SETUSER", "default", "-subscribe") == b"+OK\r\n"
             assert redis.command("CLIENT", "KILL", "TYPE", "pubsub").startswith(b":1")
-            for _ in range(200):
-                if not store.health().up:
-                    break
-                await asyncio.sleep(0.05)
+            await _eventually(lambda: not store.health().up)
             assert not store.health().up
             names = [f"gap-{index}.hs.test" for index in range(10)]
             for name in names:
@@ -1082,10 +1079,7 @@ def test_oversized_messages_that_keep_coming_make_the_resubscriptions_back_off(
             assert store.health().up
             name = "after-the-flood.hs.test"
             await asyncio.to_thread(publish, redis, message(record(name)))
-            for _ in range(200):
-                if received:
-                    break
-                await asyncio.sleep(0.05)
+            await _eventually(lambda: received)
             assert [v.destination for v in received] == [name]
         finally:
             await store.close()

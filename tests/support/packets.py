@@ -33,30 +33,19 @@ TIMESPEC = struct.Struct("@qq")
 TCP_SYN = 0x02
 TCP_ACK = 0x10
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
-# A classic BPF program that passes only IPv4 TCP SYNs without ACK (what tcpdump compiles
-# from `tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn` on an Ethernet link, and the loopback
-# is one): without it every packet of every connection on `lo` wakes this thread, which at
-# a scale world's thousands of packets a second starves the test process's other threads
-# (its DNS servers among them). (code, jump if true, jump if false, k)
-SYN_FILTER = (
-    (0x28, 0, 0, 12),  # ldh [12]: the ethertype
-    (0x15, 0, 9, ETH_P_IP),  # IPv4, else drop
-    (0x30, 0, 0, 23),  # ldb [23]: the IP protocol
-    (0x15, 0, 7, 6),  # TCP, else drop
-    (0x28, 0, 0, 20),  # ldh [20]: flags and fragment offset
-    (0x45, 5, 0, 0x1FFF),  # a later fragment: drop
-    (0xB1, 0, 0, 14),  # ldxb 4*([14]&0xf): the IP header length
-    (0x50, 0, 0, 27),  # ldb [x+27]: the TCP flags (14 + 13)
-    (0x54, 0, 0, TCP_SYN | TCP_ACK),  # and #(SYN|ACK)
-    (0x15, 0, 1, TCP_SYN),  # SYN alone, else drop
-    (0x06, 0, 0, 65535),  # ret: the whole packet
-    (0x06, 0, 0, 0),  # drop
-)
 
 
-def syn_or_network_filter(network: ipaddress.IPv4Network) -> tuple[tuple[int, int, int, int], ...]:
-    """SYN_FILTER, and every IPv4 TCP packet to `network` (its payload is timed)."""
-    prefix, mask = int(network.network_address), int(network.netmask)
+def syn_filter(
+    network: ipaddress.IPv4Network | None = None,
+) -> tuple[tuple[int, int, int, int], ...]:
+    """A classic BPF program that passes IPv4 TCP SYNs without ACK (what tcpdump compiles
+    from `tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn` on an Ethernet link, and the loopback
+    is one) and, given `network`, every IPv4 TCP packet to it (its payload is timed).
+    Without it every packet of every connection on `lo` wakes the counter's thread, which at
+    a scale world's thousands of packets a second starves the test process's other threads
+    (its DNS servers among them). Rows: (code, jump if true, jump if false, k)."""
+    # No network: a destination no packet has (0.0.0.0/32), so only SYNs pass.
+    prefix, mask = (int(network.network_address), int(network.netmask)) if network else (0, ~0)
     return (
         (0x28, 0, 0, 12),  # ldh [12]: the ethertype
         (0x15, 0, 12, ETH_P_IP),  # IPv4, else drop
@@ -65,7 +54,7 @@ def syn_or_network_filter(network: ipaddress.IPv4Network) -> tuple[tuple[int, in
         (0x28, 0, 0, 20),  # ldh [20]: flags and fragment offset
         (0x45, 8, 0, 0x1FFF),  # a later fragment: drop
         (0x20, 0, 0, 30),  # ld [30]: the destination address
-        (0x54, 0, 0, mask),  # and #netmask
+        (0x54, 0, 0, mask & 0xFFFFFFFF),  # and #netmask
         (0x15, 4, 0, prefix),  # in the network: pass
         (0xB1, 0, 0, 14),  # ldxb 4*([14]&0xf): the IP header length
         (0x50, 0, 0, 27),  # ldb [x+27]: the TCP flags (14 + 13)
@@ -98,7 +87,7 @@ class SynCounter:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
         sock.bind((self.interface, 0))
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
-        _attach_filter(sock, syn_or_network_filter(self.watch) if self.watch else SYN_FILTER)
+        _attach_filter(sock, syn_filter(self.watch))
         self._sock = sock
         self._thread = threading.Thread(target=self._loop, name="syn-counter", daemon=True)
         self._thread.start()
