@@ -46,8 +46,8 @@ PROBE_PAUSE = 0.01  # between two probes: light, but many samples during a storm
 FRESH_NAMES = 5_000  # fresh live names the probe may use (one each)
 ANSWER_TIMEOUT = 60.0  # a CONNECT unanswered this long counts as an error
 # The DNS server's UDP receive buffer: the sidecar keeps up to MAX_CONCURRENT_QUERIES (256)
-# in flight, exactly what the kernel's default buffer holds in small queries; a query lost
-# there is asked again only after the 2 s per-try timeout, on a loaded machine.
+# in flight, exactly what the kernel's default buffer holds in small queries. On a loaded
+# machine a query lost there is sent again only after the 2 s per-try timeout, late.
 DNS_UDP_BUFFER = 4 * 1024 * 1024
 
 
