@@ -43,6 +43,10 @@ from tests.support import (
     wait_until,
 )
 
+# Seconds an answer from a local test server may take: a guard against a hang, never a
+# measure of speed (1-2 s timed out with the machine's CPUs busy with other work).
+ANSWER_WAIT = 10.0
+
 # -- helpers -----------------------------------------------------------------
 
 
@@ -58,7 +62,7 @@ def ca() -> Iterator[TestCA]:
         yield test_ca
 
 
-def make_resolver(server: DnsServer, lifetime: float = 2.0) -> dns.asyncresolver.Resolver:
+def make_resolver(server: DnsServer, lifetime: float = ANSWER_WAIT) -> dns.asyncresolver.Resolver:
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = [dns.nameserver.Do53Nameserver("127.0.0.1", port=server.port)]
     resolver.lifetime = lifetime
@@ -66,7 +70,7 @@ def make_resolver(server: DnsServer, lifetime: float = 2.0) -> dns.asyncresolver
     return resolver
 
 
-def resolve(server: DnsServer, name: str, rrtype: str, lifetime: float = 2.0) -> Any:
+def resolve(server: DnsServer, name: str, rrtype: str, lifetime: float = ANSWER_WAIT) -> Any:
     resolver = make_resolver(server, lifetime)
     return asyncio.run(resolver.resolve(name, rrtype))
 
@@ -183,7 +187,7 @@ def test_servfail(dns_server: DnsServer) -> None:
     with pytest.raises(dns.resolver.NoNameservers):
         resolve(dns_server, "broken.test", "TXT")
     query = dns.message.make_query("broken.test", "A")
-    response = dns.query.udp(query, "127.0.0.1", port=dns_server.port, timeout=1)
+    response = dns.query.udp(query, "127.0.0.1", port=dns_server.port, timeout=ANSWER_WAIT)
     assert response.rcode() == dns.rcode.SERVFAIL
 
 
@@ -192,7 +196,9 @@ def test_blackhole_times_out(dns_server: DnsServer) -> None:
     started = time.monotonic()
     with pytest.raises(dns.resolver.LifetimeTimeout):
         resolve(dns_server, "slow.test", "TXT", lifetime=0.3)
-    assert time.monotonic() - started < 1.0
+    # Silent for the whole lifetime (no quick error answer); the upper bound only says
+    # that it did not hang (it was 1.0 s, a wall-clock bound a loaded machine can miss).
+    assert 0.3 <= time.monotonic() - started < ANSWER_WAIT
     assert dns_server.query_count("slow.test.", "txt") >= 1
 
 
@@ -214,12 +220,12 @@ def test_truncation_falls_back_to_tcp(dns_server: DnsServer) -> None:
     # With EDNS advertising enough room the same answer comes over UDP only.
     dns_server.reset_queries()
     query = dns.message.make_query("big.test", "TXT", use_edns=0, payload=8192)
-    response = dns.query.udp(query, "127.0.0.1", port=dns_server.port, timeout=1)
+    response = dns.query.udp(query, "127.0.0.1", port=dns_server.port, timeout=ANSWER_WAIT)
     assert not response.flags & dns.flags.TC
     assert len(response.answer[0]) == 40
     # A small EDNS buffer gets TC with the question echoed and no records.
     small = dns.message.make_query("big.test", "TXT", use_edns=0, payload=1232)
-    truncated = dns.query.udp(small, "127.0.0.1", port=dns_server.port, timeout=1)
+    truncated = dns.query.udp(small, "127.0.0.1", port=dns_server.port, timeout=ANSWER_WAIT)
     assert truncated.flags & dns.flags.TC
     assert truncated.answer == [] and truncated.question == small.question
 
@@ -231,7 +237,7 @@ def test_raw_hook_sends_exact_bytes(dns_server: DnsServer) -> None:
     dns_server.zone.add_raw("bad.test", "TXT", garbage)
     query = dns.message.make_query("bad.test", "TXT")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(1)
+        sock.settimeout(ANSWER_WAIT)
         sock.sendto(query.to_wire(), dns_server.address)
         data, _ = sock.recvfrom(4096)
     assert data == query.id.to_bytes(2, "big") + b"\x81\x80\xff"
@@ -286,7 +292,7 @@ def test_upstream_handler_connection_close_and_bad_cert(ca: TestCA) -> None:
     with Upstream(ca, ["up.test"], host="127.0.0.2", handler=handler) as upstream:
         ctx = ca.client_context()
         with (
-            socket.create_connection(upstream.address, timeout=2) as raw,
+            socket.create_connection(upstream.address, timeout=ANSWER_WAIT) as raw,
             ctx.wrap_socket(raw, server_hostname="up.test") as tls,
         ):
             tls.sendall(
@@ -301,12 +307,14 @@ def test_upstream_handler_connection_close_and_bad_cert(ca: TestCA) -> None:
         assert data.endswith(b"\r\n\r\ncba")
         # Client that does not trust the cert: handshake counted as failure.
         with (
-            socket.create_connection(upstream.address, timeout=2) as raw,
+            socket.create_connection(upstream.address, timeout=ANSWER_WAIT) as raw,
             pytest.raises(ssl.SSLCertVerificationError),
         ):
             ssl.create_default_context().wrap_socket(raw, server_hostname="up.test")
         assert wait_until(lambda: upstream.tls_failures == 1)
-        conn = http.client.HTTPSConnection("127.0.0.2", upstream.port, context=ctx, timeout=2)
+        conn = http.client.HTTPSConnection(
+            "127.0.0.2", upstream.port, context=ctx, timeout=ANSWER_WAIT
+        )
         ctx.check_hostname = False
         conn.request("GET", "/boom")
         assert conn.getresponse().status == 500
@@ -317,7 +325,7 @@ def test_upstream_handler_connection_close_and_bad_cert(ca: TestCA) -> None:
 
 def test_plain_upstream() -> None:
     with Upstream(tls=False, status=404, body=b"{}") as upstream:
-        conn = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=2)
+        conn = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=ANSWER_WAIT)
         for _ in range(2):
             conn.request("GET", "/a")
             response = conn.getresponse()
@@ -381,7 +389,7 @@ def test_managed_process_group(mode: str, tmp_path: Any) -> None:
         assert "listening" in proc.log_text()
         code = proc.stop(grace=0.3)
     assert code == (-15 if mode == "polite" else -9)
-    assert wait_until(lambda: not _pid_alive(child), timeout=2)
+    assert wait_until(lambda: not _pid_alive(child), timeout=ANSWER_WAIT)
 
 
 def test_process_death_reports_log_tail(tmp_path: Any) -> None:

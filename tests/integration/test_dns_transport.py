@@ -18,8 +18,19 @@ from dnslib import QTYPE, RCODE, RR, TXT, A, DNSRecord
 from sidecar.dns.client import DnsClient, Nameserver
 from sidecar.dns.transport import UdpTransport, question_wire
 from sidecar.metrics import Metrics
+from tests.support.dns_server import DnsServer, set_receive_buffer
 
 Script = Callable[[DNSRecord], list[bytes]]
+
+# Receive buffer of the scripted resolver: a whole burst waits in it before the resolver's
+# thread reads the first query. The kernel's default (~208 KB) held 256 small datagrams
+# here and fewer where a datagram costs more buffer; a 300-query burst lost some and they
+# timed out at the asker on a loaded CI machine. 4 MiB holds thousands.
+RESOLVER_BUFFER_BYTES = 4 * 1024 * 1024
+BURST = 300  # queries sent at once, more than the kernel's default buffer holds
+BURST_PER_SOCKET = 25  # then a socket is replaced: a burst moves through many source ports
+ARRIVAL_DEADLINE = 30.0  # seconds for queries to reach a local server: only "it did not hang"
+POLL = 0.01
 
 
 class ScriptedResolver:
@@ -29,6 +40,7 @@ class ScriptedResolver:
         self.script = script
         self.ports: Counter[int] = Counter()
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        set_receive_buffer(self.sock, RESOLVER_BUFFER_BYTES)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -77,11 +89,9 @@ def wire_name(name: str) -> bytes:
 def test_a_burst_of_queries_shares_a_few_sockets_and_moves_their_ports(
     resolver_for: Callable[[Script], ScriptedResolver],
 ) -> None:
-    resolver = resolver_for(nxdomain)
-    # 200 queries sent at once: the scripted resolver reads them on one thread, and more than
-    # its socket buffer holds (~200 small datagrams) were dropped on a busy machine.
-    transport = UdpTransport(sockets=4, queries_per_socket=25)
-    questions = [question_wire(wire_name(f"n{i}.burst.test"), QTYPE.TXT) for i in range(200)]
+    resolver = resolver_for(nxdomain)  # its buffer holds the whole burst (RESOLVER_BUFFER_BYTES)
+    transport = UdpTransport(sockets=4, queries_per_socket=BURST_PER_SOCKET)
+    questions = [question_wire(wire_name(f"n{i}.burst.test"), QTYPE.TXT) for i in range(BURST)]
 
     async def burst() -> list[bytes]:
         try:
@@ -93,14 +103,14 @@ def test_a_burst_of_queries_shares_a_few_sockets_and_moves_their_ports(
 
     replies = asyncio.run(burst())
 
-    assert len(replies) == 200
+    assert len(replies) == BURST
     for question, reply in zip(questions, replies, strict=True):
         parsed = DNSRecord.parse(reply)
         assert parsed.header.rcode == RCODE.NXDOMAIN
         assert reply[12 : 12 + len(question)] == question  # each got the reply to its own question
-    # 200 queries, 25 per socket: at least 8 source ports, none used for more than 25
-    assert len(resolver.ports) >= 8, resolver.ports
-    assert max(resolver.ports.values()) <= 25, resolver.ports
+    # at most BURST_PER_SOCKET queries from one source port: at least BURST / that ports
+    assert len(resolver.ports) >= BURST // BURST_PER_SOCKET, resolver.ports
+    assert max(resolver.ports.values()) <= BURST_PER_SOCKET, resolver.ports
 
 
 def test_stray_and_forged_replies_are_ignored_until_the_true_one_arrives(
@@ -229,15 +239,15 @@ def test_replies_waiting_together_are_all_read_in_one_event_loop_turn() -> None:
     new names (tests/bench/storm.py) a turn lasted ~40 ms, replies waited over the 2 s
     per-try timeout and 59 names had their questions asked twice.
 
-    Counted in loop turns, never timed: every query is sent, the loop is then held until
-    the DNS server has sent every reply, and a callback that re-arms itself counts the
+    Counted in loop turns, never timed: every query is sent, the DNS server holds its
+    replies until it has received every query (a fixed 0.2 s delay once let the first
+    replies out before the last queries arrived on a loaded machine), the loop is then held
+    until the server has sent every reply, and a callback that re-arms itself counts the
     turns until every reply is in.
     """
-    from tests.support.dns_server import DnsServer
-
     count = 256
-    with DnsServer(timed_delay=True) as dns:
-        dns.zone.delay(0.2)  # every reply is sent after every query has arrived
+    with DnsServer(timed_delay=True, udp_buffer_bytes=RESOLVER_BUFFER_BYTES) as dns:
+        dns.hold_replies()
         transport = UdpTransport()
         questions = [question_wire(wire_name(f"n{i}.turns.test"), QTYPE.A) for i in range(count)]
 
@@ -247,10 +257,12 @@ def test_replies_waiting_together_are_all_read_in_one_event_loop_turn() -> None:
                 asyncio.ensure_future(transport.exchange("127.0.0.1", dns.port, q, False, 10.0))
                 for q in questions
             ]
-            for _ in range(500):  # every query sent and received (long before any reply)
+            for _ in range(int(ARRIVAL_DEADLINE / POLL)):  # every query sent and received
                 if dns.query_count() >= count:
                     break
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(POLL)
+            assert dns.query_count() == count, "the DNS server did not receive every query"
+            dns.release_replies()
             while dns.in_flight:  # hold the loop: the replies wait in the socket buffers
                 threading.Event().wait(0.01)
             turns = 0

@@ -45,6 +45,10 @@ _MAX_CNAME_CHAIN = 16
 _UDP_PLAIN_LIMIT = 512
 _EDNS_PAYLOAD = 1232
 _OPT = 41
+# Linux's SO_RCVBUFFORCE (Python has no name for it): SO_RCVBUF past net.core.rmem_max,
+# allowed to root; without it a requested buffer is silently capped at rmem_max (~208 KB
+# by default, about 256 small queries).
+SO_RCVBUFFORCE = 33
 
 
 def normalize_name(name: str) -> str:
@@ -420,6 +424,7 @@ class DnsServer:
         self._due: list[tuple[float, int, bytes | None, tuple[str, int]]] = []  # a heap
         self._due_ready = threading.Condition(self._lock)
         self._due_seq = 0
+        self._held = False  # `timed_delay`: replies wait until release_replies()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -431,7 +436,7 @@ class DnsServer:
             tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             try:
                 if self.udp_buffer_bytes:
-                    udp.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.udp_buffer_bytes)
+                    set_receive_buffer(udp, self.udp_buffer_bytes)
                 udp.bind((self.host, self._requested_port))
                 port = udp.getsockname()[1]
                 tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -504,6 +509,21 @@ class DnsServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    def hold_replies(self) -> None:
+        """`timed_delay`: keep every UDP reply (built on arrival) until release_replies(),
+        so a test can have every query arrive before any answer leaves, whatever the
+        machine's pace; queries are still received and counted meanwhile."""
+        if not self.timed_delay:
+            raise RuntimeError("hold_replies needs timed_delay=True")
+        with self._due_ready:
+            self._held = True
+
+    def release_replies(self) -> None:
+        """Send the held replies (each when its delay is up) and hold no more."""
+        with self._due_ready:
+            self._held = False
+            self._due_ready.notify_all()
 
     # -- introspection -------------------------------------------------------
 
@@ -635,7 +655,7 @@ class DnsServer:
         if self.timed_delay:
             delay = self.zone.current_delay
             reply = self._handle(data, "udp", wait=False)
-            if delay:
+            if delay or self._held:
                 with self._due_ready:
                     self._due_seq += 1
                     heapq.heappush(self._due, (arrived + delay, self._due_seq, reply, peer))
@@ -660,9 +680,10 @@ class DnsServer:
             with self._due_ready:
                 while not self._stop.is_set():
                     now = time.monotonic()
-                    if self._due and self._due[0][0] <= now:
+                    if self._due and self._due[0][0] <= now and not self._held:
                         break
-                    self._due_ready.wait(self._due[0][0] - now if self._due else None)
+                    waiting = self._due and not self._held
+                    self._due_ready.wait(self._due[0][0] - now if waiting else None)
                 if self._stop.is_set():
                     return
                 _, _, reply, peer = heapq.heappop(self._due)
@@ -712,6 +733,14 @@ class DnsServer:
             with self._lock:
                 self._conns.discard(conn)
                 self._conn_threads.discard(threading.current_thread())
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> None:
+    """SO_RCVBUF of `size` bytes: forced past net.core.rmem_max as root, else capped by it."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def _recv_exact(conn: socket.socket, size: int) -> bytes | None:

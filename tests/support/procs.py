@@ -41,8 +41,19 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
         return False
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 2.0, interval: float = 0.01) -> bool:
-    """Poll ``predicate`` until it is true; servers update counters asynchronously."""
+# How long wait_until polls unless told: every caller waits for something that must happen
+# (`assert wait_until(...)`), so this bounds only a failure's wait, never a passing test's.
+# 2 s was missed by a sidecar process on a machine whose CPUs were busy with other work.
+WAIT_UNTIL_SECONDS = 10.0
+
+
+def wait_until(
+    predicate: Callable[[], bool], timeout: float = WAIT_UNTIL_SECONDS, interval: float = 0.01
+) -> bool:
+    """Poll ``predicate`` until it is true; servers update counters asynchronously.
+
+    Meant for what must happen; to show that something does not, wait for an event that
+    comes after it instead (a timeout here would be a guess at the machine's pace)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

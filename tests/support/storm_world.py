@@ -45,6 +45,10 @@ AFTER_SECONDS = 1.0  # probes after the storm's last answer
 PROBE_PAUSE = 0.01  # between two probes: light, but many samples during a storm
 FRESH_NAMES = 5_000  # fresh live names the probe may use (one each)
 ANSWER_TIMEOUT = 60.0  # a CONNECT unanswered this long counts as an error
+# The DNS server's UDP receive buffer: the sidecar keeps up to MAX_CONCURRENT_QUERIES (256)
+# in flight, exactly what the kernel's default buffer holds in small queries. On a loaded
+# machine a query lost there is sent again only after the 2 s per-try timeout, late.
+DNS_UDP_BUFFER = 4 * 1024 * 1024
 
 
 def storm_name(kind: str, index: int, tag: str = "s") -> str:
@@ -156,7 +160,9 @@ class StormWorld:
     def _start(self) -> None:
         self.scratch = Path(self.stack.enter_context(tempfile.TemporaryDirectory(prefix="storm-")))
         self.ca = self.stack.enter_context(TestCA(self.scratch / "ca"))
-        self.dns = self.stack.enter_context(DnsServer(timed_delay=True))
+        self.dns = self.stack.enter_context(
+            DnsServer(timed_delay=True, udp_buffer_bytes=DNS_UDP_BUFFER)
+        )
         self.names = {storm_name(KINDS[i % 5], i): KINDS[i % 5] for i in range(self.count)}
         self.fresh_names = [storm_name("live", i, "fresh") for i in range(self.fresh)]
         fill_zone(self.dns, self.names)
