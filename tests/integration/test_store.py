@@ -47,6 +47,13 @@ async def _eventually(condition: Callable[[], object]) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _arrives(redis: RedisServer, name: str, received: list[Verdict]) -> None:
+    """Another sidecar's verdict for `name`, published now, is the one the store hands on."""
+    await asyncio.to_thread(publish, redis, message(record(name)))
+    await _eventually(lambda: received)
+    assert [v.destination for v in received] == [name]
+
+
 def gone_name(zone: Zone, unique: Callable[[str], str], prefix: str) -> str:
     name = unique(prefix)
     zone.add(name, "TXT", "v=matrix;gone")
@@ -814,10 +821,7 @@ def test_a_subscriber_task_that_ends_is_reported_and_started_again(redis: RedisS
 
             await _eventually(lambda: store.health().up)
             assert store.health().up and store._listener is not first
-            name = "restarted.hs.test"
-            await asyncio.to_thread(publish, redis, message(record(name)))
-            await _eventually(lambda: received)
-            assert [v.destination for v in received] == [name]
+            await _arrives(redis, "restarted.hs.test", received)
         finally:
             await store.close()
 
@@ -985,10 +989,7 @@ def test_the_subscriber_is_bounded_and_speaks_resp2_whatever_the_url_asks(
             assert issubclass(kwargs["parser_class"], BoundedRESP2Parser)
             assert kwargs["protocol"] == 2
             assert "parser_class" not in store._client.connection_pool.connection_kwargs
-            name = "bounded.hs.test"
-            await asyncio.to_thread(publish, redis, message(record(name)))
-            await _eventually(lambda: received)
-            assert [v.destination for v in received] == [name]
+            await _arrives(redis, "bounded.hs.test", received)
         finally:
             await store.close()
 
@@ -1077,10 +1078,7 @@ def test_oversized_messages_that_keep_coming_make_the_resubscriptions_back_off(
             refused = store.metrics.store_invalid_records.labels("redis", "message")
             assert refused._value.get() == 3
             assert store.health().up
-            name = "after-the-flood.hs.test"
-            await asyncio.to_thread(publish, redis, message(record(name)))
-            await _eventually(lambda: received)
-            assert [v.destination for v in received] == [name]
+            await _arrives(redis, "after-the-flood.hs.test", received)
         finally:
             await store.close()
 
