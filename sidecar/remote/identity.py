@@ -53,7 +53,6 @@ MAX_KEYS_PER_RECORD = 256
 MAX_RECORDS = 100_000  # names whose keys are remembered; the oldest go first beyond this
 MAX_RESURRECTIONS = 1000  # kept for /v1/resurrections; the oldest go first
 WRITE_DELAY_SECONDS = 2.0  # gather new records this long into one file write
-RECORD_REFRESH_SECONDS = 3600.0  # re-fetch an alive server's keys at most this often
 
 Resolve = Callable[[str], Awaitable[tuple[str, ...]]]
 
@@ -287,10 +286,6 @@ class KeyBook:
         while len(self.records) > MAX_RECORDS:
             self.records.pop(next(iter(self.records)))
         self.changed()
-
-    def due(self, name: str, now: float) -> bool:
-        record = self.records.get(name)
-        return record is None or now - record.seen_at >= RECORD_REFRESH_SECONDS
 
     def add_resurrection(self, event: Resurrection) -> None:
         self.resurrections.append(event)

@@ -15,14 +15,13 @@ import pytest
 from sidecar.judge.signals import Signal
 from sidecar.judge.verdicts import State, Verdict
 from sidecar.metrics import Metrics
-from sidecar.remote.identity import RECORD_REFRESH_SECONDS, KeyBook
+from sidecar.remote.identity import KeyBook
 from sidecar.synapse.lifting import HOLD_EVIDENCE, Lifter, is_hold
 from tests.support.signing import SigningKey
 from tests.unit.clock import FakeClock
 
 NAME = "back.hs.test"
 TARGET = (NAME, 8448)
-TICK = 0.001
 
 
 @pytest.fixture
@@ -59,27 +58,14 @@ def test_observed_keys_are_recorded_at_the_clocks_time(lifter: Lifter, clock: Fa
     assert record.keys == (("ed25519:e2e", key.public_b64),)
 
 
-def test_recorded_keys_are_due_again_after_the_refresh_interval(
-    lifter: Lifter, clock: FakeClock
-) -> None:
-    assert lifter.book.due(NAME, clock.now)  # nothing recorded: due at once
-    lifter.observe_keys(NAME, key_document(SigningKey(NAME)), TARGET)
-    recorded_at = clock.now
-    clock.now = recorded_at + RECORD_REFRESH_SECONDS - TICK
-    assert not lifter.book.due(NAME, clock.now)
-    clock.now = recorded_at + RECORD_REFRESH_SECONDS
-    assert lifter.book.due(NAME, clock.now)
-
-
 def test_the_same_keys_seen_again_move_the_record_forward(lifter: Lifter, clock: FakeClock) -> None:
     key = SigningKey(NAME)
     lifter.observe_keys(NAME, key_document(key), TARGET)
-    clock.advance(RECORD_REFRESH_SECONDS / 2)
+    clock.advance(1800)
     lifter.observe_keys(NAME, key_document(key), None)
     record = lifter.book.records[NAME]
     assert record.seen_at == clock.now
     assert record.target == TARGET  # a sighting without a target keeps the one known
-    assert not lifter.book.due(NAME, clock.now + RECORD_REFRESH_SECONDS / 2)
 
 
 def test_a_document_that_is_not_evidence_records_nothing(lifter: Lifter) -> None:
